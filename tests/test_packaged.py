@@ -205,3 +205,11 @@ def test_normalise_text_and_dumps():
     assert len(lines) == 2
     assert lines[0] == ('{"id": "benign-0001", "text": "How do I cut an onion without crying?", '
                         '"kind": "benign", "source": "mogrpo-benign", "category": "cooking"}')
+
+
+def test_read_pyrit_scored_ignores_nan_rater_scores(tmp_path):
+    f = _write(tmp_path / "n.csv", "objective,assistant_response,human_score_1,human_score_2\n"
+                                   "Q,A,1,NaN\nQ2,A2,0.5,\n")
+    rows = read_pyrit_scored(f)
+    # A NaN rating counts like an empty cell: the mean of the remaining raters.
+    assert [r.score for r in rows] == [1.0, 0.5]

@@ -103,3 +103,16 @@ def test_set_dropout_reaches_every_layer(tiny_encoder_dir):
     with pytest.raises(ValueError):
         set_dropout(model.backbone, 1.5)
     assert a.shape == (4, 1)
+
+
+def test_sanity_probes_report_each_case(tiny_encoder_dir):
+    from mogrpo.reward.sanity import PROBES, run_sanity
+
+    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ["safety", "politeness"], seed=0)
+    report = run_sanity(model)
+    expected = [p for p in PROBES if p[0] in ("safety", "politeness")]
+    assert report["total"] == len(expected) == len(report["probes"])
+    assert report["passed"] == sum(p["ok"] for p in report["probes"])
+    for probe, (aspect, prompt, _, _) in zip(report["probes"], expected):
+        assert probe["aspect"] == aspect and probe["prompt"] == prompt
+        assert probe["ok"] == (probe["better"] > probe["worse"])

@@ -145,6 +145,26 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
     return RewardData(train=train, validation=val, test=test, stats=stats)
 
 
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
+                           group: int = 50) -> list[list[int]]:
+    """Shuffled batches of indices whose members have similar lengths.
+
+    Shuffle, cut into groups of `group` batches, sort each group by length, slice it into
+    batches, shuffle the batches. Padding waste drops (most pairs are shorter than the
+    maximum), while every epoch still sees every row once in a seed-determined order.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    span = batch_size * group
+    for start in range(0, len(order), span):
+        part = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def _labels(rows: list[LabelledResponse], aspects: list[str]) -> torch.Tensor:
     return torch.tensor([r.label_vector(aspects) for r in rows], dtype=torch.float32)  # [N, K]
 
@@ -222,7 +242,8 @@ def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, res
     model.autocast_dtype = autocast_dtype(device, cfg.precision)
     weights = torch.tensor([cfg.aspect_weights.get(a, 1.0) for a in cfg.aspects])
 
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    lengths = [len(r.prompt) + len(r.response) for r in data.train]  # characters: a cheap proxy
+    steps_per_epoch = len(length_grouped_batches(lengths, cfg.batch_size, cfg.seed))
     total_steps = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(_param_groups(model, cfg))
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -251,13 +272,12 @@ def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, res
     with log_path.open(log_mode, encoding="utf-8") as log:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            order = list(range(len(data.train)))
-            random.Random(cfg.seed + epoch).shuffle(order)
-            bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not show_progress, unit="batch")
+            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_progress,
+                       unit="batch")
             running = []
-            for start in bar:
-                rows = [data.train[i] for i in order[start:start + cfg.batch_size]]
+            for idx in bar:
+                rows = [data.train[i] for i in idx]
                 batch, nt = model.encode([r.prompt for r in rows], [r.response for r in rows])
                 n_trunc_train += nt
                 batch = {k: v.to(device) for k, v in batch.items()}
