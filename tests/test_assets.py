@@ -220,8 +220,9 @@ def test_post_step_runs_before_manifest_and_failure_caches_nothing(env, monkeypa
     out = fetch(NAME, log=lambda m: None)
     assert seen["tree"] == ["LICENSE", "data/a.txt", "data/sub/b.txt"]
     assert _tree(out) == ["LICENSE", "converted.bin", "data/a.txt", "data/sub/b.txt", MANIFEST]
-    # the manifest lists what was unpacked (not what the post step made)
-    assert json.loads((out / MANIFEST).read_text())["files"] == ["data/a.txt", "data/sub/b.txt", "LICENSE"]
+    # the manifest lists what the folder really holds after the post step
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["LICENSE", "converted.bin", "data/a.txt",
+                                                                 "data/sub/b.txt"]
 
 
 def test_folder_without_valid_manifest_is_refetched(env, monkeypatch):

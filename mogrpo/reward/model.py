@@ -189,24 +189,15 @@ class MultiAspectRewardModel(nn.Module):
     # ---- persistence -----------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the model folder atomically (a temp folder renamed into place)."""
-        import shutil
-        import tempfile
+        from mogrpo.config import atomic_folder
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-        try:
+        with atomic_folder(folder) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.spec), indent=2))
             self.backbone.config.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return folder
 
     @classmethod
