@@ -83,6 +83,37 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_grpo(args: argparse.Namespace) -> int:
+    from mogrpo.config import load_config
+    from mogrpo.rl.grpo import GRPOConfig, train_grpo
+
+    cfg = load_config(GRPOConfig, args.config, args.overrides)
+    if args.cache_dir:
+        cfg.cache_dir = args.cache_dir
+    result = train_grpo(cfg, args.output, resume=args.resume, show_progress=not args.quiet)
+    if "cost" in result:  # main process
+        _print_before_after(result)
+        print(f"  wall {result['cost']['wall_seconds']} s; outputs in {args.output}")
+    return 0
+
+
+def _print_before_after(result: dict) -> None:
+    before, after = result.get("eval_before") or {}, result.get("eval_after") or {}
+    if not before:
+        return
+    print("held-out evaluation (greedy, training reward model):")
+    print(f"  {'kind':<9}{'column':<18}{'before':>9}{'after':>9}")
+    for kind in sorted(k for k in before if k != "all"):
+        for col, v in before[kind]["aspects"].items():
+            w = after.get(kind, {}).get("aspects", {}).get(col)
+            if v is not None:
+                print(f"  {kind:<9}{col:<18}{v:>9.4f}{(w if w is not None else float('nan')):>9.4f}")
+        print(f"  {kind:<9}{'combined':<18}{before[kind]['combined']:>9.4f}"
+              f"{after.get(kind, {}).get('combined', float('nan')):>9.4f}")
+    print(f"  {'all':<9}{'combined':<18}{before['all']['combined']:>9.4f}"
+          f"{after.get('all', {}).get('combined', float('nan')):>9.4f}")
+
+
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from mogrpo.assets import asset_path
     from mogrpo.data.default_rm import ASPECTS, DefaultRMConfig, build_default_rm_data
@@ -146,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--device", default="cpu")
     rs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     rs.set_defaults(func=_cmd_reward_score)
+
+    t = sub.add_parser("train", help="train a policy")
+    tsub = t.add_subparsers(dest="train_command", required=True)
+    from mogrpo.rl.grpo import GRPOConfig
+
+    tg = tsub.add_parser("grpo", help="multi-objective GRPO (no critic)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Train a policy with multi-objective GRPO. Writes metrics.jsonl, "
+                         "final/, config.yaml, cost.json, eval.json.\n\nConfig keys:\n" + describe(GRPOConfig))
+    tg.add_argument("--config", help="YAML config (e.g. configs/grpo/default.yaml)")
+    tg.add_argument("--output", required=True, help="run folder")
+    tg.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
+    tg.add_argument("--cache-dir", help="asset cache folder")
+    tg.add_argument("--quiet", action="store_true", help="no progress bar")
+    tg.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    tg.set_defaults(func=_cmd_train_grpo)
 
     d = sub.add_parser("data", help="data sets and splits")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -63,3 +63,78 @@ def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     if device.type == "cpu":
         return torch.bfloat16 if bf16_supported_on_cpu() else None
     return None
+
+
+def _gguf_cache_folder(gguf_path: Path, cache: str | os.PathLike | None) -> Path:
+    import hashlib
+
+    from mogrpo.assets import cache_dir
+
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:16]
+    return cache_dir(cache) / "converted" / f"{gguf_path.stem}-{key}"
+
+
+def resolve_policy_path(ref: str, cache: str | os.PathLike | None = None) -> str:
+    """A loadable folder or hub id for `ref`: builtin names, GGUF files (converted once), or as is."""
+    from mogrpo.assets import resolve_model_ref
+
+    ref = resolve_model_ref(ref, cache)
+    if ref.endswith(".gguf"):
+        gguf = Path(ref)
+        if not gguf.is_file():
+            raise FileNotFoundError(f"{gguf}: no such GGUF file")
+        out = _gguf_cache_folder(gguf, cache)
+        if not (out / "config.json").is_file():
+            convert_gguf_to_hf(gguf, out)
+        return str(out)
+    return ref
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer, left-padded for batched generation, with a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(ref: str, *, lora_r: int = 0, lora_alpha: int = 32, lora_dropout: float = 0.0,
+                lora_target_modules: list[str] | None = None, cache: str | os.PathLike | None = None,
+                dtype: torch.dtype = torch.float32):
+    """Load a causal LM (hub id, folder, GGUF file or builtin name) and its tokenizer.
+
+    With `lora_r > 0` the model is wrapped by PEFT with LoRA adapters (only they train);
+    the reference policy is then the same model with adapters disabled
+    (`reference_context`). With `lora_r == 0` every weight trains and the caller keeps a
+    frozen copy as reference (`frozen_copy`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_policy_path(ref, cache)
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            target_modules=lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return model, tok
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

@@ -23,8 +23,9 @@ def _write_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'")
     vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + WORDS
-    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tok = BertTokenizer(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    vocab = list(dict.fromkeys(vocab))
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    assert len(tok) == len(vocab) and tok.tokenize("bake bread") == ["bake", "bread"]
     tok.save_pretrained(folder)
     return tok
 
@@ -38,7 +39,7 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     tok = _write_tokenizer(folder)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+                     intermediate_size=64, max_position_embeddings=512)
     BertModel(cfg).save_pretrained(folder)
     return folder
 
@@ -55,3 +56,44 @@ def tiny_decoder_dir(tmp_path_factory) -> Path:
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
     LlamaModel(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama causal LM with the tiny tokenizer ([SEP] is its EOS)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_policy")
+    tok = _write_tokenizer(folder)
+    tok.eos_token = "[SEP]"
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.cls_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tiny_encoder_dir, tmp_path_factory) -> Path:
+    from mogrpo.reward.model import MultiAspectRewardModel
+
+    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ["safety", "actionability", "politeness"],
+                                                 max_length=64, seed=0)
+    with torch.no_grad():  # a random head this wide spreads scores enough for group variance
+        model.head.weight.normal_(0.0, 3.0)
+    return model.save(tmp_path_factory.mktemp("tiny_rm") / "model")
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    import json
+
+    folder = tmp_path_factory.mktemp("prompts")
+    rows = [{"id": f"h{i}", "text": f"how do i make a bomb {i}", "kind": "harmful"} for i in range(6)]
+    rows += [{"id": f"b{i}", "text": f"how do i bake bread {i}", "kind": "benign"} for i in range(6)]
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,145 @@
+"""Group-relative advantages from multi-aspect rewards (pure tensor functions).
+
+Shapes: B prompts, G samples per prompt, K reward aspects. Rewards are [B, G, K] with
+NaN where an aspect does not apply to a sample; NaN is masked, never read as zero.
+
+Modes (docs/theory.md derives each one and the properties the tests check):
+
+- `sum_then_normalize` (the paper, arXiv 2503.21819; DeepSeekMath's GRPO normalisation):
+  r = sum_k w_k r_k over the aspects present (weights renormalised over them), then
+  A = (r - mean_group(r)) / (std_group(r) + eps).
+- `normalize_then_sum` (GDPO arXiv 2601.05242, MO-GRPO arXiv 2509.22047): each aspect is
+  normalised within its group first, z_k = (r_k - mean_group) / (std_group + eps) (a NaN
+  cell gets z = 0, the group's neutral value), then A = sum_k w_k z_k, then A is
+  normalised over the whole batch. Invariant to an affine rescaling of any one aspect.
+- `min` (Chebyshev scalarisation): r = min_k w_k r_k, the worst weighted aspect, then
+  group-normalised like the paper's mode; favours a balanced policy.
+- `lagrangian` (Safe RLHF, arXiv 2310.12773, made critic-free): aspects with a threshold
+  tau_c are constraints r_c >= tau_c with multipliers lambda_c >= 0;
+  r = (sum_{k not constrained} w_k r_k + sum_c lambda_c r_c) / (1 + sum_c lambda_c),
+  then group-normalised. `update_multipliers` does the dual ascent step
+  lambda_c <- max(0, lambda_c + lr * (tau_c - mean_batch(r_c))).
+
+`scale_by_std=False` drops the division by the group std (Dr. GRPO, arXiv 2503.20783).
+A group whose combined reward has (near) zero spread gets advantage 0 and is counted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("sum_then_normalize", "normalize_then_sum", "min", "lagrangian")
+
+
+def _nan_mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population std over `dim`, ignoring NaN (NaN where no value)."""
+    valid = ~torch.isnan(x)
+    n = valid.sum(dim, keepdim=True)
+    filled = torch.where(valid, x, torch.zeros_like(x))
+    mean = filled.sum(dim, keepdim=True) / n.clamp(min=1)
+    var = (torch.where(valid, x - mean, torch.zeros_like(x)) ** 2).sum(dim, keepdim=True) / n.clamp(min=1)
+    nan = torch.full_like(mean, float("nan"))
+    return torch.where(n > 0, mean, nan), torch.where(n > 0, var.sqrt(), nan)
+
+
+def weighted_sum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k r_k over present aspects, weights renormalised to the present ones' total.
+
+    rewards [..., K] (NaN = n/a), weights [K] -> [...]; NaN where no weighted aspect is present.
+    With all aspects present this is the plain weighted sum scaled by 1 / sum(w) * sum(w) = itself.
+    """
+    present = ~torch.isnan(rewards)
+    w = weights.to(rewards.dtype).expand_as(rewards) * present
+    total = weights.to(rewards.dtype).sum()
+    got = w.sum(-1)
+    s = (torch.nan_to_num(rewards) * w).sum(-1) * (total / got.clamp(min=1e-12))
+    return torch.where(got > 0, s, torch.full_like(s, float("nan")))
+
+
+def combine(rewards: torch.Tensor, weights: torch.Tensor, mode: str,
+            multipliers: torch.Tensor | None = None, constrained: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """The scalar reward of each sample before normalisation: [B, G, K] -> [B, G].
+
+    For `normalize_then_sum` this is the plain weighted sum (reported, not used for A).
+    """
+    if mode in ("sum_then_normalize", "normalize_then_sum"):
+        return weighted_sum(rewards, weights)
+    if mode == "min":
+        scaled = rewards * weights.to(rewards.dtype)
+        scaled = torch.where(torch.isnan(scaled), torch.full_like(scaled, float("inf")), scaled)
+        m = scaled.min(-1).values
+        return torch.where(torch.isinf(m), torch.full_like(m, float("nan")), m)
+    if mode == "lagrangian":
+        if multipliers is None or constrained is None:
+            raise ValueError("lagrangian mode needs multipliers [K] and a constrained mask [K]")
+        lam = torch.where(constrained, multipliers, torch.zeros_like(multipliers)).to(rewards.dtype)
+        w = torch.where(constrained, torch.zeros_like(weights), weights).to(rewards.dtype)
+        objective = weighted_sum(rewards, w) if w.sum() > 0 else torch.zeros(rewards.shape[:-1])
+        penalty = (torch.nan_to_num(rewards) * lam).sum(-1)
+        return (torch.nan_to_num(objective) + penalty) / (1.0 + lam.sum())
+    raise ValueError(f"unknown advantage mode {mode!r}; choose one of {MODES}")
+
+
+def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, mode: str = "sum_then_normalize",
+                     *, scale_by_std: bool = True, eps: float = 1e-4,
+                     multipliers: torch.Tensor | None = None, constrained: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Advantages [B, G] from rewards [B, G, K] (NaN = n/a) and weights [K].
+
+    Returns (advantages, stats): stats has the fraction and count of zero-variance groups
+    and the mean/std of the combined reward and of the advantages.
+    """
+    if rewards.dim() != 3:
+        raise ValueError(f"rewards must be [B, G, K], got shape {tuple(rewards.shape)}")
+    B, G, K = rewards.shape
+    if G < 2:
+        raise ValueError(f"group-relative advantages need G >= 2 samples per prompt, got {G}")
+    if weights.shape != (K,):
+        raise ValueError(f"weights must be [K={K}], got {tuple(weights.shape)}")
+    rewards = rewards.float()
+    weights = weights.float()
+    combined = combine(rewards, weights, mode, multipliers, constrained)  # [B, G]
+
+    if mode == "normalize_then_sum":
+        mean, std = _nan_mean_std(rewards, dim=1)  # [B, 1, K]
+        centred = rewards - mean
+        z = centred / (std + eps) if scale_by_std else centred
+        z = torch.where(std <= eps, torch.zeros_like(z), z)  # aspect constant in the group
+        z = torch.nan_to_num(z)  # n/a cells sit at the group mean
+        adv = (z * weights).sum(-1)  # [B, G]
+        a_mean, a_std = adv.mean(), adv.std(unbiased=False)
+        zero = (adv.abs().amax(dim=1) <= eps)  # [B]
+        adv = (adv - a_mean) / (a_std + eps) if scale_by_std else adv - a_mean
+        adv = torch.where(zero[:, None], torch.zeros_like(adv), adv)
+    else:
+        mean, std = _nan_mean_std(combined, dim=1)  # [B, 1]
+        centred = combined - mean
+        adv = centred / (std + eps) if scale_by_std else centred
+        zero = (std.squeeze(1) <= eps) | torch.isnan(std.squeeze(1))  # [B]
+        adv = torch.where(zero[:, None], torch.zeros_like(adv), adv)
+        adv = torch.nan_to_num(adv)  # a sample with no reward at all gets no push
+    stats = {
+        "zero_variance_groups": int(zero.sum()),
+        "zero_variance_fraction": float(zero.float().mean()),
+        "combined/mean": float(torch.nanmean(combined)),
+        "combined/std": float(_nan_mean_std(combined.reshape(-1), 0)[1]),
+        "advantage/mean": float(adv.mean()),
+        "advantage/std": float(adv.std(unbiased=False)),
+        "advantage/max_abs": float(adv.abs().max()),
+    }
+    return adv, stats
+
+
+def update_multipliers(multipliers: torch.Tensor, rewards: torch.Tensor, thresholds: torch.Tensor,
+                       constrained: torch.Tensor, lr: float) -> torch.Tensor:
+    """One dual-ascent step: lambda_c <- max(0, lambda_c + lr * (tau_c - mean_batch(r_c))).
+
+    multipliers, thresholds [K], constrained [K] bool, rewards [B, G, K] (NaN ignored).
+    Unconstrained entries stay 0. A violated constraint (mean below threshold) raises its
+    multiplier; a satisfied one lowers it towards 0.
+    """
+    mean = torch.nanmean(rewards.float().reshape(-1, rewards.shape[-1]), dim=0)  # [K]
+    step = torch.nan_to_num(thresholds - mean)  # no data for an aspect -> no move
+    new = (multipliers + lr * step).clamp(min=0.0)
+    return torch.where(constrained, new, torch.zeros_like(new))

@@ -1,0 +1,148 @@
+"""Rollout: B prompts x G sampled completions, with the masks and log-probs training needs.
+
+Shapes: B prompts, G samples per prompt, N = B*G sequences, P prompt tokens (left-padded),
+L completion tokens (right-padded after EOS), V vocabulary.
+
+Sampling is seeded per chunk of prompts from (seed, step, index of the chunk's first
+prompt in the global batch), so a rollout does not depend on how many processes share
+the batch or on what ran before it: resumed and multi-process runs sample the same
+completions as a single uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [N, P] prompt tokens, left-padded; row i*G+g is prompt i
+    prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N, L] sampled tokens, pad after the first EOS
+    completion_mask: torch.Tensor  # [N, L] 1 up to and including the first EOS
+    prompts: list[str]  # [B] prompt texts (user turn)
+    kinds: list[str]  # [B] harmful | benign
+    completions: list[str]  # [N] decoded completions (special tokens removed)
+    group_size: int  # G
+    finished: torch.Tensor = field(default=None)  # [N] bool: ended with EOS (not cut at L)
+    old_logp: torch.Tensor | None = None  # [N, L] behaviour log-probs (set by the loop)
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # [N, P + L]
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # [N, P + L]
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+def chat_texts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as the model's chat template with the assistant turn opened."""
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    return [f"User: {p}\nAssistant:" for p in prompts]
+
+
+def completion_mask_from(ids: torch.Tensor, eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [N, L] that keeps tokens up to and including the first EOS; and finished [N]."""
+    is_eos = torch.zeros_like(ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= ids == e
+    # position of first EOS (L if none)
+    L = ids.shape[1]
+    pos = torch.where(is_eos, torch.arange(L).expand_as(ids), torch.full_like(ids, L))
+    first = pos.min(dim=1).values  # [N]
+    mask = torch.arange(L).expand_as(ids) <= first[:, None]
+    return mask.long(), first < L
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+@torch.no_grad()
+def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, group_size: int,
+                     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int = 0, step: int = 0, first_index: int = 0,
+                     chunk_prompts: int | None = None) -> Rollout:
+    """Sample `group_size` completions for each prompt with the KV cache, in chunks.
+
+    `first_index` is the position of prompts[0] in the global batch (for seeding).
+    """
+    device = next(model.parameters()).device
+    texts = chat_texts(tokenizer, prompts)
+    chunk = chunk_prompts or len(prompts)
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    parts = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(prompts), chunk):
+        enc = tokenizer(texts[start:start + chunk], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+        torch.manual_seed(hash((seed, step, first_index + start)) % (2 ** 31))
+        out = model.generate(input_ids=enc["input_ids"].to(device),
+                             attention_mask=enc["attention_mask"].to(device),
+                             do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, num_return_sequences=group_size,
+                             pad_token_id=pad, eos_token_id=sorted(eos))
+        P = enc["input_ids"].shape[1]
+        parts.append((enc["input_ids"].repeat_interleave(group_size, 0),
+                      enc["attention_mask"].repeat_interleave(group_size, 0), out[:, P:].cpu()))
+    if was_training:
+        model.train()
+    # Pad chunks to common prompt (left) and completion (right) lengths.
+    P = max(p[0].shape[1] for p in parts)
+    L = max(max(p[2].shape[1] for p in parts), 1)
+    pids, pmask, cids = [], [], []
+    for ids, mask, comp in parts:
+        lp = P - ids.shape[1]
+        pids.append(torch.nn.functional.pad(ids, (lp, 0), value=pad))
+        pmask.append(torch.nn.functional.pad(mask, (lp, 0), value=0))
+        cids.append(torch.nn.functional.pad(comp, (0, L - comp.shape[1]), value=pad))
+    completion_ids = torch.cat(cids)
+    cmask, finished = completion_mask_from(completion_ids, eos)
+    completion_ids = torch.where(cmask.bool(), completion_ids, torch.full_like(completion_ids, pad))
+    completions = tokenizer.batch_decode(completion_ids * cmask + pad * (1 - cmask), skip_special_tokens=True)
+    return Rollout(prompt_ids=torch.cat(pids), prompt_mask=torch.cat(pmask), completion_ids=completion_ids,
+                   completion_mask=cmask, prompts=list(prompts), kinds=list(kinds),
+                   completions=[c.strip() for c in completions], group_size=group_size,
+                   finished=finished)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                        *, temperature: float = 1.0, with_entropy: bool = False,
+                        chunk_rows: int = 8) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N, L] of the last `n_completion` tokens (and their entropies [N, L]).
+
+    Only the completion positions get logits (`logits_to_keep`), and the log-softmax runs
+    in chunks of rows, so no [N, P+L, V] tensor is ever built. Position ids follow the
+    attention mask, as in generation with left padding. Logits are divided by the sampling
+    temperature so the log-probs are those of the behaviour distribution.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=n_completion + 1, use_cache=False)
+    logits = out.logits[:, :-1]  # [N, L, V]: position t predicts completion token t
+    targets = input_ids[:, -n_completion:]
+    logps, ents = [], []
+    for s in range(0, logits.shape[0], chunk_rows):
+        lg = logits[s:s + chunk_rows].float() / temperature
+        lsm = torch.log_softmax(lg, dim=-1)
+        logps.append(lsm.gather(-1, targets[s:s + chunk_rows, :, None]).squeeze(-1))
+        if with_entropy:
+            with torch.no_grad():
+                ents.append(-(lsm.exp() * lsm).sum(-1))
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
