@@ -120,3 +120,69 @@ def test_unknown_columns_fail_early():
     cfg = load_config(GRPOConfig, None, ["advantage_mode=lagrangian", "thresholds={harmlessness: 0.9}"])
     with pytest.raises(ValueError, match=r"thresholds name \['harmlessness'\]"):
         cfg.check_columns(["safety", "actionability", "politeness", "meaningfulness"])
+
+
+def _adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "final" / "adapter_model.safetensors"))
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+    common = dict(steps=1, eval_prompts="none", lr=1e-2, grad_clip=0.0)
+    for agg in ("grpo", "dapo"):
+        one, eight = tmp_path / f"one-{agg}", tmp_path / f"eight-{agg}"
+        assert main(["train", "grpo", "--output", str(one), "--quiet", *tiny_args(
+            tiny_policy_dir, tiny_reward_model_dir, prompt_file, micro_batch_size=8, loss_aggregation=agg,
+            **common)]) == 0
+        assert main(["train", "grpo", "--output", str(eight), "--quiet", *tiny_args(
+            tiny_policy_dir, tiny_reward_model_dir, prompt_file, micro_batch_size=1, loss_aggregation=agg,
+            **common)]) == 0
+        a, b = _adapter(one), _adapter(eight)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), (agg, k)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+    """Same global batch and seed: `accelerate launch --num_processes 2` (gloo, CPU) makes the
+    same first update as one process. Generation is seeded per prompt (generation_chunk=1),
+    so both runs sample the same completions."""
+    import os
+    import subprocess
+    import sys
+
+    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=1, eval_prompts="none",
+                     generation_chunk=1, lr=1e-2, micro_batch_size=4)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", "grpo", "--output", str(one), "--quiet", *args]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "mogrpo.cli", "train", "grpo", "--output", str(two), "--quiet", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    m1 = json.loads((one / "metrics.jsonl").read_text().splitlines()[0])
+    m2 = json.loads((two / "metrics.jsonl").read_text().splitlines()[0])
+    assert m1["reward/combined/mean"] == pytest.approx(m2["reward/combined/mean"], abs=1e-5)
+
+
+def test_step_prompt_indices_balance_and_cover():
+    from mogrpo.rl.grpo import step_prompt_indices
+
+    kinds = ["harmful"] * 10 + ["benign"] * 4
+    steps = [step_prompt_indices(kinds, 4, s, seed=0, balance=True) for s in range(4)]
+    for idx in steps:  # 2 of each kind per step, interleaved benign/harmful (sorted kind names)
+        assert [kinds[i] for i in idx] == ["benign", "harmful", "benign", "harmful"]
+    # Two steps of 2 benign each walk one whole permutation of the 4 benign prompts.
+    assert sorted(steps[0][0::2] + steps[1][0::2]) == [10, 11, 12, 13]
+    # Five steps of 2 harmful each cover the 10 harmful prompts once.
+    harmful = [i for s in range(5) for i in step_prompt_indices(kinds, 4, s, 0, True)[1::2]]
+    assert sorted(harmful) == list(range(10))
+    assert steps[2] == step_prompt_indices(kinds, 4, 2, seed=0, balance=True)  # pure
+    flat = [i for s in range(7) for i in step_prompt_indices(kinds, 2, s, 0, False)]
+    assert sorted(flat) == list(range(14))  # unbalanced: one permutation of everything

@@ -78,6 +78,8 @@ class GRPOConfig:
     max_new_tokens: int = field(48, help="completion length L")
     temperature: float = field(1.0, help="sampling temperature")
     top_p: float = field(1.0, help="nucleus sampling")
+    balance_kinds: bool = field(False, help="draw each batch evenly from harmful and benign prompts "
+                                           "(else uniformly from all training prompts)")
     generation_chunk: int = field(0, help="prompts per generate call (0 = the whole local batch); "
                                           "seeding is per chunk, so keep it equal across runs to compare")
     # optimisation
@@ -168,6 +170,31 @@ def _balanced(prompts, n: int, seed: int):
         pool = [p for p in prompts if p.kind == kind]
         take = n // len(kinds) + (1 if i < n % len(kinds) else 0)
         out += rng.sample(pool, min(take, len(pool)))
+    return out
+
+
+def step_prompt_indices(kinds: list[str], n: int, step: int, seed: int, balance: bool) -> list[int]:
+    """The `n` training-prompt indices of one step (pure, so resumes and processes agree).
+
+    With `balance`, each kind (pool) gives an even share; each pool is walked through
+    seeded permutations, epoch after epoch, and the shares are interleaved. Without it,
+    one pool holds every prompt.
+    """
+    names = sorted(set(kinds)) if balance else [None]
+    pools = [[i for i, k in enumerate(kinds) if name is None or k == name] for name in names]
+    shares = [n // len(pools) + (1 if j < n % len(pools) else 0) for j in range(len(pools))]
+    picked = []
+    for j, (pool, m) in enumerate(zip(pools, shares)):
+        idx = []
+        for t in range(step * m, step * m + m):
+            epoch, pos = divmod(t, len(pool))
+            order = list(pool)
+            random.Random(seed * 100003 + epoch * 101 + j).shuffle(order)
+            idx.append(order[pos])
+        picked.append(idx)
+    out = []
+    for r in range(max(shares)):
+        out += [g[r] for g in picked if r < len(g)]
     return out
 
 
@@ -267,10 +294,6 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     eval_prompts = [] if cfg.eval_prompts == "none" else _balanced(
         _load_prompts(cfg.eval_prompts, cfg, "eval"), cfg.eval_max_prompts, cfg.seed)
 
-    def prompt_order(epoch: int) -> list[int]:
-        order = list(range(len(train_prompts)))
-        random.Random(cfg.seed * 100003 + epoch).shuffle(order)
-        return order
 
     def evaluate(tag: str) -> dict:
         if not eval_prompts:
@@ -337,9 +360,8 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     for step in bar:
         t_step = time.perf_counter()
         # ---- rollout: this process's share of the step's B prompts, G samples each
-        epoch, pos = divmod(step * B, len(train_prompts))
-        order = prompt_order(epoch) + prompt_order(epoch + 1)
-        batch = [train_prompts[i] for i in order[pos:pos + B]]
+        batch = [train_prompts[i] for i in step_prompt_indices([p.kind for p in train_prompts], B, step,
+                                                               cfg.seed, cfg.balance_kinds)]
         local = batch[rank * B_local:(rank + 1) * B_local]
         with timer("generation"), amp_ctx():
             ro = generate_rollout(policy, tok, [p.text for p in local], [p.kind for p in local],
