@@ -157,11 +157,12 @@ def test_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_dir,
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", "grpo", "--output", str(one), "--quiet", *args]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "mogrpo.cli", "train", "grpo", "--output", str(two), "--quiet", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((two / "cost.json").read_text())["processes"] == 2
     a, b = _adapter(one), _adapter(two)
     assert a.keys() == b.keys()
     for k in a:
