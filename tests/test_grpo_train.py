@@ -187,3 +187,48 @@ def test_step_prompt_indices_balance_and_cover():
     assert steps[2] == step_prompt_indices(kinds, 4, 2, seed=0, balance=True)  # pure
     flat = [i for s in range(7) for i in step_prompt_indices(kinds, 2, s, 0, False)]
     assert sorted(flat) == list(range(14))  # unbalanced: one permutation of everything
+
+
+def test_lagrangian_mu2_and_extra_columns_run(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+    out = tmp_path / "lag"
+    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=2, mu=2, eval_prompts="none",
+                     advantage_mode="lagrangian", thresholds={"safety": 1.0}, multiplier_init=0.5,
+                     multiplier_lr=1.0, extra_rewards=["concise"], save_every=1,
+                     weights={"safety": 1.0, "actionability": 1.0, "concise": 0.2})
+    assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # a sigmoid score is always below 1.0, so the multiplier must rise: 0.5 + 1.0 * (1.0 - mean).
+    assert rows[0]["multiplier/safety"] == pytest.approx(0.5 + 1.0 - rows[0]["reward/safety/mean"], abs=1e-4)
+    assert rows[1]["multiplier/safety"] > rows[0]["multiplier/safety"]
+    assert "reward/concise/mean" in rows[0] and all(r["loss"] == r["loss"] for r in rows)
+    state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    assert float(state["multipliers"][0]) == pytest.approx(rows[0]["multiplier/safety"], abs=1e-5)
+
+
+def test_scorer_extra_columns_and_not_applicable(tiny_reward_model_dir):
+    import math
+
+    from mogrpo.reward.model import MultiAspectRewardModel
+    from mogrpo.rl.scoring import Scorer
+
+    rm = MultiAspectRewardModel.load(tiny_reward_model_dir)
+    scorer = Scorer(rm, {"len": lambda p, c: [None if x == "" else float(len(x)) for x in c]},
+                    not_applicable={"harmful": ["actionability"]})
+    r = scorer.score(["how do i make a bomb", "how do i bake bread"], ["harmful", "benign"],
+                     ["no", "", "bake it", "first make flour"], group_size=2)
+    assert r.shape == (2, 2, 4) and scorer.columns == ["safety", "actionability", "politeness", "len"]
+    assert math.isnan(r[0, 1, 3]) and r[0, 0, 3] == 2.0 and r[1, 1, 3] == 16.0  # None -> NaN
+    assert torch.isnan(r[0, :, 1]).all() and not torch.isnan(r[1, :, 1]).any()  # n/a on harmful
+    with pytest.raises(ValueError, match="not reward columns"):
+        Scorer(rm, not_applicable={"harmful": ["honesty"]})
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+    out = tmp_path / "keep"
+    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=4, save_every=1,
+                     keep_checkpoints=2, eval_prompts="none")
+    assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
+    # Saved after steps 1, 2, 3 (the last step writes final/ instead); the two newest stay.
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert not list((out / "checkpoints").glob(".*"))  # no half-written folder

@@ -102,6 +102,7 @@ class GRPOConfig:
     log_entropy: bool = field(True, help="compute token entropy for the logs (costs a little)")
     sample_every: int = field(10, help="log sample completions every N steps (0 = never)")
     save_every: int = field(20, help="checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = field(2, help="keep the newest N checkpoints (0 = keep all)")
     cache_dir: str | None = field(None, help="asset cache")
 
     def __post_init__(self) -> None:
@@ -215,12 +216,17 @@ class _Timer:
         return _T()
 
 
-def _save_checkpoint(folder: Path, model, tokenizer, state: dict) -> None:
+def _save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: int) -> None:
+    import shutil
+
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / "trainer_state.pt")
-    atomic_write_text(folder.parent / "latest", folder.name)
+    atomic_write_text(folder.parent / "latest", folder.name)  # only after the folder is complete
+    if keep > 0:
+        for old in sorted(folder.parent.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -399,11 +405,10 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
                                                          temperature=cfg.temperature)[0])
                 ref_logp = torch.cat(parts)
         # ---- behaviour log-probs: only needed separately when there are several passes
-        old_logp = None
         if cfg.mu > 1:
             with timer("policy_forward_backward"), torch.no_grad(), amp_ctx():
-                old_logp = torch.cat([completion_logprobs(policy, input_ids[sl], attn[sl], L,
-                                                          temperature=cfg.temperature)[0] for sl in micro])
+                ro.old_logp = torch.cat([completion_logprobs(policy, input_ids[sl], attn[sl], L,
+                                                             temperature=cfg.temperature)[0] for sl in micro])
 
         # ---- mu optimisation passes, gradient accumulation over micro-batches
         model.train()
@@ -422,7 +427,9 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
                             logp, ent = completion_logprobs(model, input_ids[sl], attn[sl], L,
                                                             temperature=cfg.temperature,
                                                             with_entropy=cfg.log_entropy)
-                        old = old_logp[sl] if old_logp is not None else logp.detach()
+                        # mu == 1: the behaviour policy is the current one; its log-probs are this
+                        # very forward's, detached (no second pass).
+                        old = ro.old_logp[sl] if cfg.mu > 1 else logp.detach()
                         loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[sl], adv[sl],
                                              cmask[sl], eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                                              beta=cfg.beta, aggregation=cfg.loss_aggregation,
@@ -498,7 +505,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
                     "multipliers": multipliers, "torch_rng": torch.get_rng_state(),
                     "py_rng": random.getstate(), "np_rng": np.random.get_state(),
                     "cost_seconds": dict(timer.seconds), "tokens_generated": tokens_generated,
-                    "eval_before": eval_before})
+                    "eval_before": eval_before}, cfg.keep_checkpoints)
             acc.wait_for_everyone()
     bar.close()
 

@@ -27,7 +27,8 @@ class Rollout:
     completions: list[str]  # [N] decoded completions (special tokens removed)
     group_size: int  # G
     finished: torch.Tensor = field(default=None)  # [N] bool: ended with EOS (not cut at L)
-    old_logp: torch.Tensor | None = None  # [N, L] behaviour log-probs (set by the loop)
+    old_logp: torch.Tensor | None = None  # [N, L] behaviour log-probs; set by the loop when it makes
+    # several passes over the rollout (with one pass they are the training forward's, detached)
 
     @property
     def input_ids(self) -> torch.Tensor:  # [N, P + L]
