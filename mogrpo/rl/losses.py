@@ -61,12 +61,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     if logp.shape != old_logp.shape or logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same [N, L] shape")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages must be [N={logp.shape[0]}], got {tuple(advantages.shape)}")
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"advantages must be [N={logp.shape[0]}] (one per sequence, GRPO) or "
+                         f"[N, L] (one per token, PPO), got {tuple(advantages.shape)}")
     if beta != 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
     m = mask.to(logp.dtype)
-    adv = advantages.to(logp.dtype)[:, None]  # [N, 1]
+    adv = advantages.to(logp.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] or [N, L]
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
@@ -94,4 +96,83 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             if mask.any() else 1.0,
             "entropy": float((entropy * m).sum() / n_tok) if entropy is not None else float("nan"),
         }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- PPO-RLHF
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries of [N, L] (population std)."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp(min=1.0)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / n
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * m
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., arXiv 1506.02438), per token.
+
+    rewards, values, mask: [N, L]; masked positions are past the end of the sequence
+    (value 0 there, so the last real token bootstraps from 0). Returns (advantages,
+    returns) [N, L] with returns = advantages + values, zero where masked:
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
+    """
+    m = mask.to(values.dtype)
+    v = values * m
+    L = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(L)):
+        next_v = v[:, t + 1] if t + 1 < L else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - v[:, t]
+        last = (delta + gamma * lam * last) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + v) * m
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss (PPO2): 0.5 * mean over tokens of max((V - R)^2, (V_clip - R)^2),
+    V_clip = old_V + clip(V - old_V, -clip, clip). All [N, L]."""
+    m = mask.to(values.dtype)
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    err = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    n = m.sum().clamp(min=1.0)
+    loss = 0.5 * (err * m).sum() / n
+    with torch.no_grad():
+        frac = (((values - returns) ** 2 < (clipped - returns) ** 2).to(m.dtype) * m).sum() / n
+    return loss, {"value_loss": float(loss), "value_clip_fraction": float(frac)}
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid"
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO (Rafailov et al., arXiv 2305.18290) or IPO (Azar et al., arXiv 2310.12036).
+
+    Inputs are summed sequence log-probs [P] of the chosen and rejected responses under
+    the policy and the reference. With h = (pc - rc) - (pr - rr):
+        sigmoid (DPO): -log sigmoid(beta * h)
+        ipo:           (h - 1 / (2 * beta))^2
+    Returns the mean loss and stats (reward margin = beta * h, accuracy = h > 0).
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # [P]
+    if loss_type == "sigmoid":
+        losses = -torch.nn.functional.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be 'sigmoid' (DPO) or 'ipo', got {loss_type!r}")
+    loss = losses.mean()
+    with torch.no_grad():
+        stats = {"loss": float(loss), "reward_margin": float((beta * h).mean()),
+                 "reward_accuracy": float((h > 0).float().mean()),
+                 "chosen_reward": float((beta * (policy_chosen - ref_chosen)).mean()),
+                 "rejected_reward": float((beta * (policy_rejected - ref_rejected)).mean())}
     return loss, stats
