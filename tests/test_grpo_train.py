@@ -173,7 +173,7 @@ def test_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_dir,
 
 
 def test_step_prompt_indices_balance_and_cover():
-    from mogrpo.rl.grpo import step_prompt_indices
+    from mogrpo.rl.common import step_prompt_indices
 
     kinds = ["harmful"] * 10 + ["benign"] * 4
     steps = [step_prompt_indices(kinds, 4, s, seed=0, balance=True) for s in range(4)]

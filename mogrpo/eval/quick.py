@@ -58,3 +58,34 @@ def summarise(scorer, prompts: list[str], kinds: list[str], completions: list[st
 def _mean(x: torch.Tensor) -> float | None:
     v = float(torch.nanmean(x.float())) if x.numel() else math.nan
     return None if math.isnan(v) else round(v, 5)
+
+
+def evaluate_policy(acc, policy, tokenizer, scorer, prompt_records, weights: torch.Tensor, *,
+                    max_new_tokens: int, autocast_dtype, out_file=None) -> dict:
+    """Greedy completions of `prompt_records` (split over the processes), scored; the main
+    process writes them to `out_file` (JSONL) when given. Returns `summarise`'s dict."""
+    import json
+
+    from mogrpo.config import atomic_write_text
+
+    if not prompt_records:
+        return {}
+    texts = [p.text for p in prompt_records]
+    kinds = [p.kind for p in prompt_records]
+    mine = list(range(acc.process_index, len(texts), acc.num_processes))
+    comps = greedy_completions(policy, tokenizer, [texts[i] for i in mine], max_new_tokens=max_new_tokens,
+                               autocast_dtype=autocast_dtype)
+    pairs = list(zip(mine, comps))
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(pairs)
+    completions = [""] * len(texts)
+    for i, c in pairs:
+        completions[i] = c
+    summary = summarise(scorer, texts, kinds, completions, weights)
+    if acc.is_main_process and out_file is not None:
+        rows = [{"id": p.id, "kind": p.kind, "prompt": p.text, "completion": c}
+                for p, c in zip(prompt_records, completions)]
+        atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return summary

