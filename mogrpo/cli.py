@@ -83,14 +83,28 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train_grpo(args: argparse.Namespace) -> int:
-    from mogrpo.config import load_config
-    from mogrpo.rl.grpo import GRPOConfig, train_grpo
+TRAINERS = {  # algorithm -> (module, config class, train function)
+    "grpo": ("mogrpo.rl.grpo", "GRPOConfig", "train_grpo"),
+    "dpo": ("mogrpo.rl.dpo", "DPOConfig", "train_dpo"),
+}
 
-    cfg = load_config(GRPOConfig, args.config, args.overrides)
+
+def _trainer(algo: str):
+    import importlib
+
+    module, cfg_name, fn_name = TRAINERS[algo]
+    mod = importlib.import_module(module)
+    return getattr(mod, cfg_name), getattr(mod, fn_name)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mogrpo.config import load_config
+
+    cfg_cls, train = _trainer(args.train_command)
+    cfg = load_config(cfg_cls, args.config, args.overrides)
     if args.cache_dir:
         cfg.cache_dir = args.cache_dir
-    result = train_grpo(cfg, args.output, resume=args.resume, show_progress=not args.quiet)
+    result = train(cfg, args.output, resume=args.resume, show_progress=not args.quiet)
     if "cost" in result:  # main process
         _print_before_after(result)
         print(f"  wall {result['cost']['wall_seconds']} s; outputs in {args.output}")
@@ -178,21 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     rs.set_defaults(func=_cmd_reward_score)
 
-    t = sub.add_parser("train", help="train a policy")
+    t = sub.add_parser("train", help="train a policy: grpo, or the dpo baseline")
     tsub = t.add_subparsers(dest="train_command", required=True)
-    from mogrpo.rl.grpo import GRPOConfig
-
-    tg = tsub.add_parser("grpo", help="multi-objective GRPO (no critic)",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Train a policy with multi-objective GRPO. Writes metrics.jsonl, "
-                         "final/, config.yaml, cost.json, eval.json.\n\nConfig keys:\n" + describe(GRPOConfig))
-    tg.add_argument("--config", help="YAML config (e.g. configs/grpo/default.yaml)")
-    tg.add_argument("--output", required=True, help="run folder")
-    tg.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
-    tg.add_argument("--cache-dir", help="asset cache folder")
-    tg.add_argument("--quiet", action="store_true", help="no progress bar")
-    tg.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    tg.set_defaults(func=_cmd_train_grpo)
+    helps = {"grpo": "multi-objective GRPO (no critic)", "dpo": "DPO baseline on reward-model pairs"}
+    for algo in TRAINERS:
+        cfg_cls, _ = _trainer(algo)
+        tg = tsub.add_parser(algo, help=helps[algo], formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description=f"{helps[algo]}. Writes metrics.jsonl, final/, config.yaml, "
+                             "cost.json, eval.json.\n\nConfig keys:\n" + describe(cfg_cls))
+        tg.add_argument("--config", help=f"YAML config (e.g. configs/{algo}/default.yaml)")
+        tg.add_argument("--output", required=True, help="run folder")
+        tg.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
+        tg.add_argument("--cache-dir", help="asset cache folder")
+        tg.add_argument("--quiet", action="store_true", help="no progress bar")
+        tg.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        tg.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("data", help="data sets and splits")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,314 @@
+"""DPO baseline on the same engine: pairs from the reward model, then offline preference
+optimisation against a frozen reference.
+
+    pairs: N samples per training prompt from the reference policy -> score [B, N, K]
+           -> combine with the GRPO weights -> best = chosen, worst = rejected (margin >= m)
+    reference log-probs of every pair, once (cached)
+    epochs over pairs: sigmoid DPO (arXiv 2305.18290) or IPO (arXiv 2310.12036) loss
+    -> log -> checkpoint
+
+The multi-objective handling is implicit: the K aspects are collapsed into one scalar
+before the pair is built, which is exactly what the paper contrasts GRPO with. A user's
+own preference data (JSONL with prompt/chosen/rejected, or PKU-SafeRLHF pairs) replaces
+the sampled pairs. The cost includes generating and scoring the pairs.
+Shapes: P pairs, T tokens, L response tokens, K aspects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mogrpo.config import atomic_folder, atomic_write_text, field, save_config
+from mogrpo.rl.advantages import weighted_sum
+from mogrpo.rl.common import (PhaseTimer, balanced_subset, load_prompt_set, peak_memory_mb,
+                              save_checkpoint, step_prompt_indices)
+from mogrpo.rl.losses import dpo_loss
+
+
+@dataclass
+class DPOConfig:
+    """Config of `mogrpo train dpo` (YAML keys = field names)."""
+
+    policy: str = field("builtin:smollm2-135m-instruct", help="causal LM: hub id, folder, .gguf file or builtin:")
+    reward_model: str = field("runs/reward-default/model", help="reward model folder that scores sampled pairs")
+    lora_r: int = field(16, help="LoRA rank; 0 = full fine-tuning with a frozen reference copy")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all linear layers)")
+    train_prompts: str = field("default", help="'default' or a prompt JSONL/CSV (ignored with pairs=)")
+    pairs: str | None = field(None, help="own preference data: JSONL with prompt/chosen/rejected, or "
+                                         "'hf:pku-saferlhf:<hub id or file>'; default: sample and score")
+    eval_prompts: str = field("default", help="'default', a file, or 'none'")
+    eval_max_prompts: int = field(0, help="evaluate on at most this many prompts, balanced by kind (0 = all)")
+    eval_max_new_tokens: int = field(64, help="tokens per greedy evaluation completion")
+    weights: dict[str, float] = field(default_factory=lambda: {"safety": 1.0, "actionability": 1.0,
+                                                               "politeness": 0.5, "meaningfulness": 0.5},
+                                      help="weights that collapse the aspects into one score per sample")
+    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
+                                                 help="prompt kind -> reward columns set to NaN")
+    pair_prompts: int = field(200, help="training prompts to sample pairs for (match GRPO: steps x B)")
+    samples_per_prompt: int = field(4, help="N responses sampled per prompt to pick best/worst from")
+    min_margin: float = field(0.05, help="skip pairs whose combined-score margin is at most this")
+    max_new_tokens: int = field(48, help="tokens per sampled response")
+    temperature: float = field(1.0, help="sampling temperature for the pairs")
+    generation_chunk: int = field(4, help="prompts per generate call while sampling pairs")
+    beta: float = field(0.1, help="DPO beta (strength of the implicit KL)")
+    loss_type: str = field("sigmoid", help="sigmoid (DPO) | ipo")
+    epochs: int = field(2, help="passes over the pairs")
+    batch_size: int = field(8, help="pairs per optimiser step")
+    lr: float = field(5e-5, help="AdamW learning rate")
+    warmup_steps: int = field(2, help="linear warm-up steps")
+    grad_clip: float = field(1.0, help="max gradient norm (0 = off)")
+    seed: int = field(0, help="seed")
+    precision: str = field("auto", help="auto | bf16 | fp32")
+    num_threads: int = field(0, help="torch CPU threads (0 = all cores)")
+    save_every: int = field(20, help="checkpoint every N optimiser steps (0 = only at the end)")
+    keep_checkpoints: int = field(2, help="keep the newest N checkpoints")
+    cache_dir: str | None = field(None, help="asset cache")
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be >= 2 to pick a best and a worst response")
+        if self.loss_type not in ("sigmoid", "ipo"):
+            raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
+        for name in ("epochs", "batch_size", "pair_prompts", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_new_tokens: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[P, T] input ids and attention mask (prompt left-padded, response right-padded) and the
+    response mask [P, L]; the layout `completion_logprobs` expects. Responses end with EOS."""
+    from mogrpo.rl.rollout import chat_texts
+
+    p = tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    r = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    r = [(ids[:max_new_tokens - 1] + [eos]) for ids in r]
+    P, L = max(len(x) for x in p), max(len(x) for x in r)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (P - len(a)) + a + b + [pad] * (L - len(b)) for a, b in zip(p, r)])
+    attn = torch.tensor([[0] * (P - len(a)) + [1] * (len(a) + len(b)) + [0] * (L - len(b)) for a, b in zip(p, r)])
+    rmask = torch.tensor([[1] * len(b) + [0] * (L - len(b)) for b in r])
+    return ids, attn, rmask
+
+
+def sequence_logprob(model, tokenizer, prompts, responses, max_new_tokens, amp_ctx) -> torch.Tensor:
+    """Summed log-prob [P] of each response given its prompt."""
+    from mogrpo.rl.rollout import completion_logprobs
+
+    device = next(model.parameters()).device
+    ids, attn, rmask = encode_pairs(tokenizer, prompts, responses, max_new_tokens)
+    with amp_ctx():
+        logp, _ = completion_logprobs(model, ids.to(device), attn.to(device), rmask.shape[1])
+    return (logp * rmask.to(device)).sum(-1)
+
+
+def load_pairs_file(spec: str) -> list[dict]:
+    from mogrpo.data.loaders import iter_jsonl
+    from mogrpo.data.schema import DataError
+
+    if spec.startswith("hf:"):
+        from mogrpo.data.hf import load_hf_pairs
+
+        _, adapter, source = spec.split(":", 2)
+        if adapter != "pku-saferlhf":
+            raise DataError(f"pairs {spec!r}: only hf:pku-saferlhf:<id or file> has preference pairs")
+        return list(load_hf_pairs(source))
+    out = []
+    for where, row in iter_jsonl(spec):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise DataError(f"{where}: a pair needs string fields 'prompt', 'chosen' and 'rejected'")
+        out.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    return out
+
+
+def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False,
+              show_progress: bool = True) -> dict:
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from mogrpo.eval.quick import evaluate_policy
+    from mogrpo.models import autocast_dtype, frozen_copy, is_peft, load_policy
+    from mogrpo.reward.model import MultiAspectRewardModel
+    from mogrpo.rl.rollout import generate_rollout
+    from mogrpo.rl.scoring import Scorer
+
+    t_start = time.time()
+    out = Path(output)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.num_processes > 1:
+        raise ValueError("train dpo runs as one process for now; launch it without accelerate")
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    rm_path = Path(cfg.reward_model)
+    if not (rm_path / "reward_config.json").is_file():
+        raise FileNotFoundError(f"reward model {rm_path} not found; train it first: mogrpo reward train "
+                                f"--config configs/reward/default.yaml --output {rm_path.parent}")
+    rm = MultiAspectRewardModel.load(rm_path, device=acc.device)
+    amp = autocast_dtype(acc.device, cfg.precision)
+    rm.autocast_dtype = amp
+    scorer = Scorer(rm, {}, cfg.not_applicable)
+    unknown = sorted(set(cfg.weights) - set(scorer.columns))
+    if unknown:
+        raise ValueError(f"weights name {unknown}, which the reward model does not score: {scorer.columns}")
+    weights = torch.tensor([cfg.weights.get(c, 0.0) for c in scorer.columns])
+    torch.manual_seed(cfg.seed)
+    model, tok = load_policy(cfg.policy, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                             lora_target_modules=cfg.lora_target_modules, cache=cfg.cache_dir)
+    ref_model = None if is_peft(model) else frozen_copy(model)
+    amp_ctx = (lambda: torch.autocast(acc.device.type, dtype=amp)) if amp else nullcontext
+    timer = PhaseTimer()
+    eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
+        load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
+
+    def reference():
+        return model.disable_adapter() if ref_model is None else nullcontext()
+
+    ref_net = model if ref_model is None else ref_model
+
+    # ---- pairs (sampled from the reference and scored, or the user's), cached in the run folder
+    pairs_path = out / "pairs.jsonl"
+    tokens_generated = 0
+    if resume and pairs_path.is_file():
+        pairs = [json.loads(x) for x in pairs_path.read_text().splitlines()]
+    elif cfg.pairs:
+        pairs = load_pairs_file(cfg.pairs)
+    else:
+        prompts = load_prompt_set(cfg.train_prompts, cfg.cache_dir, "train")
+        chosen_idx = step_prompt_indices([p.kind for p in prompts], cfg.pair_prompts, 0, cfg.seed, False)
+        pool = [prompts[i] for i in chosen_idx]
+        pairs, skipped = [], 0
+        from mogrpo.rl.pairs import best_worst_pairs
+
+        bar = tqdm(range(0, len(pool), cfg.generation_chunk), desc="dpo pairs", disable=not show_progress)
+        for start in bar:
+            part = pool[start:start + cfg.generation_chunk]
+            with timer("generation"), reference(), amp_ctx():
+                ro = generate_rollout(ref_net, tok, [p.text for p in part], [p.kind for p in part],
+                                      group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.temperature, seed=cfg.seed, step=0, first_index=start)
+            tokens_generated += int(ro.completion_mask.sum())
+            with timer("scoring"):
+                rewards = scorer.score(ro.prompts, ro.kinds, ro.completions, cfg.samples_per_prompt)
+            combined = weighted_sum(rewards, weights)  # [b, N]
+            found, sk = best_worst_pairs(combined, cfg.min_margin)
+            skipped += sk
+            for b, i, j in found:
+                n = cfg.samples_per_prompt
+                pairs.append({"prompt": ro.prompts[b], "kind": ro.kinds[b],
+                              "chosen": ro.completions[b * n + i], "rejected": ro.completions[b * n + j],
+                              "margin": float(combined[b, i] - combined[b, j])})
+        print(f"dpo: {len(pairs)} pairs from {len(pool)} prompts ({skipped} skipped: margin <= "
+              f"{cfg.min_margin} or too few scored samples)")
+    if not pairs:
+        raise ValueError("no preference pairs: lower min_margin or sample more responses per prompt")
+    atomic_write_text(pairs_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+
+    # ---- reference log-probs, once
+    with timer("reference"), torch.no_grad(), reference():
+        ref_c, ref_r = [], []
+        for s in range(0, len(pairs), cfg.batch_size):
+            chunk = pairs[s:s + cfg.batch_size]
+            ps = [p["prompt"] for p in chunk]
+            ref_c.append(sequence_logprob(ref_net, tok, ps, [p["chosen"] for p in chunk], cfg.max_new_tokens, amp_ctx))
+            ref_r.append(sequence_logprob(ref_net, tok, ps, [p["rejected"] for p in chunk], cfg.max_new_tokens, amp_ctx))
+        ref_c, ref_r = torch.cat(ref_c).cpu(), torch.cat(ref_r).cpu()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr)
+    steps_per_epoch = (len(pairs) + cfg.batch_size - 1) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    sched = get_scheduler("linear", opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
+    start_step = 0
+    eval_before = None
+    ckpt_root = out / "checkpoints"
+    if resume and (ckpt_root / "latest").is_file():
+        folder = ckpt_root / (ckpt_root / "latest").read_text().strip()
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_step, eval_before = state["step"], state.get("eval_before")
+        timer.seconds, tokens_generated = state["cost_seconds"], state["tokens_generated"]
+    if eval_before is None:
+        with timer("evaluation"):
+            eval_before = evaluate_policy(acc, model, tok, scorer, eval_prompts, weights,
+                                          max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
+                                          out_file=out / "eval_before_generations.jsonl")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+    metrics_path = out / "metrics.jsonl"
+    if not resume:
+        metrics_path.write_text("")
+    bar = tqdm(range(start_step, total), desc="dpo", disable=not show_progress, initial=start_step, total=total)
+    model.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, steps_per_epoch)
+        order = list(range(len(pairs)))
+        random.Random(cfg.seed * 7919 + epoch).shuffle(order)
+        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        chunk = [pairs[i] for i in idx]
+        ps = [p["prompt"] for p in chunk]
+        with timer("policy_forward_backward"):
+            pc = sequence_logprob(model, tok, ps, [p["chosen"] for p in chunk], cfg.max_new_tokens, amp_ctx)
+            pr = sequence_logprob(model, tok, ps, [p["rejected"] for p in chunk], cfg.max_new_tokens, amp_ctx)
+            loss, st = dpo_loss(pc.float(), pr.float(), ref_c[idx].to(pc.device), ref_r[idx].to(pc.device),
+                                beta=cfg.beta, loss_type=cfg.loss_type)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            opt.step()
+            sched.step()
+        rec = {"step": step + 1, "epoch": epoch + 1, **st, "grad_norm": float(grad_norm),
+               "lr": sched.get_last_lr()[0], "step_seconds": round(time.perf_counter() - t0, 3),
+               "peak_memory_mb": round(peak_memory_mb(acc.device), 1)}
+        with metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        for key, v in rec.items():
+            if key != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(key, v, step + 1)
+        bar.set_postfix(loss=f"{st['loss']:.4f}", acc=f"{st['reward_accuracy']:.2f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_checkpoint(ckpt_root / f"step-{step + 1:06d}", model, tok, {
+                "step": step + 1, "trainable": {n: p.detach().cpu() for n, p in model.named_parameters()
+                                                if p.requires_grad},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "cost_seconds": dict(timer.seconds), "tokens_generated": tokens_generated,
+                "eval_before": eval_before}, cfg.keep_checkpoints)
+    bar.close()
+    writer.close()
+    with timer("evaluation"):
+        eval_after = evaluate_policy(acc, model, tok, scorer, eval_prompts, weights,
+                                     max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
+                                     out_file=out / "eval_after_generations.jsonl")
+    with atomic_folder(out / "final") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    result = {"eval_before": eval_before, "eval_after": eval_after}
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
+    cost = {"wall_seconds": round(time.time() - t_start, 1),
+            "phase_seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
+            "peak_memory_mb": round(peak_memory_mb(acc.device), 1), "tokens_generated": tokens_generated,
+            "pairs": len(pairs), "steps": total, "processes": 1, "device": str(acc.device),
+            "precision": str(amp or "fp32")}
+    atomic_write_text(out / "cost.json", json.dumps(cost, indent=2))
+    result["cost"] = cost
+    return result

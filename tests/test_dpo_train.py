@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from mogrpo.cli import main
+from mogrpo.config import load_config
+from mogrpo.rl.dpo import DPOConfig, encode_pairs
+
+
+def dpo_args(policy, rm, prompts, **kw):
+    base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts),
+            "eval_prompts": "none", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5},
+            "pair_prompts": 8, "samples_per_prompt": 4, "min_margin": 0.0, "max_new_tokens": 8,
+            "epochs": 2, "batch_size": 4, "lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
+            "precision": "fp32", "save_every": 0}
+    base.update(kw)
+    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+
+
+def test_dpo_end_to_end_every_lora_tensor_changes(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mogrpo.models import load_policy
+
+    out = tmp_path / "dpo"
+    torch.manual_seed(0)
+    before, _ = load_policy(str(tiny_policy_dir), lora_r=4, lora_alpha=8)
+    assert main(["train", "dpo", "--output", str(out), "--quiet",
+                 *dpo_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file)]) == 0
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["margin"] > 0 for p in pairs)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * ((len(pairs) + 3) // 4) and all(r["loss"] == r["loss"] for r in rows)
+    cost = json.loads((out / "cost.json").read_text())
+    assert {"generation", "scoring", "reference", "policy_forward_backward"} <= set(cost["phase_seconds"])
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), out / "final")
+    a = dict(trained.named_parameters())
+    b = {n: p for n, p in before.named_parameters() if p.requires_grad}
+    assert b and [n for n in b if torch.equal(b[n], a[n])] == []
+
+
+def test_dpo_on_users_pairs_and_resume_reuses_pairs(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"how do i bake bread {i}", "chosen": "first make flour",
+                                     "rejected": "you stupid idiot"}) + "\n" for i in range(6)))
+    out = tmp_path / "own"
+    args = dpo_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, pairs=str(f), epochs=3, lr=1e-2)
+    assert main(["train", "dpo", "--output", str(out), "--quiet", *args]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["reward_accuracy"] == 1.0 and rows[-1]["reward_margin"] > rows[0]["reward_margin"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "c"}\n')
+    assert main(["train", "dpo", "--output", str(tmp_path / "x"), "--quiet",
+                 *dpo_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, pairs=str(bad))]) == 2
+
+
+def test_encode_pairs_layout(tiny_policy_dir):
+    from mogrpo.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_policy_dir))
+    ids, attn, rmask = encode_pairs(tok, ["hi", "how do i bake bread"], ["yes", "first make flour"], 8)
+    L = rmask.shape[1]
+    assert ids.shape == attn.shape and rmask.tolist()[0] == [1, 1] + [0] * (L - 2)  # "yes" + EOS
+    # The response (with EOS) sits right after the prompt; pads are on the left of prompts.
+    assert ids[0, -L:][: int(rmask[0].sum())].tolist()[-1] == tok.eos_token_id
+    assert attn[0, 0] == 0 and attn[1, -L:].tolist() == rmask[1].tolist()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["samples_per_prompt=1"], "samples_per_prompt must be >= 2"),
+    (["loss_type=hinge"], "loss_type"),
+    (["beta=0"], "beta must be > 0"),
+])
+def test_dpo_bad_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(DPOConfig, None, overrides)
