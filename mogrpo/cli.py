@@ -85,6 +85,7 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
 
 TRAINERS = {  # algorithm -> (module, config class, train function)
     "grpo": ("mogrpo.rl.grpo", "GRPOConfig", "train_grpo"),
+    "ppo": ("mogrpo.rl.ppo", "PPOConfig", "train_ppo"),
     "dpo": ("mogrpo.rl.dpo", "DPOConfig", "train_dpo"),
 }
 
@@ -192,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     rs.set_defaults(func=_cmd_reward_score)
 
-    t = sub.add_parser("train", help="train a policy: grpo, or the dpo baseline")
+    t = sub.add_parser("train", help="train a policy: grpo, or the ppo / dpo baselines")
     tsub = t.add_subparsers(dest="train_command", required=True)
-    helps = {"grpo": "multi-objective GRPO (no critic)", "dpo": "DPO baseline on reward-model pairs"}
+    helps = {"grpo": "multi-objective GRPO (no critic)", "ppo": "PPO-RLHF baseline (actor + critic)",
+             "dpo": "DPO baseline on reward-model pairs"}
     for algo in TRAINERS:
         cfg_cls, _ = _trainer(algo)
         tg = tsub.add_parser(algo, help=helps[algo], formatter_class=argparse.RawDescriptionHelpFormatter,

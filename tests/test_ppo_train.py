@@ -1,0 +1,54 @@
+import json
+
+import pytest
+import torch
+
+from mogrpo.cli import main
+from mogrpo.config import load_config
+from mogrpo.rl.ppo import PPOConfig
+
+
+def ppo_args(policy, rm, prompts, **kw):
+    base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts),
+            "eval_prompts": "none", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5},
+            "batch_size": 8, "samples_per_prompt": 4, "minibatch_size": 4, "max_new_tokens": 8, "steps": 2,
+            "ppo_epochs": 2, "lr": 5e-2, "critic_lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
+            "precision": "fp32", "save_every": 0}
+    base.update(kw)
+    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+
+
+def test_ppo_end_to_end_actor_and_critic_change(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mogrpo.models import load_policy
+
+    out = tmp_path / "ppo"
+    torch.manual_seed(0)
+    before, _ = load_policy(str(tiny_policy_dir), lora_r=4, lora_alpha=8)
+    assert main(["train", "ppo", "--output", str(out), "--quiet",
+                 *ppo_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, save_every=1)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(r[k] == r[k] for k in ("loss", "value_loss", "kl", "entropy", "reward/safety/mean"))
+    cost = json.loads((out / "cost.json").read_text())
+    assert {"generation", "scoring", "reference", "critic", "policy_forward_backward"} <= set(cost["phase_seconds"])
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), out / "final")
+    a = dict(trained.named_parameters())
+    b = {n: p for n, p in before.named_parameters() if p.requires_grad}
+    assert b and [n for n in b if torch.equal(b[n], a[n])] == []
+    # The critic's head and adapters trained too (saved in the checkpoint after step 1).
+    state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    assert state["critic"]["head.weight"].abs().sum() > 0  # initialised at zero
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batch_size=10"], "not divisible by samples_per_prompt"),
+    (["minibatch_size=3"], "multiple of minibatch_size"),
+    (["lam=1.5"], "gamma and lam"),
+])
+def test_ppo_bad_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(PPOConfig, None, overrides)
