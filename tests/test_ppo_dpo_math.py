@@ -85,3 +85,11 @@ def test_pair_construction_on_known_scores():
     ])
     pairs, skipped = best_worst_pairs(combined, min_margin=0.05)
     assert pairs == [(0, 1, 3), (2, 3, 1)] and skipped == 2
+
+
+def test_ipo_length_normalised_by_hand():
+    # chosen log-ratio (-1 - -2) = 1 over 2 tokens -> 0.5; rejected (-3 - -2) = -1 over 4 tokens -> -0.25
+    # h = 0.5 - (-0.25) = 0.75; beta = 0.5: (0.75 - 1)^2 = 0.0625
+    loss, _ = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
+                       beta=0.5, loss_type="ipo", chosen_len=torch.tensor([2.0]), rejected_len=torch.tensor([4.0]))
+    assert loss.item() == pytest.approx(0.0625)

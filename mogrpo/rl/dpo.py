@@ -105,15 +105,17 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_new_to
     return ids, attn, rmask
 
 
-def sequence_logprob(model, tokenizer, prompts, responses, max_new_tokens, amp_ctx) -> torch.Tensor:
-    """Summed log-prob [P] of each response given its prompt."""
+def sequence_logprob(model, tokenizer, prompts, responses, max_new_tokens, amp_ctx,
+                     return_lengths: bool = False):
+    """Summed log-prob [P] of each response given its prompt (and its token count [P])."""
     from mogrpo.rl.rollout import completion_logprobs
 
     device = next(model.parameters()).device
     ids, attn, rmask = encode_pairs(tokenizer, prompts, responses, max_new_tokens)
     with amp_ctx():
         logp, _ = completion_logprobs(model, ids.to(device), attn.to(device), rmask.shape[1])
-    return (logp * rmask.to(device)).sum(-1)
+    total = (logp * rmask.to(device)).sum(-1)
+    return (total, rmask.sum(-1).to(device)) if return_lengths else total
 
 
 def load_pairs_file(spec: str) -> list[dict]:
@@ -268,10 +270,13 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         chunk = [pairs[i] for i in idx]
         ps = [p["prompt"] for p in chunk]
         with timer("policy_forward_backward"):
-            pc = sequence_logprob(model, tok, ps, [p["chosen"] for p in chunk], cfg.max_new_tokens, amp_ctx)
-            pr = sequence_logprob(model, tok, ps, [p["rejected"] for p in chunk], cfg.max_new_tokens, amp_ctx)
+            pc, lc = sequence_logprob(model, tok, ps, [p["chosen"] for p in chunk], cfg.max_new_tokens, amp_ctx,
+                                      return_lengths=True)
+            pr, lr_ = sequence_logprob(model, tok, ps, [p["rejected"] for p in chunk], cfg.max_new_tokens,
+                                       amp_ctx, return_lengths=True)
             loss, st = dpo_loss(pc.float(), pr.float(), ref_c[idx].to(pc.device), ref_r[idx].to(pc.device),
-                                beta=cfg.beta, loss_type=cfg.loss_type)
+                                beta=cfg.beta, loss_type=cfg.loss_type, chosen_len=lc.float(),
+                                rejected_len=lr_.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)

@@ -152,7 +152,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid"
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
     """DPO (Rafailov et al., arXiv 2305.18290) or IPO (Azar et al., arXiv 2310.12036).
 
@@ -160,13 +161,21 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     the policy and the reference. With h = (pc - rc) - (pr - rr):
         sigmoid (DPO): -log sigmoid(beta * h)
         ipo:           (h - 1 / (2 * beta))^2
+    For IPO with `chosen_len`/`rejected_len` [P] given, each log-ratio is divided by its
+    response length first (per-token average), so the squared loss does not grow with
+    length; this is the form the IPO results correspond to (as TRL documents it).
     Returns the mean loss and stats (reward margin = beta * h, accuracy = h > 0).
     """
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # [P]
     if loss_type == "sigmoid":
         losses = -torch.nn.functional.logsigmoid(beta * h)
     elif loss_type == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+        if chosen_len is not None and rejected_len is not None:
+            hi = ((policy_chosen - ref_chosen) / chosen_len.clamp(min=1)
+                  - (policy_rejected - ref_rejected) / rejected_len.clamp(min=1))
+        else:
+            hi = h
+        losses = (hi - 1.0 / (2.0 * beta)) ** 2
     else:
         raise ValueError(f"loss_type must be 'sigmoid' (DPO) or 'ipo', got {loss_type!r}")
     loss = losses.mean()
