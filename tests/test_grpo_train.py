@@ -5,7 +5,7 @@ import torch
 
 from mogrpo.cli import main
 from mogrpo.config import load_config
-from mogrpo.rl.grpo import GRPOConfig, train_grpo
+from mogrpo.rl.grpo import GRPOConfig
 
 
 def tiny_args(policy, rm, prompts, **kw):

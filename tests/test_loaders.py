@@ -53,7 +53,7 @@ def test_malformed_labelled_row_names_file_and_line(tmp_path, line, message):
     f = write(tmp_path / "bad.jsonl", f"{good}\n{good}\n{line}\n")
     with pytest.raises(DataError) as exc:
         load_labelled(f, ASPECTS)
-    assert f"bad.jsonl:3" in str(exc.value) and message in str(exc.value)
+    assert "bad.jsonl:3" in str(exc.value) and message in str(exc.value)
 
 
 def test_malformed_csv_row_names_the_physical_line(tmp_path):

@@ -97,3 +97,55 @@ def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: int) -> N
     if keep > 0:
         for old in sorted(folder.parent.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
+
+
+def require_reward_model(path: str) -> Path:
+    rm_path = Path(path)
+    if not (rm_path / "reward_config.json").is_file():
+        raise FileNotFoundError(f"reward model {rm_path} not found; train it first: mogrpo reward train "
+                                f"--config configs/reward/default.yaml --output {rm_path.parent}")
+    return rm_path
+
+
+def setup_single_process_run(cfg, output, algo: str):
+    """What the PPO and DPO loops start with: accelerator, run folder with the resolved config,
+    seeds, threads, reward model + scorer + weights, precision, policy (+ LoRA) and its
+    reference, evaluation prompts. Returns a SimpleNamespace of them."""
+    import os
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import numpy as np
+    from accelerate import Accelerator
+
+    from mogrpo.config import save_config
+    from mogrpo.models import autocast_dtype, frozen_copy, is_peft, load_policy
+    from mogrpo.reward.model import MultiAspectRewardModel
+    from mogrpo.rl.scoring import Scorer
+
+    out = Path(output)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.num_processes > 1:
+        raise ValueError(f"train {algo} runs as one process for now; launch it without accelerate")
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=acc.device)
+    amp = autocast_dtype(acc.device, cfg.precision)
+    rm.autocast_dtype = amp
+    scorer = Scorer(rm, {}, cfg.not_applicable)
+    unknown = sorted(set(cfg.weights) - set(scorer.columns))
+    if unknown:
+        raise ValueError(f"weights name {unknown}, which the reward model does not score: {scorer.columns}")
+    weights = torch.tensor([cfg.weights.get(c, 0.0) for c in scorer.columns])
+    torch.manual_seed(cfg.seed)  # LoRA's initial A matrices depend on it
+    model, tok = load_policy(cfg.policy, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                             lora_target_modules=cfg.lora_target_modules, cache=cfg.cache_dir)
+    ref_model = None if is_peft(model) else frozen_copy(model)
+    eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
+        load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
+    amp_ctx = (lambda: torch.autocast(acc.device.type, dtype=amp)) if amp else nullcontext
+    return SimpleNamespace(acc=acc, out=out, rm=rm, scorer=scorer, weights=weights, amp=amp, amp_ctx=amp_ctx,
+                           model=model, tok=tok, ref_model=ref_model, eval_prompts=eval_prompts)

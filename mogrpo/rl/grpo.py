@@ -38,7 +38,7 @@ from tqdm import tqdm
 from mogrpo.config import atomic_folder, atomic_write_text, field, save_config
 from mogrpo.rl.advantages import MODES, group_advantages, update_multipliers, weighted_sum
 from mogrpo.rl.common import (PhaseTimer, balanced_subset, load_prompt_set, peak_memory_mb,
-                              save_checkpoint, step_prompt_indices)
+                              require_reward_model, save_checkpoint, step_prompt_indices)
 from mogrpo.rl.losses import AGGREGATIONS, grpo_loss
 
 
@@ -127,7 +127,7 @@ class GRPOConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.lr_schedule not in ("constant_with_warmup", "linear", "cosine"):
-            raise ValueError(f"lr_schedule must be constant_with_warmup, linear or cosine")
+            raise ValueError("lr_schedule must be constant_with_warmup, linear or cosine")
 
     def check_columns(self, columns: list[str]) -> None:
         """Fail early when weights/thresholds name a reward column that does not exist."""
@@ -174,12 +174,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     torch.manual_seed(cfg.seed)
 
     # models: policy (+ LoRA), reference, reward model
-    rm_path = Path(cfg.reward_model)
-    if not (rm_path / "reward_config.json").is_file():
-        raise FileNotFoundError(f"reward model {rm_path} not found; train it first: "
-                                "mogrpo reward train --config configs/reward/default.yaml "
-                                f"--output {rm_path.parent}")
-    rm = MultiAspectRewardModel.load(rm_path, device=acc.device)
+    rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=acc.device)
     amp = autocast_dtype(acc.device, cfg.precision)
     rm.autocast_dtype = amp
     extra = {name: extra_reward(name, cfg.cache_dir) for name in cfg.extra_rewards}

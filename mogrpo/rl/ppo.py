@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from mogrpo.config import atomic_folder, atomic_write_text, field, save_config
+from mogrpo.config import atomic_folder, atomic_write_text, field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, balanced_subset, load_prompt_set, peak_memory_mb,
-                              save_checkpoint, step_prompt_indices)
+from mogrpo.rl.common import (PhaseTimer, load_prompt_set, peak_memory_mb, save_checkpoint,
+                              setup_single_process_run, step_prompt_indices)
 from mogrpo.rl.losses import gae, grpo_loss, value_loss, whiten
 
 
@@ -128,41 +126,16 @@ def load_critic(policy_path: str, lora_r: int, lora_alpha: int, target_modules) 
 
 def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False,
               show_progress: bool = True) -> dict:
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     from mogrpo.eval.quick import evaluate_policy
-    from mogrpo.models import autocast_dtype, frozen_copy, is_peft, load_policy, resolve_policy_path
-    from mogrpo.reward.model import MultiAspectRewardModel
+    from mogrpo.models import resolve_policy_path
     from mogrpo.rl.rollout import completion_logprobs, generate_rollout
-    from mogrpo.rl.scoring import Scorer
 
     t_start = time.time()
-    out = Path(output)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.num_processes > 1:
-        raise ValueError("train ppo runs as one process for now; launch it without accelerate")
-    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    rm_path = Path(cfg.reward_model)
-    if not (rm_path / "reward_config.json").is_file():
-        raise FileNotFoundError(f"reward model {rm_path} not found; train it first: mogrpo reward train "
-                                f"--config configs/reward/default.yaml --output {rm_path.parent}")
-    rm = MultiAspectRewardModel.load(rm_path, device=acc.device)
-    amp = autocast_dtype(acc.device, cfg.precision)
-    rm.autocast_dtype = amp
-    scorer = Scorer(rm, {}, cfg.not_applicable)
-    unknown = sorted(set(cfg.weights) - set(scorer.columns))
-    if unknown:
-        raise ValueError(f"weights name {unknown}, which the reward model does not score: {scorer.columns}")
-    weights = torch.tensor([cfg.weights.get(c, 0.0) for c in scorer.columns])
-    torch.manual_seed(cfg.seed)
-    model, tok = load_policy(cfg.policy, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                             lora_target_modules=cfg.lora_target_modules, cache=cfg.cache_dir)
-    ref_model = None if is_peft(model) else frozen_copy(model)
+    run = setup_single_process_run(cfg, output, "ppo")
+    acc, out, scorer, weights, amp, amp_ctx = run.acc, run.out, run.scorer, run.weights, run.amp, run.amp_ctx
+    model, tok, ref_model, eval_prompts = run.model, run.tok, run.ref_model, run.eval_prompts
     critic = load_critic(resolve_policy_path(cfg.policy, cfg.cache_dir), cfg.lora_r, cfg.lora_alpha,
                          cfg.lora_target_modules)
     actor_params = [p for p in model.parameters() if p.requires_grad]
@@ -173,12 +146,9 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     total_updates = cfg.steps * cfg.ppo_epochs * n_mb
     sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=total_updates)
-    amp_ctx = (lambda: torch.autocast(acc.device.type, dtype=amp)) if amp else nullcontext
     G = cfg.samples_per_prompt
     B = cfg.batch_size // G
     train_prompts = load_prompt_set(cfg.train_prompts, cfg.cache_dir, "train")
-    eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
-        load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
 
     def evaluate(tag):
         return evaluate_policy(acc, model, tok, scorer, eval_prompts, weights,
