@@ -76,3 +76,32 @@ def test_encode_pairs_layout(tiny_policy_dir):
 def test_dpo_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(DPOConfig, None, overrides)
+
+
+def test_dpo_resume_gives_the_same_weights(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path,
+                                           monkeypatch):
+    from safetensors.torch import load_file
+
+    import mogrpo.rl.dpo as d
+
+    args = dpo_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, save_every=2)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "dpo", "--output", str(full), "--quiet", *args]) == 0
+    real = d.dpo_loss
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # third optimiser step, after the step-2 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(d, "dpo_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "dpo", "--output", str(part), "--quiet", *args])
+    monkeypatch.setattr(d, "dpo_loss", real)
+    assert main(["train", "dpo", "--output", str(part), "--quiet", "--resume", *args]) == 0
+    a = load_file(str(full / "final" / "adapter_model.safetensors"))
+    b = load_file(str(part / "final" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

@@ -52,3 +52,32 @@ def test_ppo_end_to_end_actor_and_critic_change(tiny_policy_dir, tiny_reward_mod
 def test_ppo_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(PPOConfig, None, overrides)
+
+
+def test_ppo_resume_gives_the_same_weights(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path,
+                                           monkeypatch):
+    from safetensors.torch import load_file
+
+    from mogrpo.rl import scoring
+
+    args = ppo_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=4, save_every=2)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "ppo", "--output", str(full), "--quiet", *args]) == 0
+    real = scoring.Scorer.score
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3, after the step-2 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(scoring.Scorer, "score", dying)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "ppo", "--output", str(part), "--quiet", *args])
+    monkeypatch.setattr(scoring.Scorer, "score", real)
+    assert main(["train", "ppo", "--output", str(part), "--quiet", "--resume", *args]) == 0
+    a = load_file(str(full / "final" / "adapter_model.safetensors"))
+    b = load_file(str(part / "final" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
