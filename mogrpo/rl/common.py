@@ -1,15 +1,53 @@
-"""Pieces every training loop shares: prompt sets, phase timing, memory, checkpoints."""
+"""Pieces every training loop shares: the common config keys, prompt sets, phase timing,
+memory, checkpoints, run set-up and the files a finished run writes."""
 
 from __future__ import annotations
 
 import random
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mogrpo.config import atomic_folder, atomic_write_text
+from mogrpo.config import atomic_folder, atomic_write_text, field
+
+
+@dataclass
+class PolicyRunConfig:
+    """Keys every policy-training config has (GRPO, PPO, DPO subclass it), so the three
+    algorithms read models, data, rewards and run settings the same way."""
+
+    # models
+    policy: str = field("builtin:smollm2-135m-instruct", help="causal LM: hub id, folder, .gguf file or builtin:")
+    reward_model: str = field("runs/reward-default/model", help="a reward model folder (mogrpo reward train)")
+    lora_r: int = field(16, help="LoRA rank (PPO: actor and critic); 0 = full fine-tuning with a frozen "
+                                 "reference copy")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all linear layers)")
+    # data
+    train_prompts: str = field("default", help="'default' (AdvBench + benign train split) or a prompt JSONL/CSV")
+    eval_prompts: str = field("default", help="'default' (HarmBench + benign eval split), a file, or 'none'")
+    eval_max_prompts: int = field(0, help="evaluate on at most this many prompts, balanced by kind (0 = all)")
+    eval_max_new_tokens: int = field(64, help="tokens per greedy evaluation completion")
+    # rewards
+    weights: dict[str, float] = field(default_factory=lambda: {"safety": 1.0, "actionability": 1.0,
+                                                               "politeness": 0.5, "meaningfulness": 0.5},
+                                      help="weight per reward column (missing columns weigh 0): GRPO's "
+                                           "advantages, PPO's scalar reward, DPO's chosen/rejected choice")
+    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
+                                                 help="prompt kind -> reward columns set to NaN (masked)")
+    # sampling
+    max_new_tokens: int = field(48, help="completion length L")
+    temperature: float = field(1.0, help="sampling temperature")
+    # run
+    seed: int = field(0, help="seed")
+    precision: str = field("auto", help="auto (bf16 autocast where supported) | bf16 | fp32")
+    num_threads: int = field(0, help="torch CPU threads per process (0 = cores / processes)")
+    save_every: int = field(20, help="checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = field(2, help="keep the newest N checkpoints (0 = keep all)")
+    cache_dir: str | None = field(None, help="asset cache")
 
 
 def peak_memory_mb(device: torch.device) -> float:

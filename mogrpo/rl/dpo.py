@@ -28,36 +28,20 @@ from tqdm import tqdm
 
 from mogrpo.config import atomic_folder, atomic_write_text, field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, load_prompt_set, peak_memory_mb, save_checkpoint,
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, load_prompt_set, peak_memory_mb, save_checkpoint,
                               setup_single_process_run, step_prompt_indices)
 from mogrpo.rl.losses import dpo_loss
 
 
 @dataclass
-class DPOConfig:
-    """Config of `mogrpo train dpo` (YAML keys = field names)."""
+class DPOConfig(PolicyRunConfig):
+    """Config of `mogrpo train dpo` (YAML keys = field names; shared keys in PolicyRunConfig)."""
 
-    policy: str = field("builtin:smollm2-135m-instruct", help="causal LM: hub id, folder, .gguf file or builtin:")
-    reward_model: str = field("runs/reward-default/model", help="reward model folder that scores sampled pairs")
-    lora_r: int = field(16, help="LoRA rank; 0 = full fine-tuning with a frozen reference copy")
-    lora_alpha: int = field(32, help="LoRA alpha")
-    lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all linear layers)")
-    train_prompts: str = field("default", help="'default' or a prompt JSONL/CSV (ignored with pairs=)")
     pairs: str | None = field(None, help="own preference data: JSONL with prompt/chosen/rejected, or "
                                          "'hf:pku-saferlhf:<hub id or file>'; default: sample and score")
-    eval_prompts: str = field("default", help="'default', a file, or 'none'")
-    eval_max_prompts: int = field(0, help="evaluate on at most this many prompts, balanced by kind (0 = all)")
-    eval_max_new_tokens: int = field(64, help="tokens per greedy evaluation completion")
-    weights: dict[str, float] = field(default_factory=lambda: {"safety": 1.0, "actionability": 1.0,
-                                                               "politeness": 0.5, "meaningfulness": 0.5},
-                                      help="weights that collapse the aspects into one score per sample")
-    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
-                                                 help="prompt kind -> reward columns set to NaN")
     pair_prompts: int = field(200, help="training prompts to sample pairs for (match GRPO: steps x B)")
     samples_per_prompt: int = field(4, help="N responses sampled per prompt to pick best/worst from")
     min_margin: float = field(0.05, help="skip pairs whose combined-score margin is at most this")
-    max_new_tokens: int = field(48, help="tokens per sampled response")
-    temperature: float = field(1.0, help="sampling temperature for the pairs")
     generation_chunk: int = field(4, help="prompts per generate call while sampling pairs")
     beta: float = field(0.1, help="DPO beta (strength of the implicit KL)")
     loss_type: str = field("sigmoid", help="sigmoid (DPO) | ipo")
@@ -66,12 +50,6 @@ class DPOConfig:
     lr: float = field(5e-5, help="AdamW learning rate")
     warmup_steps: int = field(2, help="linear warm-up steps")
     grad_clip: float = field(1.0, help="max gradient norm (0 = off)")
-    seed: int = field(0, help="seed")
-    precision: str = field("auto", help="auto | bf16 | fp32")
-    num_threads: int = field(0, help="torch CPU threads (0 = all cores)")
-    save_every: int = field(20, help="checkpoint every N optimiser steps (0 = only at the end)")
-    keep_checkpoints: int = field(2, help="keep the newest N checkpoints")
-    cache_dir: str | None = field(None, help="asset cache")
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 2:

@@ -37,32 +37,17 @@ from tqdm import tqdm
 
 from mogrpo.config import atomic_folder, atomic_write_text, field, save_config
 from mogrpo.rl.advantages import MODES, group_advantages, update_multipliers, weighted_sum
-from mogrpo.rl.common import (PhaseTimer, balanced_subset, load_prompt_set, peak_memory_mb,
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, balanced_subset, load_prompt_set, peak_memory_mb,
                               require_reward_model, save_checkpoint, step_prompt_indices)
 from mogrpo.rl.losses import AGGREGATIONS, grpo_loss
 
 
 @dataclass
-class GRPOConfig:
-    """Config of `mogrpo train grpo` (YAML keys = field names)."""
+class GRPOConfig(PolicyRunConfig):
+    """Config of `mogrpo train grpo` (YAML keys = field names; shared keys in PolicyRunConfig)."""
 
-    # models
-    policy: str = field("builtin:smollm2-135m-instruct", help="causal LM: hub id, folder, .gguf file or builtin:")
-    reward_model: str = field("runs/reward-default/model", help="a reward model folder (mogrpo reward train)")
-    lora_r: int = field(16, help="LoRA rank; 0 = full fine-tuning with a frozen reference copy")
-    lora_alpha: int = field(32, help="LoRA alpha")
     lora_dropout: float = field(0.0, help="LoRA dropout")
-    lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all linear layers)")
-    # data
-    train_prompts: str = field("default", help="'default' (AdvBench + benign train split) or a prompt JSONL/CSV")
-    eval_prompts: str = field("default", help="'default' (HarmBench + benign eval split), a file, or 'none'")
-    eval_max_prompts: int = field(0, help="evaluate on at most this many prompts, balanced by kind (0 = all)")
-    eval_max_new_tokens: int = field(64, help="tokens per greedy evaluation completion")
     # rewards and advantages
-    weights: dict[str, float] = field(default_factory=lambda: {"safety": 1.0, "actionability": 1.0,
-                                                               "politeness": 0.5, "meaningfulness": 0.5},
-                                      help="weight per reward column (reward-model aspects and extras); "
-                                           "missing columns weigh 0")
     advantage_mode: str = field("sum_then_normalize", help="sum_then_normalize (the paper) | "
                                 "normalize_then_sum | min | lagrangian")
     scale_by_std: bool = field(True, help="divide by the group std (False = Dr. GRPO)")
@@ -71,13 +56,9 @@ class GRPOConfig:
     multiplier_init: float = field(1.0, help="lagrangian: initial multiplier per constraint")
     multiplier_lr: float = field(0.05, help="lagrangian: dual ascent step size")
     extra_rewards: list[str] = field(default_factory=list, help="extra reward columns: judge_politeness, concise")
-    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
-                                                 help="prompt kind -> reward columns set to NaN (masked)")
     # sampling
     batch_size: int = field(16, help="sequences per step (B*G) across all processes")
     group_size: int = field(4, help="G: samples per prompt")
-    max_new_tokens: int = field(48, help="completion length L")
-    temperature: float = field(1.0, help="sampling temperature")
     top_p: float = field(1.0, help="nucleus sampling")
     balance_kinds: bool = field(False, help="draw each batch evenly from harmful and benign prompts "
                                            "(else uniformly from all training prompts)")
@@ -97,14 +78,8 @@ class GRPOConfig:
     eps_high: float = field(0.2, help="clip range above 1 (DAPO: 0.28)")
     loss_aggregation: str = field("grpo", help="grpo | dapo | dr_grpo")
     # run
-    seed: int = field(0, help="seed")
-    precision: str = field("auto", help="auto (bf16 autocast where supported) | bf16 | fp32")
-    num_threads: int = field(0, help="torch CPU threads per process (0 = cores / processes)")
     log_entropy: bool = field(True, help="compute token entropy for the logs (costs a little)")
     sample_every: int = field(10, help="log sample completions every N steps (0 = never)")
-    save_every: int = field(20, help="checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = field(2, help="keep the newest N checkpoints (0 = keep all)")
-    cache_dir: str | None = field(None, help="asset cache")
 
     def __post_init__(self) -> None:
         if self.group_size < 2:

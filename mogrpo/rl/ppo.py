@@ -29,33 +29,17 @@ from tqdm import tqdm
 
 from mogrpo.config import atomic_folder, atomic_write_text, field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, load_prompt_set, peak_memory_mb, save_checkpoint,
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, load_prompt_set, peak_memory_mb, save_checkpoint,
                               setup_single_process_run, step_prompt_indices)
 from mogrpo.rl.losses import gae, grpo_loss, value_loss, whiten
 
 
 @dataclass
-class PPOConfig:
-    """Config of `mogrpo train ppo` (YAML keys = field names)."""
+class PPOConfig(PolicyRunConfig):
+    """Config of `mogrpo train ppo` (YAML keys = field names; shared keys in PolicyRunConfig)."""
 
-    policy: str = field("builtin:smollm2-135m-instruct", help="causal LM: hub id, folder, .gguf file or builtin:")
-    reward_model: str = field("runs/reward-default/model", help="a reward model folder (mogrpo reward train)")
-    lora_r: int = field(16, help="LoRA rank for actor and critic; 0 = full fine-tuning of both")
-    lora_alpha: int = field(32, help="LoRA alpha")
-    lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all linear layers)")
-    train_prompts: str = field("default", help="'default' or a prompt JSONL/CSV")
-    eval_prompts: str = field("default", help="'default', a file, or 'none'")
-    eval_max_prompts: int = field(0, help="evaluate on at most this many prompts, balanced by kind (0 = all)")
-    eval_max_new_tokens: int = field(64, help="tokens per greedy evaluation completion")
-    weights: dict[str, float] = field(default_factory=lambda: {"safety": 1.0, "actionability": 1.0,
-                                                               "politeness": 0.5, "meaningfulness": 0.5},
-                                      help="weights that combine the aspects into the scalar reward")
-    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
-                                                 help="prompt kind -> reward columns set to NaN")
     batch_size: int = field(16, help="sequences sampled per step (same rollout budget as GRPO)")
     samples_per_prompt: int = field(4, help="samples per prompt (GRPO's G, for an identical rollout)")
-    max_new_tokens: int = field(48, help="completion length L")
-    temperature: float = field(1.0, help="sampling temperature")
     generation_chunk: int = field(0, help="prompts per generate call (0 = all)")
     steps: int = field(50, help="training steps (rollouts)")
     ppo_epochs: int = field(2, help="mu: passes over each rollout")
@@ -71,12 +55,6 @@ class PPOConfig:
     cliprange_value: float = field(0.2, help="value clip")
     vf_coef: float = field(0.5, help="value loss coefficient")
     whiten_advantages: bool = field(True, help="whiten advantages over the batch")
-    seed: int = field(0, help="seed")
-    precision: str = field("auto", help="auto | bf16 | fp32")
-    num_threads: int = field(0, help="torch CPU threads (0 = all cores)")
-    save_every: int = field(20, help="checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = field(2, help="keep the newest N checkpoints")
-    cache_dir: str | None = field(None, help="asset cache")
 
     def __post_init__(self) -> None:
         if self.batch_size % self.samples_per_prompt:
