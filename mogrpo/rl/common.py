@@ -187,3 +187,44 @@ def setup_single_process_run(cfg, output, algo: str):
     amp_ctx = (lambda: torch.autocast(acc.device.type, dtype=amp)) if amp else nullcontext
     return SimpleNamespace(acc=acc, out=out, rm=rm, scorer=scorer, weights=weights, amp=amp, amp_ctx=amp_ctx,
                            model=model, tok=tok, ref_model=ref_model, eval_prompts=eval_prompts)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that train (LoRA adapters, or every weight), on the CPU, for a checkpoint."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_latest_checkpoint(ckpt_root: Path, model, optimizer, scheduler) -> dict | None:
+    """Restore the trainable tensors, optimizer and scheduler from `ckpt_root/latest`;
+    return the whole trainer state (with its "folder") for the loop's own fields, or None."""
+    latest = ckpt_root / "latest"
+    if not latest.is_file():
+        return None
+    folder = ckpt_root / latest.read_text().strip()
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    loaded = model.load_state_dict(state["trainable"], strict=False)
+    if loaded.unexpected_keys:
+        raise ValueError(f"{folder}: checkpoint does not fit this model ({loaded.unexpected_keys[:3]} ...)")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    state["folder"] = folder
+    return state
+
+
+def finish_run(out: Path, model, tokenizer, result: dict, *, t_start: float, timer: PhaseTimer,
+               device: torch.device, amp, tokens_generated: int, **extra) -> dict:
+    """Write what every finished run leaves: final/ (adapter or model + tokenizer), eval.json
+    and cost.json (wall and phase seconds, peak memory, tokens, plus `extra`). Returns
+    `result` with the cost added."""
+    import json
+
+    with atomic_folder(out / "final") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
+    cost = {"wall_seconds": round(time.time() - t_start, 1),
+            "phase_seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
+            "peak_memory_mb": round(peak_memory_mb(device), 1), "tokens_generated": tokens_generated,
+            **extra, "device": str(device), "precision": str(amp or "fp32")}
+    atomic_write_text(out / "cost.json", json.dumps(cost, indent=2))
+    return {**result, "cost": cost}

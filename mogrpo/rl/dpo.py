@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from mogrpo.config import atomic_folder, atomic_write_text, field
+from mogrpo.config import atomic_write_text, field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, load_prompt_set, peak_memory_mb, save_checkpoint,
-                              setup_single_process_run, step_prompt_indices)
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, finish_run, load_latest_checkpoint, load_prompt_set,
+                              peak_memory_mb, save_checkpoint, setup_single_process_run, step_prompt_indices,
+                              trainable_state)
 from mogrpo.rl.losses import dpo_loss
 
 
@@ -187,12 +188,8 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
     start_step = 0
     eval_before = None
     ckpt_root = out / "checkpoints"
-    if resume and (ckpt_root / "latest").is_file():
-        folder = ckpt_root / (ckpt_root / "latest").read_text().strip()
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
-        model.load_state_dict(state["trainable"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    state = load_latest_checkpoint(ckpt_root, model, opt, sched) if resume else None
+    if state is not None:
         start_step, eval_before = state["step"], state.get("eval_before")
         timer.seconds, tokens_generated = state["cost_seconds"], state["tokens_generated"]
     if eval_before is None:
@@ -240,8 +237,7 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         bar.set_postfix(loss=f"{st['loss']:.4f}", acc=f"{st['reward_accuracy']:.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(ckpt_root / f"step-{step + 1:06d}", model, tok, {
-                "step": step + 1, "trainable": {n: p.detach().cpu() for n, p in model.named_parameters()
-                                                if p.requires_grad},
+                "step": step + 1, "trainable": trainable_state(model),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "cost_seconds": dict(timer.seconds), "tokens_generated": tokens_generated,
                 "eval_before": eval_before}, cfg.keep_checkpoints)
@@ -251,16 +247,6 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         eval_after = evaluate_policy(acc, model, tok, scorer, eval_prompts, weights,
                                      max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
                                      out_file=out / "eval_after_generations.jsonl")
-    with atomic_folder(out / "final") as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    result = {"eval_before": eval_before, "eval_after": eval_after}
-    atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
-    cost = {"wall_seconds": round(time.time() - t_start, 1),
-            "phase_seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
-            "peak_memory_mb": round(peak_memory_mb(acc.device), 1), "tokens_generated": tokens_generated,
-            "pairs": len(pairs), "steps": total, "processes": 1, "device": str(acc.device),
-            "precision": str(amp or "fp32")}
-    atomic_write_text(out / "cost.json", json.dumps(cost, indent=2))
-    result["cost"] = cost
-    return result
+    return finish_run(out, model, tok, {"eval_before": eval_before, "eval_after": eval_after}, t_start=t_start,
+                      timer=timer, device=acc.device, amp=amp, tokens_generated=tokens_generated,
+                      pairs=len(pairs), steps=total, processes=1)

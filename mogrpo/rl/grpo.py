@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mogrpo.config import atomic_folder, atomic_write_text, field, save_config
+from mogrpo.config import field, save_config
 from mogrpo.rl.advantages import MODES, group_advantages, update_multipliers, weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, balanced_subset, load_prompt_set, peak_memory_mb,
-                              require_reward_model, save_checkpoint, step_prompt_indices)
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, balanced_subset, finish_run, load_latest_checkpoint,
+                              load_prompt_set, peak_memory_mb, require_reward_model, save_checkpoint,
+                              step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import AGGREGATIONS, grpo_loss
 
 
@@ -193,14 +194,8 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     start_step = 0
     eval_before = None
     ckpt_root = out / "checkpoints"
-    if resume and (ckpt_root / "latest").is_file():
-        folder = ckpt_root / (ckpt_root / "latest").read_text().strip()
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
-        missing = policy.load_state_dict(state["trainable"], strict=False)
-        if missing.unexpected_keys:
-            raise ValueError(f"{folder}: checkpoint does not fit this model ({missing.unexpected_keys[:3]} ...)")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    state = load_latest_checkpoint(ckpt_root, policy, opt, sched) if resume else None
+    if state is not None:
         multipliers = state["multipliers"]
         start_step = state["step"]
         timer.seconds = state["cost_seconds"]
@@ -210,7 +205,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
         random.setstate(state["py_rng"])
         np.random.set_state(state["np_rng"])
         if main:
-            print(f"resumed from {folder} at step {start_step}", file=sys.stderr)
+            print(f"resumed from {state['folder']} at step {start_step}", file=sys.stderr)
     elif resume and main:
         print(f"no checkpoint under {ckpt_root}; starting from scratch", file=sys.stderr)
 
@@ -365,7 +360,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
             if main:
                 save_checkpoint(ckpt_root / f"step-{step + 1:06d}", policy, tok, {
                     "step": step + 1,
-                    "trainable": {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad},
+                    "trainable": trainable_state(policy),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "multipliers": multipliers, "torch_rng": torch.get_rng_state(),
                     "py_rng": random.getstate(), "np_rng": np.random.get_state(),
@@ -380,15 +375,6 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     result = {"eval_before": eval_before, "eval_after": eval_after}
     if main:
         writer.close()
-        with atomic_folder(out / "final") as tmp:
-            policy.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
-        cost = {"wall_seconds": round(time.time() - t_start, 1),
-                "phase_seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
-                "peak_memory_mb": round(peak_memory_mb(acc.device), 1),
-                "tokens_generated": tokens_generated, "steps": cfg.steps, "processes": world,
-                "device": str(acc.device), "precision": str(amp or "fp32")}
-        atomic_write_text(out / "cost.json", json.dumps(cost, indent=2))
-        result["cost"] = cost
+        result = finish_run(out, policy, tok, result, t_start=t_start, timer=timer, device=acc.device, amp=amp,
+                            tokens_generated=tokens_generated, steps=cfg.steps, processes=world)
     return result

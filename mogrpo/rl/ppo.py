@@ -27,10 +27,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mogrpo.config import atomic_folder, atomic_write_text, field
+from mogrpo.config import field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, load_prompt_set, peak_memory_mb, save_checkpoint,
-                              setup_single_process_run, step_prompt_indices)
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, finish_run, load_latest_checkpoint, load_prompt_set,
+                              peak_memory_mb, save_checkpoint, setup_single_process_run, step_prompt_indices,
+                              trainable_state)
 from mogrpo.rl.losses import gae, grpo_loss, value_loss, whiten
 
 
@@ -136,13 +137,9 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     timer = PhaseTimer()
     tokens_generated, start_step, eval_before = 0, 0, None
     ckpt_root = out / "checkpoints"
-    if resume and (ckpt_root / "latest").is_file():
-        folder = ckpt_root / (ckpt_root / "latest").read_text().strip()
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
-        model.load_state_dict(state["trainable"], strict=False)
+    state = load_latest_checkpoint(ckpt_root, model, opt, sched) if resume else None
+    if state is not None:
         critic.load_state_dict(state["critic"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         start_step, eval_before = state["step"], state.get("eval_before")
         timer.seconds, tokens_generated = state["cost_seconds"], state["tokens_generated"]
         torch.set_rng_state(state["torch_rng"])
@@ -237,8 +234,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
         bar.set_postfix(reward=f"{rec['reward/combined/mean']:.3f}", kl=f"{rec['kl']:.4f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(ckpt_root / f"step-{step + 1:06d}", model, tok, {
-                "step": step + 1, "trainable": {n: p.detach().cpu() for n, p in model.named_parameters()
-                                                if p.requires_grad},
+                "step": step + 1, "trainable": trainable_state(model),
                 "critic": critic.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "cost_seconds": dict(timer.seconds), "tokens_generated": tokens_generated,
                 "eval_before": eval_before, "torch_rng": torch.get_rng_state()}, cfg.keep_checkpoints)
@@ -246,15 +242,6 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     writer.close()
     with timer("evaluation"):
         eval_after = evaluate("after")
-    with atomic_folder(out / "final") as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    result = {"eval_before": eval_before, "eval_after": eval_after}
-    atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
-    cost = {"wall_seconds": round(time.time() - t_start, 1),
-            "phase_seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
-            "peak_memory_mb": round(peak_memory_mb(acc.device), 1), "tokens_generated": tokens_generated,
-            "steps": cfg.steps, "processes": 1, "device": str(acc.device), "precision": str(amp or "fp32")}
-    atomic_write_text(out / "cost.json", json.dumps(cost, indent=2))
-    result["cost"] = cost
-    return result
+    return finish_run(out, model, tok, {"eval_before": eval_before, "eval_after": eval_after}, t_start=t_start,
+                      timer=timer, device=acc.device, amp=amp, tokens_generated=tokens_generated,
+                      steps=cfg.steps, processes=1)
