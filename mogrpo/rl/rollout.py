@@ -116,7 +116,7 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     completion_ids = torch.cat(cids)
     cmask, finished = completion_mask_from(completion_ids, eos)
     completion_ids = torch.where(cmask.bool(), completion_ids, torch.full_like(completion_ids, pad))
-    completions = tokenizer.batch_decode(completion_ids * cmask + pad * (1 - cmask), skip_special_tokens=True)
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # padded past EOS already
     return Rollout(prompt_ids=torch.cat(pids), prompt_mask=torch.cat(pmask), completion_ids=completion_ids,
                    completion_mask=cmask, prompts=list(prompts), kinds=list(kinds),
                    completions=[c.strip() for c in completions], group_size=group_size,
