@@ -97,3 +97,15 @@ def prompt_file(tmp_path_factory) -> Path:
     path = folder / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def run_overrides(policy, rm, prompts, specific: dict, **kw) -> list[str]:
+    """key=value overrides for a tiny `mogrpo train <algo>` run: the keys every algorithm
+    shares (PolicyRunConfig), then the algorithm's own, then the test's."""
+    import json
+
+    base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts),
+            "eval_prompts": "none", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5},
+            "max_new_tokens": 8, "lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
+            "precision": "fp32", "save_every": 0, **specific, **kw}
+    return [f"{k}={json.dumps(v)}" for k, v in base.items()]

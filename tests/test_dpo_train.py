@@ -3,19 +3,15 @@ import json
 import pytest
 import torch
 
+from conftest import run_overrides
 from mogrpo.cli import main
 from mogrpo.config import load_config
 from mogrpo.rl.dpo import DPOConfig, encode_pairs
 
 
 def dpo_args(policy, rm, prompts, **kw):
-    base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts),
-            "eval_prompts": "none", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5},
-            "pair_prompts": 8, "samples_per_prompt": 4, "min_margin": 0.0, "max_new_tokens": 8,
-            "epochs": 2, "batch_size": 4, "lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
-            "precision": "fp32", "save_every": 0}
-    base.update(kw)
-    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+    return run_overrides(policy, rm, prompts, {
+        "pair_prompts": 8, "samples_per_prompt": 4, "min_margin": 0.0, "epochs": 2, "batch_size": 4}, **kw)
 
 
 def test_dpo_end_to_end_every_lora_tensor_changes(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):

@@ -3,20 +3,16 @@ import json
 import pytest
 import torch
 
+from conftest import run_overrides
 from mogrpo.cli import main
 from mogrpo.config import load_config
 from mogrpo.rl.grpo import GRPOConfig
 
 
 def tiny_args(policy, rm, prompts, **kw):
-    base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts),
-            "eval_prompts": str(prompts), "eval_max_prompts": 4, "eval_max_new_tokens": 6,
-            "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5},
-            "batch_size": 8, "group_size": 4, "max_new_tokens": 8, "steps": 2, "micro_batch_size": 4,
-            "lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8, "save_every": 0,
-            "precision": "fp32", "sample_every": 1}
-    base.update(kw)
-    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+    return run_overrides(policy, rm, prompts, {
+        "eval_prompts": str(prompts), "eval_max_prompts": 4, "eval_max_new_tokens": 6, "batch_size": 8,
+        "group_size": 4, "steps": 2, "micro_batch_size": 4, "sample_every": 1}, **kw)
 
 
 def test_grpo_end_to_end_every_trainable_parameter_changes(tiny_policy_dir, tiny_reward_model_dir,

@@ -3,19 +3,16 @@ import json
 import pytest
 import torch
 
+from conftest import run_overrides
 from mogrpo.cli import main
 from mogrpo.config import load_config
 from mogrpo.rl.ppo import PPOConfig
 
 
 def ppo_args(policy, rm, prompts, **kw):
-    base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts),
-            "eval_prompts": "none", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5},
-            "batch_size": 8, "samples_per_prompt": 4, "minibatch_size": 4, "max_new_tokens": 8, "steps": 2,
-            "ppo_epochs": 2, "lr": 5e-2, "critic_lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
-            "precision": "fp32", "save_every": 0}
-    base.update(kw)
-    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+    return run_overrides(policy, rm, prompts, {
+        "batch_size": 8, "samples_per_prompt": 4, "minibatch_size": 4, "steps": 2, "ppo_epochs": 2,
+        "critic_lr": 5e-2}, **kw)
 
 
 def test_ppo_end_to_end_actor_and_critic_change(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
