@@ -145,10 +145,14 @@ def require_reward_model(path: str) -> Path:
     return rm_path
 
 
-def setup_single_process_run(cfg, output, algo: str):
-    """What the PPO and DPO loops start with: accelerator, run folder with the resolved config,
-    seeds, threads, reward model + scorer + weights, precision, policy (+ LoRA) and its
-    reference, evaluation prompts. Returns a SimpleNamespace of them."""
+def setup_run(cfg, output, check_world=None):
+    """What the PPO and DPO loops start with, for one process or several under `accelerate
+    launch`: accelerator, run folder with the resolved config (main process only), seeds,
+    threads (num_threads, or the cores shared out over the processes), reward model +
+    scorer + weights, precision, policy (+ LoRA) and its reference on the device,
+    evaluation prompts. `check_world(processes)` may raise before anything is loaded or
+    written (e.g. a batch that does not split over the processes). Returns a
+    SimpleNamespace of them (with world, rank, main)."""
     import os
     from contextlib import nullcontext
     from types import SimpleNamespace
@@ -162,12 +166,16 @@ def setup_single_process_run(cfg, output, algo: str):
     from mogrpo.rl.scoring import Scorer
 
     out = Path(output)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.num_processes > 1:
-        raise ValueError(f"train {algo} runs as one process for now; launch it without accelerate")
-    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    # A prepared scheduler otherwise steps once per process per optimiser step (accelerate
+    # assumes the batch grew with the processes); here the global batch is fixed, so 1 step.
+    acc = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    if check_world is not None:
+        check_world(world)
+    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=acc.device)
@@ -181,12 +189,39 @@ def setup_single_process_run(cfg, output, algo: str):
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices depend on it
     model, tok = load_policy(cfg.policy, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                              lora_target_modules=cfg.lora_target_modules, cache=cfg.cache_dir)
-    ref_model = None if is_peft(model) else frozen_copy(model)
+    model.to(acc.device)
+    ref_model = None if is_peft(model) else frozen_copy(model).to(acc.device)
     eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
         load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
     amp_ctx = (lambda: torch.autocast(acc.device.type, dtype=amp)) if amp else nullcontext
-    return SimpleNamespace(acc=acc, out=out, rm=rm, scorer=scorer, weights=weights, amp=amp, amp_ctx=amp_ctx,
-                           model=model, tok=tok, ref_model=ref_model, eval_prompts=eval_prompts)
+    return SimpleNamespace(acc=acc, world=world, rank=rank, main=main, out=out, rm=rm, scorer=scorer,
+                           weights=weights, amp=amp, amp_ctx=amp_ctx, model=model, tok=tok, ref_model=ref_model,
+                           eval_prompts=eval_prompts)
+
+
+def all_sum(acc):
+    """x -> the elementwise sum of x over the processes (identity for one process)."""
+    if acc.num_processes == 1:
+        return lambda x: x
+    return lambda x: acc.reduce(x, reduction="sum")  # a new tensor; x is left as it is
+
+
+def owned_share(members: list[int], n_local: int, rank: int, sizes: torch.Tensor
+                ) -> tuple[list[int], float]:
+    """This process's part of a global minibatch, and the weight of its local mean loss.
+
+    `members` are global row indices; process r holds rows [r * n_local, (r + 1) * n_local).
+    `sizes` [N] are the global per-row denominators of a mean loss (token counts for a
+    token mean, ones for a per-row mean). Returns (local row indices, weight) with weight =
+    world * (this process's share of the minibatch's total size), so that the gradient
+    average DDP takes over the processes of (weight * local mean) equals the gradient of
+    the single-process mean over the whole minibatch. The weight is 0 when no row is owned.
+    """
+    world = sizes.numel() // n_local
+    mine = [i - rank * n_local for i in members if rank * n_local <= i < (rank + 1) * n_local]
+    total = float(sizes[members].sum())
+    part = float(sizes[[rank * n_local + j for j in mine]].sum()) if mine else 0.0
+    return mine, (world * part / total if total > 0 else 0.0)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,6 +11,10 @@ The multi-objective handling is implicit: the K aspects are collapsed into one s
 before the pair is built, which is exactly what the paper contrasts GRPO with. A user's
 own preference data (JSONL with prompt/chosen/rejected, or PKU-SafeRLHF pairs) replaces
 the sampled pairs. The cost includes generating and scoring the pairs.
+
+Runs as one process or under `accelerate launch`: pair sampling, scoring and the reference
+log-probs are shared out over the processes chunk by chunk and gathered back in order, and
+each step's batch of pairs is split over them, so the result equals the single-process run.
 Shapes: P pairs, T tokens, L response tokens, K aspects.
 """
 
@@ -28,8 +32,8 @@ from tqdm import tqdm
 
 from mogrpo.config import atomic_write_text, field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, finish_run, load_latest_checkpoint, load_prompt_set,
-                              peak_memory_mb, save_checkpoint, setup_single_process_run, step_prompt_indices,
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, finish_run, load_latest_checkpoint,
+                              load_prompt_set, peak_memory_mb, save_checkpoint, setup_run, step_prompt_indices,
                               trainable_state)
 from mogrpo.rl.losses import dpo_loss
 
@@ -114,23 +118,35 @@ def load_pairs_file(spec: str) -> list[dict]:
     return out
 
 
+DPO_STATS = ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
+
+
 def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False,
               show_progress: bool = True) -> dict:
+    """Runs as one process or under `accelerate launch` (DDP): pair sampling and scoring,
+    and the reference log-probs, are shared out over the processes in the same chunks as
+    one process uses (so the same seeds and the same numbers), then gathered in order;
+    each optimiser step's batch of pairs is split over the processes, each local mean
+    loss weighted by its share (x processes, as DDP averages), so the update is the
+    single-process one."""
+    from accelerate.utils import gather_object
     from transformers import get_scheduler
 
     from mogrpo.eval.quick import evaluate_policy
     from mogrpo.rl.rollout import generate_rollout
 
     t_start = time.time()
-    run = setup_single_process_run(cfg, output, "dpo")
-    acc, out, scorer, weights, amp, amp_ctx = run.acc, run.out, run.scorer, run.weights, run.amp, run.amp_ctx
-    model, tok, ref_model, eval_prompts = run.model, run.tok, run.ref_model, run.eval_prompts
+    run = setup_run(cfg, output)
+    acc, world, rank, main = run.acc, run.world, run.rank, run.main
+    out, scorer, weights, amp, amp_ctx = run.out, run.scorer, run.weights, run.amp, run.amp_ctx
+    policy, tok, ref_model, eval_prompts = run.model, run.tok, run.ref_model, run.eval_prompts
+    sum_ = all_sum(acc)
     timer = PhaseTimer()
 
     def reference():
-        return model.disable_adapter() if ref_model is None else nullcontext()
+        return policy.disable_adapter() if ref_model is None else nullcontext()
 
-    ref_net = model if ref_model is None else ref_model
+    ref_net = policy if ref_model is None else ref_model
 
     # ---- pairs (sampled from the reference and scored, or the user's), cached in the run folder
     pairs_path = out / "pairs.jsonl"
@@ -143,17 +159,20 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         prompts = load_prompt_set(cfg.train_prompts, cfg.cache_dir, "train")
         chosen_idx = step_prompt_indices([p.kind for p in prompts], cfg.pair_prompts, 0, cfg.seed, False)
         pool = [prompts[i] for i in chosen_idx]
-        pairs, skipped = [], 0
+        found_here, skipped, n_tokens = [], 0, 0  # (index in pool, pair) of this process's chunks
         from mogrpo.rl.pairs import best_worst_pairs
 
-        bar = tqdm(range(0, len(pool), cfg.generation_chunk), desc="dpo pairs", disable=not show_progress)
+        # Chunks go round-robin to the processes; each is seeded by its first prompt's index,
+        # as with one process, so the pairs do not depend on the number of processes.
+        starts = list(range(0, len(pool), cfg.generation_chunk))[rank::world]
+        bar = tqdm(starts, desc="dpo pairs", disable=not (show_progress and main))
         for start in bar:
             part = pool[start:start + cfg.generation_chunk]
             with timer("generation"), reference(), amp_ctx():
                 ro = generate_rollout(ref_net, tok, [p.text for p in part], [p.kind for p in part],
                                       group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, seed=cfg.seed, step=0, first_index=start)
-            tokens_generated += int(ro.completion_mask.sum())
+            n_tokens += int(ro.completion_mask.sum())
             with timer("scoring"):
                 rewards = scorer.score(ro.prompts, ro.kinds, ro.completions, cfg.samples_per_prompt)
             combined = weighted_sum(rewards, weights)  # [b, N]
@@ -161,56 +180,75 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
             skipped += sk
             for b, i, j in found:
                 n = cfg.samples_per_prompt
-                pairs.append({"prompt": ro.prompts[b], "kind": ro.kinds[b],
-                              "chosen": ro.completions[b * n + i], "rejected": ro.completions[b * n + j],
-                              "margin": float(combined[b, i] - combined[b, j])})
-        print(f"dpo: {len(pairs)} pairs from {len(pool)} prompts ({skipped} skipped: margin <= "
-              f"{cfg.min_margin} or too few scored samples)")
+                found_here.append((start + b, {
+                    "prompt": ro.prompts[b], "kind": ro.kinds[b], "chosen": ro.completions[b * n + i],
+                    "rejected": ro.completions[b * n + j], "margin": float(combined[b, i] - combined[b, j])}))
+        counts = sum_(torch.tensor([skipped, n_tokens], device=acc.device))
+        skipped, tokens_generated = int(counts[0]), int(counts[1])
+        pairs = [p for _, p in sorted(gather_object(found_here), key=lambda x: x[0])]  # one-process order
+        if main:
+            print(f"dpo: {len(pairs)} pairs from {len(pool)} prompts ({skipped} skipped: margin <= "
+                  f"{cfg.min_margin} or too few scored samples)")
     if not pairs:
         raise ValueError("no preference pairs: lower min_margin or sample more responses per prompt")
-    atomic_write_text(pairs_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    acc.wait_for_everyone()  # every process has decided where its pairs come from
+    if main:
+        atomic_write_text(pairs_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 
-    # ---- reference log-probs, once
+    # ---- reference log-probs, once: chunks of batch_size round-robin over the processes, gathered
     with timer("reference"), torch.no_grad(), reference():
-        ref_c, ref_r = [], []
-        for s in range(0, len(pairs), cfg.batch_size):
-            chunk = pairs[s:s + cfg.batch_size]
+        mine = []
+        for c in range(rank, (len(pairs) + cfg.batch_size - 1) // cfg.batch_size, world):
+            chunk = pairs[c * cfg.batch_size:(c + 1) * cfg.batch_size]
             ps = [p["prompt"] for p in chunk]
-            ref_c.append(sequence_logprob(ref_net, tok, ps, [p["chosen"] for p in chunk], cfg.max_new_tokens, amp_ctx))
-            ref_r.append(sequence_logprob(ref_net, tok, ps, [p["rejected"] for p in chunk], cfg.max_new_tokens, amp_ctx))
-        ref_c, ref_r = torch.cat(ref_c).cpu(), torch.cat(ref_r).cpu()
+            mine.append((c, sequence_logprob(ref_net, tok, ps, [p["chosen"] for p in chunk], cfg.max_new_tokens,
+                                             amp_ctx).cpu(),
+                         sequence_logprob(ref_net, tok, ps, [p["rejected"] for p in chunk], cfg.max_new_tokens,
+                                          amp_ctx).cpu()))
+        parts = sorted(gather_object(mine), key=lambda x: x[0])
+        ref_c, ref_r = torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts])
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr)
     steps_per_epoch = (len(pairs) + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     sched = get_scheduler("linear", opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
+    model, opt, sched = acc.prepare(policy, opt, sched)
     start_step = 0
     eval_before = None
     ckpt_root = out / "checkpoints"
-    state = load_latest_checkpoint(ckpt_root, model, opt, sched) if resume else None
+    state = load_latest_checkpoint(ckpt_root, policy, opt, sched) if resume else None
     if state is not None:
         start_step, eval_before = state["step"], state.get("eval_before")
         timer.seconds, tokens_generated = state["cost_seconds"], state["tokens_generated"]
     if eval_before is None:
         with timer("evaluation"):
-            eval_before = evaluate_policy(acc, model, tok, scorer, eval_prompts, weights,
+            eval_before = evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
                                           max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
                                           out_file=out / "eval_before_generations.jsonl")
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+    writer = None
     metrics_path = out / "metrics.jsonl"
-    if not resume:
-        metrics_path.write_text("")
-    bar = tqdm(range(start_step, total), desc="dpo", disable=not show_progress, initial=start_step, total=total)
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if not resume:
+            metrics_path.write_text("")
+    bar = tqdm(range(start_step, total), desc="dpo", disable=not (show_progress and main), initial=start_step,
+               total=total)
     model.train()
     for step in bar:
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         order = list(range(len(pairs)))
         random.Random(cfg.seed * 7919 + epoch).shuffle(order)
-        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        batch = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]  # the global batch of pairs
+        idx = batch[rank::world]
+        # Local mean loss x world x (local pairs / batch pairs): DDP's average is the batch mean.
+        # A process with no pair of this (short, last) batch runs one with weight 0, so that
+        # the gradient all-reduce has every process.
+        weight = world * len(idx) / len(batch)
+        idx = idx or batch[:1]
         chunk = [pairs[i] for i in idx]
         ps = [p["prompt"] for p in chunk]
         with timer("policy_forward_backward"):
@@ -222,31 +260,42 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
                                 beta=cfg.beta, loss_type=cfg.loss_type, chosen_len=lc.float(),
                                 rejected_len=lr_.float())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            acc.backward(loss * weight)
+            # after backward, so on the all-reduced gradients: the global norm
+            grad_norm = acc.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
             opt.step()
             sched.step()
+        st_sum = sum_(torch.tensor([st[key] * weight / world for key in DPO_STATS], dtype=torch.float64,
+                                   device=acc.device)).cpu()
+        st = dict(zip(DPO_STATS, st_sum.tolist()))
         rec = {"step": step + 1, "epoch": epoch + 1, **st, "grad_norm": float(grad_norm),
                "lr": sched.get_last_lr()[0], "step_seconds": round(time.perf_counter() - t0, 3),
                "peak_memory_mb": round(peak_memory_mb(acc.device), 1)}
-        with metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
-        for key, v in rec.items():
-            if key != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(key, v, step + 1)
-        bar.set_postfix(loss=f"{st['loss']:.4f}", acc=f"{st['reward_accuracy']:.2f}")
+        if main:
+            with metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            for key, v in rec.items():
+                if key != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(key, v, step + 1)
+            bar.set_postfix(loss=f"{st['loss']:.4f}", acc=f"{st['reward_accuracy']:.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_checkpoint(ckpt_root / f"step-{step + 1:06d}", model, tok, {
-                "step": step + 1, "trainable": trainable_state(model),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "cost_seconds": dict(timer.seconds), "tokens_generated": tokens_generated,
-                "eval_before": eval_before}, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+            if main:
+                save_checkpoint(ckpt_root / f"step-{step + 1:06d}", policy, tok, {
+                    "step": step + 1, "trainable": trainable_state(policy),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "cost_seconds": dict(timer.seconds), "tokens_generated": tokens_generated,
+                    "eval_before": eval_before}, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
     bar.close()
-    writer.close()
     with timer("evaluation"):
-        eval_after = evaluate_policy(acc, model, tok, scorer, eval_prompts, weights,
+        eval_after = evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
                                      max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
                                      out_file=out / "eval_after_generations.jsonl")
-    return finish_run(out, model, tok, {"eval_before": eval_before, "eval_after": eval_after}, t_start=t_start,
-                      timer=timer, device=acc.device, amp=amp, tokens_generated=tokens_generated,
-                      pairs=len(pairs), steps=total, processes=1)
+    acc.wait_for_everyone()
+    result = {"eval_before": eval_before, "eval_after": eval_after}
+    if main:
+        writer.close()
+        result = finish_run(out, policy, tok, result, t_start=t_start, timer=timer, device=acc.device, amp=amp,
+                            tokens_generated=tokens_generated, pairs=len(pairs), steps=total, processes=world)
+    return result

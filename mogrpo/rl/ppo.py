@@ -10,7 +10,10 @@ Standard RLHF PPO (Ouyang et al. 2022; Stiennon et al. 2020; the N+ implementati
 details of Huang et al. 2024). The critic is a copy of the policy's backbone with a scalar
 head (LoRA on it too when LoRA is on), so it costs a second model's memory and a second
 forward/backward per minibatch: that is the cost GRPO removes. Everything else (rollout,
-reward model, weights, logging, checkpoints, cost accounting) is GRPO's.
+reward model, weights, logging, checkpoints, cost accounting) is GRPO's, and so is the
+multi-process scheme: under `accelerate launch` each process samples its share of the
+prompts, advantages are whitened over the global batch, and every global minibatch is
+split over the processes so that the update equals the single-process one.
 Shapes: N = B*G sequences, L completion tokens, K aspects, H hidden size.
 """
 
@@ -22,17 +25,16 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from mogrpo.config import field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, finish_run, load_latest_checkpoint, load_prompt_set,
-                              peak_memory_mb, save_checkpoint, setup_single_process_run, step_prompt_indices,
-                              trainable_state)
-from mogrpo.rl.losses import gae, grpo_loss, value_loss, whiten
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, finish_run, load_latest_checkpoint,
+                              load_prompt_set, owned_share, peak_memory_mb, save_checkpoint, setup_run,
+                              step_prompt_indices, trainable_state)
+from mogrpo.rl.losses import gae, grpo_loss, value_loss
 
 
 @dataclass
@@ -103,21 +105,57 @@ def load_critic(policy_path: str, lora_r: int, lora_alpha: int, target_modules) 
     return ValueModel(backbone)
 
 
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, all_sum=lambda t: t, eps: float = 1e-8) -> torch.Tensor:
+    """`whiten` over the masked entries of every process's [N_local, L] together.
+
+    `all_sum` sums a tensor over the processes (identity for one process). Two passes, as
+    `whiten` computes them: the global sum and count give the mean, then the global sum of
+    squared deviations gives the (population) variance; sums are in float64, so the result
+    does not depend on how the rows are split over processes beyond rounding.
+    """
+    m = mask.to(torch.float64)
+    xd = x.to(torch.float64)
+    s = all_sum(torch.stack([(xd * m).sum(), m.sum()]))
+    n = s[1].clamp(min=1.0)
+    mean = s[0] / n
+    var = all_sum((((xd - mean) * m) ** 2).sum()) / n
+    return ((xd - mean) * torch.rsqrt(var + eps) * m).to(x.dtype)
+
+
+def prompts_per_process(batch_size: int, group: int, world: int) -> int:
+    """Prompts each process samples per step: batch_size sequences = whole groups of
+    `group` samples, shared evenly over `world` processes (else a ValueError)."""
+    if batch_size % (group * world):
+        raise ValueError(f"batch_size = {batch_size} must split into whole prompt groups over {world} "
+                         f"processes: use a multiple of samples_per_prompt * processes = {group * world}")
+    return batch_size // (group * world)
+
+
+STAT_KEYS = ("loss", "policy_loss", "clip_fraction", "entropy", "value_loss", "value_clip_fraction")
+
+
 def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False,
               show_progress: bool = True) -> dict:
+    """Runs as one process or under `accelerate launch` (DDP): each process samples its share
+    of the step's prompts (whole groups), advantages are whitened over the global batch, and
+    each global minibatch is split by ownership with weights that make the averaged
+    gradient equal the single-process one (see `owned_share`)."""
     from transformers import get_scheduler
 
     from mogrpo.eval.quick import evaluate_policy
     from mogrpo.models import resolve_policy_path
     from mogrpo.rl.rollout import completion_logprobs, generate_rollout
 
+    G = cfg.samples_per_prompt
     t_start = time.time()
-    run = setup_single_process_run(cfg, output, "ppo")
-    acc, out, scorer, weights, amp, amp_ctx = run.acc, run.out, run.scorer, run.weights, run.amp, run.amp_ctx
-    model, tok, ref_model, eval_prompts = run.model, run.tok, run.ref_model, run.eval_prompts
+    run = setup_run(cfg, output, lambda world: prompts_per_process(cfg.batch_size, G, world))
+    acc, world, rank, main = run.acc, run.world, run.rank, run.main
+    out, scorer, weights, amp, amp_ctx = run.out, run.scorer, run.weights, run.amp, run.amp_ctx
+    tok, ref_model, eval_prompts = run.tok, run.ref_model, run.eval_prompts
+    sum_ = all_sum(acc)
     critic = load_critic(resolve_policy_path(cfg.policy, cfg.cache_dir), cfg.lora_r, cfg.lora_alpha,
                          cfg.lora_target_modules)
-    actor_params = [p for p in model.parameters() if p.requires_grad]
+    actor_params = [p for p in run.model.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": actor_params, "lr": cfg.lr},
                              {"params": critic_params, "lr": cfg.critic_lr}])
@@ -125,74 +163,90 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     total_updates = cfg.steps * cfg.ppo_epochs * n_mb
     sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=total_updates)
-    G = cfg.samples_per_prompt
-    B = cfg.batch_size // G
+    model, critic, opt, sched = acc.prepare(run.model, critic, opt, sched)
+    policy, value_net = acc.unwrap_model(model), acc.unwrap_model(critic)  # no-grad passes, saving
+    B = cfg.batch_size // G  # prompts per step, all processes
+    B_local = prompts_per_process(cfg.batch_size, G, world)
+    N_local = B_local * G
     train_prompts = load_prompt_set(cfg.train_prompts, cfg.cache_dir, "train")
 
     def evaluate(tag):
-        return evaluate_policy(acc, model, tok, scorer, eval_prompts, weights,
+        return evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
                                max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
                                out_file=out / f"eval_{tag}_generations.jsonl")
 
     timer = PhaseTimer()
     tokens_generated, start_step, eval_before = 0, 0, None
     ckpt_root = out / "checkpoints"
-    state = load_latest_checkpoint(ckpt_root, model, opt, sched) if resume else None
+    state = load_latest_checkpoint(ckpt_root, policy, opt, sched) if resume else None
     if state is not None:
-        critic.load_state_dict(state["critic"])
+        value_net.load_state_dict(state["critic"])
         start_step, eval_before = state["step"], state.get("eval_before")
         timer.seconds, tokens_generated = state["cost_seconds"], state["tokens_generated"]
-        torch.set_rng_state(state["torch_rng"])
     if eval_before is None:
         with timer("evaluation"):
             eval_before = evaluate("before")
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+    writer = None
     metrics_path = out / "metrics.jsonl"
-    if not resume:
-        metrics_path.write_text("")
-    bar = tqdm(range(start_step, cfg.steps), desc="ppo", disable=not show_progress, initial=start_step,
-               total=cfg.steps)
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if not resume:
+            metrics_path.write_text("")
+    bar = tqdm(range(start_step, cfg.steps), desc="ppo", disable=not (show_progress and main),
+               initial=start_step, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
+        # ---- rollout: this process's share of the step's B prompts (global seeding)
         batch = [train_prompts[i] for i in step_prompt_indices([p.kind for p in train_prompts], B, step,
                                                                cfg.seed, False)]
+        local = batch[rank * B_local:(rank + 1) * B_local]
         with timer("generation"), amp_ctx():
-            ro = generate_rollout(model, tok, [p.text for p in batch], [p.kind for p in batch], group_size=G,
+            ro = generate_rollout(policy, tok, [p.text for p in local], [p.kind for p in local], group_size=G,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  seed=cfg.seed, step=step, first_index=0,
+                                  seed=cfg.seed, step=step, first_index=rank * B_local,
                                   chunk_prompts=cfg.generation_chunk or None)
-        n_tokens = int(ro.completion_mask.sum())
-        tokens_generated += n_tokens
         with timer("scoring"):
-            rewards = scorer.score(ro.prompts, ro.kinds, ro.completions, G)  # [B, G, K]
-        score = torch.nan_to_num(weighted_sum(rewards, weights)).reshape(-1)  # [N]
+            rewards = scorer.score(ro.prompts, ro.kinds, ro.completions, G)  # [B_local, G, K]
+        score = torch.nan_to_num(weighted_sum(rewards, weights)).reshape(-1)  # [N_local]
         ids, attn = ro.input_ids.to(acc.device), ro.attention_mask.to(acc.device)
-        mask = ro.completion_mask.to(acc.device).float()  # [N, L]
+        mask = ro.completion_mask.to(acc.device).float()  # [N_local, L]
         L = mask.shape[1]
+        lengths = acc.gather(mask.sum(1)).cpu()  # [N] tokens per sequence, every process's rows in order
+        n_tokens = int(lengths.sum())
+        tokens_generated += n_tokens
         with torch.no_grad():
             with timer("policy_forward_backward"), amp_ctx():
-                old_logp = completion_logprobs(model, ids, attn, L, temperature=cfg.temperature)[0]
-            with timer("reference"), amp_ctx(), (model.disable_adapter() if ref_model is None else nullcontext()):
-                ref_logp = completion_logprobs(ref_model or model, ids, attn, L, temperature=cfg.temperature)[0]
+                old_logp = completion_logprobs(policy, ids, attn, L, temperature=cfg.temperature)[0]
+            with timer("reference"), amp_ctx(), (policy.disable_adapter() if ref_model is None else nullcontext()):
+                ref_logp = completion_logprobs(ref_model or policy, ids, attn, L, temperature=cfg.temperature)[0]
             with timer("critic"), amp_ctx():
-                old_values = critic(ids, attn, L).float() * mask
+                old_values = value_net(ids, attn, L).float() * mask
             # per-token reward: KL penalty everywhere, the sequence score on the last real token
             kl = (old_logp - ref_logp) * mask
             tok_rewards = -cfg.kl_coef * kl
             last = (mask.sum(1) - 1).clamp(min=0).long()
             tok_rewards[torch.arange(len(last)), last] += score.to(tok_rewards.dtype)
-            adv, returns = gae(tok_rewards, old_values, mask, cfg.gamma, cfg.lam)
+            adv, returns = gae(tok_rewards, old_values, mask, cfg.gamma, cfg.lam)  # per sequence: local
             if cfg.whiten_advantages:
-                adv = whiten(adv, mask)
-        stats = []
+                adv = global_whiten(adv, mask, sum_)  # over the global batch
+        # ---- ppo_epochs over minibatches of the global batch: the same seeded permutation on
+        # every process; each process takes the members it holds, its loss weighted by its
+        # token share (x world, as DDP averages), so the update is the 1-process one.
+        perm_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        stats = torch.zeros(cfg.ppo_epochs * n_mb, len(STAT_KEYS), dtype=torch.float64)
+        norms = torch.zeros(cfg.ppo_epochs * n_mb, 2)  # pre-clip gradient norms: actor, critic
         model.train()
         critic.train()
+        k = 0
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(score))
-            for s in range(0, len(perm), cfg.minibatch_size):
-                mb = perm[s:s + cfg.minibatch_size]
+            perm = torch.randperm(cfg.batch_size, generator=perm_gen).tolist()
+            for s in range(0, cfg.batch_size, cfg.minibatch_size):
+                mine, weight = owned_share(perm[s:s + cfg.minibatch_size], N_local, rank, lengths)
+                # A process holding none of the minibatch still runs forward/backward (on one of
+                # its rows, weight 0) so that DDP's gradient all-reduce has every process.
+                mb = torch.tensor(mine or [0], device=acc.device)
                 with timer("policy_forward_backward"), amp_ctx():
                     logp, ent = completion_logprobs(model, ids[mb], attn[mb], L, temperature=cfg.temperature,
                                                     with_entropy=True)
@@ -202,46 +256,67 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                     v = critic(ids[mb], attn[mb], L).float()
                     vf, vst = value_loss(v, old_values[mb], returns[mb], mask[mb], cfg.cliprange_value)
                 with timer("policy_forward_backward"):
-                    loss = pg + cfg.vf_coef * vf
+                    loss = (pg + cfg.vf_coef * vf) * weight
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(actor_params, cfg.grad_clip)
-                        torch.nn.utils.clip_grad_norm_(critic_params, cfg.grad_clip)
+                    acc.backward(loss)
+                    # After backward, so on the all-reduced gradients: global norms, clipped separately
+                    # (max_norm inf only measures).
+                    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                    norms[k] = torch.stack([acc.clip_grad_norm_(actor_params, clip),
+                                            acc.clip_grad_norm_(critic_params, clip)]).detach().cpu()
                     opt.step()
                     sched.step()
-                stats.append({**st, **vst})
-        rec = {"step": step + 1, "lr": sched.get_last_lr()[0], "step_seconds": round(time.perf_counter() - t0, 3),
-               "tokens_per_s": round(n_tokens / max(time.perf_counter() - t0, 1e-9), 2),
+                st = {**st, **vst}
+                stats[k] = torch.tensor([st[key] * weight / world for key in STAT_KEYS], dtype=torch.float64)
+                k += 1
+        # ---- log: global figures (sums over processes, gathered rewards)
+        stats = sum_(stats.to(acc.device)).cpu()  # per minibatch: token means over the whole minibatch
+        all_rewards = acc.gather(rewards.to(acc.device)).cpu()  # [B, G, K]
+        all_score = acc.gather(score.to(acc.device)).cpu()  # [N]
+        sums = sum_(torch.stack([kl.sum(), mask.sum(), (adv * mask).sum(), (adv ** 2 * mask).sum(),
+                                 old_values.sum()]).to(torch.float64)).cpu()
+        n_tok = float(sums[1].clamp(min=1))
+        adv_var = (float(sums[3]) - float(sums[2]) ** 2 / n_tok) / max(n_tok - 1, 1)
+        seconds = time.perf_counter() - t0
+        rec = {"step": step + 1, "lr": sched.get_last_lr()[0], "step_seconds": round(seconds, 3),
+               "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 2),
                "peak_memory_mb": round(peak_memory_mb(acc.device), 1),
-               "completion_length": float(ro.completion_mask.sum(1).float().mean()),
-               "kl": float(kl.sum() / mask.sum().clamp(min=1)),
-               "reward/combined/mean": float(score.mean()),
-               "advantage/std": float(adv[mask.bool()].std()) if mask.any() else 0.0,
-               "value/mean": float((old_values * mask).sum() / mask.sum().clamp(min=1))}
-        for key in ("loss", "policy_loss", "clip_fraction", "entropy", "value_loss", "value_clip_fraction"):
-            rec[key] = float(np.mean([s[key] for s in stats]))
-        flat = rewards.reshape(-1, rewards.shape[-1])
+               "completion_length": float(lengths.mean()),
+               "kl": float(sums[0]) / n_tok,
+               "reward/combined/mean": float(all_score.mean()),
+               "advantage/std": max(adv_var, 0.0) ** 0.5,
+               "value/mean": float(sums[4]) / n_tok,
+               "grad_norm": float(norms[:, 0].mean()), "critic_grad_norm": float(norms[:, 1].mean())}
+        for j, key in enumerate(STAT_KEYS):
+            rec[key] = float(stats[:, j].mean())
+        flat = all_rewards.reshape(-1, all_rewards.shape[-1])
         for j, c in enumerate(scorer.columns):
             col = flat[:, j][~torch.isnan(flat[:, j])]
             rec[f"reward/{c}/mean"] = float(col.mean()) if col.numel() else None
             rec[f"reward/{c}/std"] = float(col.std(unbiased=False)) if col.numel() else None
-        with metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
-        for key, val in rec.items():
-            if key != "step" and isinstance(val, (int, float)):
-                writer.add_scalar(key, val, step + 1)
-        bar.set_postfix(reward=f"{rec['reward/combined/mean']:.3f}", kl=f"{rec['kl']:.4f}")
+        if main:
+            with metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            for key, val in rec.items():
+                if key != "step" and isinstance(val, (int, float)):
+                    writer.add_scalar(key, val, step + 1)
+            bar.set_postfix(reward=f"{rec['reward/combined/mean']:.3f}", kl=f"{rec['kl']:.4f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(ckpt_root / f"step-{step + 1:06d}", model, tok, {
-                "step": step + 1, "trainable": trainable_state(model),
-                "critic": critic.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "cost_seconds": dict(timer.seconds), "tokens_generated": tokens_generated,
-                "eval_before": eval_before, "torch_rng": torch.get_rng_state()}, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+            if main:
+                save_checkpoint(ckpt_root / f"step-{step + 1:06d}", policy, tok, {
+                    "step": step + 1, "trainable": trainable_state(policy),
+                    "critic": value_net.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "cost_seconds": dict(timer.seconds),
+                    "tokens_generated": tokens_generated, "eval_before": eval_before}, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
     bar.close()
-    writer.close()
     with timer("evaluation"):
         eval_after = evaluate("after")
-    return finish_run(out, model, tok, {"eval_before": eval_before, "eval_after": eval_after}, t_start=t_start,
-                      timer=timer, device=acc.device, amp=amp, tokens_generated=tokens_generated,
-                      steps=cfg.steps, processes=1)
+    acc.wait_for_everyone()
+    result = {"eval_before": eval_before, "eval_after": eval_after}
+    if main:
+        writer.close()
+        result = finish_run(out, policy, tok, result, t_start=t_start, timer=timer, device=acc.device, amp=amp,
+                            tokens_generated=tokens_generated, steps=cfg.steps, processes=world)
+    return result
