@@ -132,7 +132,8 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
 
     t_start = time.time()
     out = Path(output)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # the scheduler steps once per optimiser step, not once per process (accelerate default)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     world, rank = acc.num_processes, acc.process_index
     main = acc.is_main_process
     torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
