@@ -59,6 +59,9 @@ class RewardTrainConfig:
     grad_clip: float = field(1.0, help="max gradient norm (0 = off)")
     patience: int = field(2, help="stop after this many epochs without a better validation loss")
     max_train_rows: int = field(0, help="use at most this many training rows (0 = all)")
+    partition: str = field("all", help="all | a | b: keep only the prompts in one half of a fixed, "
+                                       "seed-independent hash partition; a reward model on 'a' and an "
+                                       "evaluator on 'b' never share a prompt")
     seed: int = field(0, help="seed for data construction, shuffling and the head's init")
     precision: str = field("auto", help="auto (bf16 autocast where the CPU/GPU supports it) | bf16 | fp32")
     device: str = field("auto", help="auto | cpu | cuda")
@@ -84,6 +87,8 @@ class RewardTrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not self.data:
             raise ValueError("data must name at least one source, e.g. ['default']")
+        if self.partition not in ("all", "a", "b"):
+            raise ValueError(f"partition must be all, a or b, got {self.partition!r}")
 
 
 @dataclass
@@ -135,6 +140,11 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
             {"train": train, "validation": val, "test": test}[
                 split_of(normalise_text(r.prompt), cfg.seed, fractions)].append(r)
         stats[source] = {"report": report.summary()}
+    if cfg.partition != "all":
+        train, val, test = ([r for r in rows if prompt_partition(r.prompt) == cfg.partition]
+                            for rows in (train, val, test))
+        stats["partition"] = {"half": cfg.partition, "train": len(train), "validation": len(val),
+                              "test": len(test)}
     if cfg.max_train_rows and len(train) > cfg.max_train_rows:
         rng = random.Random(cfg.seed)
         train = rng.sample(train, cfg.max_train_rows)
@@ -143,6 +153,17 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
             raise DataError(f"aspect {a!r} has no label in the training data; drop it from "
                             f"'aspects' or add a source that labels it")
     return RewardData(train=train, validation=val, test=test, stats=stats)
+
+
+def prompt_partition(prompt: str) -> str:
+    """'a' or 'b': a fixed half of the prompt space (hash of the normalised prompt, no seed),
+    so reward models trained with different seeds on different halves share no prompt."""
+    import hashlib
+
+    from mogrpo.data.packaged import normalise_text
+
+    h = hashlib.sha256(f"partition:{normalise_text(prompt)}".encode()).digest()[0]
+    return "a" if h < 128 else "b"
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
