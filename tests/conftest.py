@@ -109,3 +109,19 @@ def run_overrides(policy, rm, prompts, specific: dict, **kw) -> list[str]:
             "max_new_tokens": 8, "lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
             "precision": "fp32", "save_every": 0, **specific, **kw}
     return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def toy_toxicity_dir(tmp_path_factory) -> Path:
+    """A toy toxicity judge in alt-profanity-check's file layout (vectorizer.joblib + model.joblib)."""
+    import joblib
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    folder = tmp_path_factory.mktemp("toxicity")
+    texts = ["you idiot", "stupid moron", "shut up idiot", "thank you", "happy to help", "bake the bread"]
+    vec = TfidfVectorizer().fit(texts)
+    clf = LogisticRegression(C=100.0).fit(vec.transform(texts), [1, 1, 1, 0, 0, 0])
+    joblib.dump(vec, folder / "vectorizer.joblib")
+    joblib.dump(clf, folder / "model.joblib")
+    return folder

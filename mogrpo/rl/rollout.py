@@ -77,11 +77,15 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, group_size: int,
                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      seed: int = 0, step: int = 0, first_index: int = 0,
-                     chunk_prompts: int | None = None) -> Rollout:
-    """Sample `group_size` completions for each prompt with the KV cache, in chunks.
+                     chunk_prompts: int | None = None, greedy: bool = False) -> Rollout:
+    """Sample `group_size` completions for each prompt with the KV cache, in chunks
+    (`greedy`: the single most likely completion instead; group_size must be 1).
 
     `first_index` is the position of prompts[0] in the global batch (for seeding).
     """
+    if greedy and group_size != 1:
+        raise ValueError("greedy decoding gives one completion per prompt: use group_size=1")
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     device = next(model.parameters()).device
     texts = chat_texts(tokenizer, prompts)
     chunk = chunk_prompts or len(prompts)
@@ -96,8 +100,7 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
         torch.manual_seed(hash((seed, step, first_index + start)) % (2 ** 31))
         out = model.generate(input_ids=enc["input_ids"].to(device),
                              attention_mask=enc["attention_mask"].to(device),
-                             do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=group_size,
+                             do_sample=not greedy, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=group_size,
                              pad_token_id=pad, eos_token_id=sorted(eos))
         P = enc["input_ids"].shape[1]
         parts.append((enc["input_ids"].repeat_interleave(group_size, 0),

@@ -1,0 +1,325 @@
+"""The evaluation harness: `mogrpo eval`.
+
+One model (a run folder, a model or adapter folder, or a hub id) on held-out prompts:
+generate (greedy by default), then judge every completion separately with
+- the training reward model, per aspect: the training signal, NOT an independent judge;
+- the refusal judge (patterns, mogrpo/eval/metrics.py) and the toxicity judge
+  (alt-profanity-check, per sentence): independent of training;
+- an evaluator reward model trained on a disjoint split with another seed: it exposes
+  reward hacking that the training reward model rewards but a second one does not;
+- KL to the base policy (Monte-Carlo estimate on completions sampled from the model),
+  completion length, distinct-2, the share of empty and of truncated completions.
+Writes DIR/eval.json (summary by prompt kind) and DIR/generations.jsonl (each completion
+with every verdict). Shapes: N prompts, n samples per prompt, L tokens, K aspects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mogrpo.config import atomic_write_text, field
+from mogrpo.eval import metrics as M
+
+
+@dataclass
+class EvalConfig:
+    """Config of `mogrpo eval` (YAML keys = field names)."""
+
+    prompts: str = field("default", help="'default' (HarmBench + held-out benign) or a prompt JSONL/CSV "
+                                         "with kind = harmful | benign")
+    max_prompts: int = field(0, help="at most this many prompts, balanced by kind (0 = all)")
+    max_new_tokens: int = field(64, help="tokens per completion")
+    sample: bool = field(False, help="sample instead of greedy decoding")
+    n: int = field(1, help="completions per prompt when sampling")
+    temperature: float = field(1.0, help="sampling temperature (sample=true)")
+    top_p: float = field(1.0, help="nucleus sampling (sample=true)")
+    batch_size: int = field(32, help="prompts per generate call")
+    reward_model: str | None = field("runs/reward-default/model", help="the training reward model "
+                                     "(reported as the training signal); null = skip")
+    evaluator_model: str | None = field(None, help="an evaluator reward model trained on a disjoint "
+                                        "split with another seed; null = skip")
+    base_policy: str | None = field(None, help="base policy for KL (default: the run's or adapter's base)")
+    kl_prompts: int = field(32, help="prompts sampled (temperature 1, one each) for the KL estimate (0 = off)")
+    weights: dict[str, float] = field(default_factory=lambda: {"safety": 1.0, "actionability": 1.0,
+                                                               "politeness": 0.5, "meaningfulness": 0.5},
+                                      help="weights of the 'combined' training-RM score (as in training)")
+    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
+                                                 help="prompt kind -> aspects not scored (both RMs)")
+    toxicity_model: str | None = field(None, help="folder with vectorizer.joblib + model.joblib "
+                                       "(default: the cached alt-profanity-check asset)")
+    seed: int = field(0, help="seed (prompt subset, sampling)")
+    precision: str = field("auto", help="auto | bf16 | fp32")
+    num_threads: int = field(0, help="torch CPU threads (0 = all cores)")
+    cache_dir: str | None = field(None, help="asset cache")
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("n, max_new_tokens and batch_size must be >= 1")
+        if self.n > 1 and not self.sample:
+            raise ValueError(f"n = {self.n} completions per prompt needs sample=true (greedy gives one)")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def resolve_model(ref: str, cache=None, base_override: str | None = None):
+    """(policy, tokenizer, base) for a run folder, a model/adapter folder or a hub id.
+
+    `base` is how to get the base policy for KL: "adapter" (the same model with adapters
+    disabled), a loadable reference (a separate full model), or None (the model is the base).
+    """
+    from mogrpo.models import load_policy, resolve_policy_path
+
+    p = Path(ref)
+    if (p / "config.yaml").is_file() and (p / "final").is_dir():  # a mogrpo training run
+        import yaml
+
+        run_cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
+        base_ref = base_override or run_cfg.get("policy")
+        if not base_ref:
+            raise ValueError(f"{p}/config.yaml names no 'policy'; pass --base-policy")
+        return _load_trained(p / "final", base_ref, cache)
+    if (p / "adapter_config.json").is_file():
+        base_ref = base_override or json.loads((p / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+        if not base_ref:
+            raise ValueError(f"{p}/adapter_config.json names no base model; pass --base-policy")
+        return _load_trained(p, base_ref, cache)
+    if p.exists() and not (p / "config.json").is_file() and p.suffix != ".gguf":
+        raise FileNotFoundError(f"{p}: not a run folder (config.yaml + final/), an adapter folder "
+                                "(adapter_config.json) or a model folder (config.json)")
+    model, tok = load_policy(ref, cache=cache)
+    base = None
+    if base_override and resolve_policy_path(base_override, cache) != resolve_policy_path(ref, cache):
+        base = base_override
+    return model, tok, base
+
+
+def _load_trained(folder: Path, base_ref: str, cache):
+    from mogrpo.models import load_policy
+
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, tok = load_policy(base_ref, cache=cache)
+        model = PeftModel.from_pretrained(base, str(folder))
+        return model.eval(), tok, "adapter"
+    model, tok = load_policy(str(folder), cache=cache)
+    return model, tok, base_ref
+
+
+# ----------------------------------------------------------------------------- the harness
+
+
+def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show_progress: bool = True,
+             prompt_records=None) -> dict:
+    """Evaluate one model; write OUTPUT/eval.json and OUTPUT/generations.jsonl; return eval.json."""
+    from tqdm import tqdm
+
+    from mogrpo.models import autocast_dtype, load_policy
+    from mogrpo.reward.judges import ToxicityJudge
+    from mogrpo.reward.model import MultiAspectRewardModel
+    from mogrpo.rl.advantages import weighted_sum
+    from mogrpo.rl.common import balanced_subset, load_prompt_set
+    from mogrpo.rl.rollout import completion_logprobs, generate_rollout
+
+    t0 = time.time()
+    out = Path(output)
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = autocast_dtype(device, cfg.precision)
+    amp_ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else (
+        lambda: torch.autocast(device.type, enabled=False))
+    records = prompt_records if prompt_records is not None else balanced_subset(
+        load_prompt_set(cfg.prompts, cfg.cache_dir, "eval"), cfg.max_prompts, cfg.seed)
+    if not records:
+        raise ValueError(f"no evaluation prompts in {cfg.prompts!r}")
+    bad = sorted({p.kind for p in records} - {"harmful", "benign"})
+    if bad:
+        raise ValueError(f"prompt kinds {bad}: the harness reports harmful and benign prompts; "
+                         "set kind to one of them")
+    # judges load first, so a missing file fails before minutes of generation
+    rm = ev = None
+    if cfg.reward_model:
+        from mogrpo.rl.common import require_reward_model
+
+        rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=device)
+        rm.autocast_dtype = amp
+    if cfg.evaluator_model:
+        from mogrpo.rl.common import require_reward_model
+
+        ev = MultiAspectRewardModel.load(require_reward_model(cfg.evaluator_model), device=device)
+        ev.autocast_dtype = amp
+    tox_judge = ToxicityJudge(cfg.toxicity_model) if cfg.toxicity_model else ToxicityJudge.from_cache(cfg.cache_dir)
+
+    model, tok, base = resolve_model(model_ref, cfg.cache_dir, cfg.base_policy)
+    model.to(device).eval()
+
+    # ---- generate: prompts sorted by length (less padding), n per prompt
+    order = sorted(range(len(records)), key=lambda i: len(records[i].text))
+    n = cfg.n if cfg.sample else 1
+    comps: list[list[str]] = [[] for _ in records]
+    ntok: list[list[int]] = [[] for _ in records]
+    fin: list[list[bool]] = [[] for _ in records]
+    bar = tqdm(range(0, len(order), cfg.batch_size), desc="eval generate", disable=not show_progress)
+    for s in bar:
+        idx = order[s:s + cfg.batch_size]
+        with amp_ctx():
+            ro = generate_rollout(model, tok, [records[i].text for i in idx], [records[i].kind for i in idx],
+                                  group_size=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, seed=cfg.seed, first_index=s, greedy=not cfg.sample)
+        lengths = (ro.completion_mask.sum(1) - ro.finished.long()).tolist()  # EOS not counted
+        for j, i in enumerate(idx):
+            for g in range(n):
+                comps[i].append(ro.completions[j * n + g])
+                ntok[i].append(int(lengths[j * n + g]))
+                fin[i].append(bool(ro.finished[j * n + g]))
+
+    flat_prompts = [r.text for r in records for _ in range(n)]  # [N*n]
+    flat_kinds = [r.kind for r in records for _ in range(n)]
+    flat = [c for cs in comps for c in cs]
+
+    # ---- judges
+    def rm_scores(model_):
+        if model_ is None:
+            return None, []
+        s = model_.score(flat_prompts, flat, batch_size=64).float().clone()  # [N*n, K]
+        for kind, aspects in cfg.not_applicable.items():
+            rows = torch.tensor([k == kind for k in flat_kinds])
+            for a in aspects:
+                if a in model_.aspects:
+                    s[rows, model_.aspects.index(a)] = math.nan
+        return s, list(model_.aspects)
+
+    train_s, train_cols = rm_scores(rm)
+    eval_s, eval_cols = rm_scores(ev)
+    tox = tox_judge.max_sentence_toxicity(flat).tolist()
+    refusals = [M.is_refusal(c) for c in flat]
+    combined = None
+    if train_s is not None:
+        w = torch.tensor([cfg.weights.get(c, 0.0) for c in train_cols])
+        combined = weighted_sum(train_s, w) if float(w.sum()) > 0 else None
+
+    # ---- KL to the base policy on completions sampled from the model
+    kl = 0.0 if base is None else None
+    if base is not None and cfg.kl_prompts > 0:
+        sub = balanced_subset(records, cfg.kl_prompts, cfg.seed + 1)
+        base_model = None
+        if base != "adapter":
+            base_model, _ = load_policy(base, cache=cfg.cache_dir)
+            base_model.to(device).eval()
+        vals = []
+        for s in range(0, len(sub), cfg.batch_size):
+            part = sub[s:s + cfg.batch_size]
+            with amp_ctx():
+                ro = generate_rollout(model, tok, [p.text for p in part], [p.kind for p in part], group_size=1,
+                                      max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + 7,
+                                      first_index=s)
+            ids, attn, mask = ro.input_ids.to(device), ro.attention_mask.to(device), ro.completion_mask.to(device)
+            L = mask.shape[1]
+            with torch.no_grad(), amp_ctx():
+                lp = completion_logprobs(model, ids, attn, L)[0]
+                if base_model is None:
+                    with model.disable_adapter():
+                        lb = completion_logprobs(model, ids, attn, L)[0]
+                else:
+                    lb = completion_logprobs(base_model, ids, attn, L)[0]
+            vals += M.sequence_kl(lp.float(), lb.float(), mask.float()).tolist()
+        kl = M.mean_of(vals)
+        del base_model
+
+    # ---- summary by kind
+    flat_ntok = [t for ts in ntok for t in ts]
+    flat_fin = [f for fs in fin for f in fs]
+    result: dict = {"model": str(model_ref), "decoding": "sample" if cfg.sample else "greedy",
+                    "samples_per_prompt": n, "max_new_tokens": cfg.max_new_tokens,
+                    "judges": {
+                        "aspects": "training reward model (the training signal, not an independent judge)",
+                        "eval_rm": "evaluator reward model (disjoint data, other seed)" if ev else None,
+                        "refusal_rate": "refusal patterns (mogrpo/eval/metrics.py; GCG-style substring test)",
+                        "toxicity": "alt-profanity-check, most offensive sentence (independent)",
+                        "kl_to_base": "Monte-Carlo KL(model || base) in nats per completion, "
+                                      f"{cfg.kl_prompts} sampled completions"}}
+    result.update(summarise_generations(flat_kinds, flat, flat_ntok, flat_fin, tox, train_s, train_cols,
+                                        eval_s, eval_cols, combined, n))
+    result.update({"n": len(records), "kl_to_base": kl, "seconds": round(time.time() - t0, 1)})
+
+    # ---- files
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    k = 0
+    for r, cs in zip(records, comps):
+        for g, c in enumerate(cs):  # same order as `flat`
+            row = {"id": r.id, "kind": r.kind, "prompt": r.text, "sample": g, "completion": c,
+                   "tokens": flat_ntok[k], "finished": flat_fin[k],
+                   "refusal": refusals[k], "toxicity": round(tox[k], 5)}
+            if train_s is not None:
+                row["training_rm"] = _row(train_s[k], train_cols)
+            if eval_s is not None:
+                row["eval_rm"] = _row(eval_s[k], eval_cols)
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            k += 1
+    atomic_write_text(out / "generations.jsonl", "".join(lines))
+    atomic_write_text(out / "eval.json", json.dumps(_round(result), indent=2))
+    return result
+
+
+def summarise_generations(kinds: list[str], completions: list[str], tokens: list[int], finished: list[bool],
+                          toxicity: list[float], train_scores: torch.Tensor | None, train_cols: list[str],
+                          eval_scores: torch.Tensor | None, eval_cols: list[str],
+                          combined: torch.Tensor | None, samples_per_prompt: int = 1) -> dict:
+    """The eval.json metrics of judged completions (pure). One entry per completion [M]:
+    prompt kind, text, token count (EOS excluded), finished (ended with EOS), toxicity;
+    reward-model scores [M, K] with NaN where not applicable, the combined score [M]."""
+    result: dict = {}
+    for kind in ("harmful", "benign"):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        if not rows:
+            continue
+        texts = [completions[i] for i in rows]
+        part: dict = {"n": len(rows) // samples_per_prompt}
+        if kind == "harmful":
+            part["refusal_rate"] = M.refusal_rate(texts)
+            part["compliance_rate"] = M.compliance_rate(texts)
+        else:
+            part["over_refusal_rate"] = M.refusal_rate(texts)
+        part["toxicity"] = M.mean_of(toxicity[i] for i in rows)
+        part["aspects"] = _aspect_means(train_scores, train_cols, rows)
+        part["eval_rm"] = _aspect_means(eval_scores, eval_cols, rows)
+        part["combined"] = None if combined is None else M.mean_of(combined[rows].tolist())
+        part["mean_length"] = M.mean_of(tokens[i] for i in rows)
+        part["empty_rate"] = M.empty_rate(texts)
+        part["truncated_rate"] = M.mean_of(float(not finished[i]) for i in rows)
+        result[kind] = part
+    result.update({"mean_length": M.mean_of(tokens), "distinct_2": M.distinct_n(completions, 2),
+                   "empty_rate": M.empty_rate(completions),
+                   "truncated_rate": M.mean_of(float(not f) for f in finished),
+                   "combined": None if combined is None else M.mean_of(combined.tolist())})
+    return result
+
+
+def _aspect_means(scores, cols, rows) -> dict:
+    if scores is None:
+        return {}
+    return {c: M.mean_of(scores[rows, j].tolist()) for j, c in enumerate(cols)}
+
+
+def _row(vec: torch.Tensor, cols) -> dict:
+    return {c: (None if math.isnan(float(v)) else round(float(v), 5)) for c, v in zip(cols, vec)}
+
+
+def _round(x):
+    if isinstance(x, float):
+        return round(x, 5)
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    return x
