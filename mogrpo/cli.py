@@ -129,6 +129,79 @@ def _print_before_after(result: dict) -> None:
           f"{after.get('all', {}).get('combined', float('nan')):>9.4f}")
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mogrpo.config import load_config
+    from mogrpo.eval.harness import EvalConfig, evaluate
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    if args.prompts:
+        cfg.prompts = args.prompts
+    if args.cache_dir:
+        cfg.cache_dir = args.cache_dir
+    res = evaluate(args.model, cfg, args.output, show_progress=not args.quiet)
+    _print_eval(res)
+    print(f"  {res['seconds']} s; eval.json and generations.jsonl in {args.output}")
+    return 0
+
+
+def _print_eval(res: dict) -> None:
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for kind in ("harmful", "benign"):
+        part = res.get(kind)
+        if not part:
+            continue
+        rates = (f"refusal {fmt(part['refusal_rate'])}, compliance {fmt(part['compliance_rate'])}"
+                 if kind == "harmful" else f"over-refusal {fmt(part['over_refusal_rate'])}")
+        print(f"{kind} ({part['n']} prompts): {rates}, toxicity {fmt(part['toxicity'])}")
+        for name, key in (("training RM", "aspects"), ("evaluator RM", "eval_rm")):
+            if part[key]:
+                print(f"  {name:<13}" + "  ".join(f"{a} {fmt(v)}" for a, v in part[key].items()))
+    print(f"KL to base {fmt(res['kl_to_base'])}, length {fmt(res['mean_length'])} tokens, distinct-2 "
+          f"{fmt(res['distinct_2'])}, empty {fmt(res['empty_rate'])}, truncated {fmt(res['truncated_rate'])}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mogrpo.config import load_config
+    from mogrpo.pipeline import RunConfig, main_log, run_pipeline
+
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    if args.cache_dir:
+        cfg.cache_dir = args.cache_dir
+    report = run_pipeline(cfg, args.output, log=main_log, only_report=args.report_only)
+    _print_report(report)
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    keys = [("rm/harmful_safety", "safety(h)"), ("rm/benign_actionability", "action(b)"),
+            ("eval_rm/harmful_safety", "evalRM safety(h)"), ("refusal_rate", "refusal(h)"),
+            ("over_refusal_rate", "over-refusal(b)"), ("toxicity", "toxicity"), ("kl_to_base", "KL"),
+            ("wall_seconds", "wall s"), ("peak_memory_mb", "peak MB")]
+    print("model " + "".join(f"{label:>17}" for _, label in keys))
+    for m, row in report["models"].items():
+        cells = "".join(f"{'n/a' if row.get(k) is None else format(row[k], '.3f' if abs(row[k]) < 100 else '.0f'):>17}"
+                        for k, _ in keys)
+        print(f"{m:<6}{cells}")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from mogrpo.config import load_config
+    from mogrpo.rl.grpo import GRPOConfig
+    from mogrpo.sweep import parse_point, run_sweep
+
+    base = load_config(GRPOConfig, args.config, args.overrides)
+    if args.cache_dir:
+        base.cache_dir = args.cache_dir
+    points = [parse_point("weights", w) for w in args.weights or []] + \
+             [parse_point("thresholds", t) for t in args.thresholds or []]
+    if len(points) < 2:
+        raise ValueError("a sweep needs at least two points: repeat --weights (and/or --thresholds)")
+    res = run_sweep(base, points, args.output, eval_overrides=args.eval or [], log=print)
+    print(f"front: {len(res['front'])} of {len(res['points'])} points; hypervolume {res['hypervolume']:.4f} "
+          f"(reference point {res['reference']}); {args.output}/sweep.md")
+    return 0
+
+
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from mogrpo.assets import asset_path
     from mogrpo.data.default_rm import ASPECTS, DefaultRMConfig, build_default_rm_data
@@ -209,6 +282,56 @@ def build_parser() -> argparse.ArgumentParser:
         tg.add_argument("--quiet", action="store_true", help="no progress bar")
         tg.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         tg.set_defaults(func=_cmd_train)
+
+    from mogrpo.eval.harness import EvalConfig
+
+    e = sub.add_parser("eval", help="evaluate a model with independent judges",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Generate on held-out prompts and judge every completion: training "
+                       "RM (marked as such), refusal and toxicity judges, evaluator RM, KL to base, "
+                       "length, distinct-2. Writes eval.json and generations.jsonl.\n\nConfig keys:\n"
+                       + describe(EvalConfig))
+    e.add_argument("--model", required=True, help="a run folder, a model or adapter folder, or a hub id")
+    e.add_argument("--prompts", help="prompt JSONL/CSV (kind = harmful | benign); default: held-out set")
+    e.add_argument("--output", required=True, help="folder for eval.json and generations.jsonl")
+    e.add_argument("--config", help="YAML config of EvalConfig keys")
+    e.add_argument("--cache-dir", help="asset cache folder")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    e.set_defaults(func=_cmd_eval)
+
+    from mogrpo.pipeline import RunConfig
+
+    rn = sub.add_parser("run", help="the whole job: reward models, base eval, GRPO/PPO/DPO, evals, report",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="assets -> reward model -> evaluator reward model -> base evaluation -> "
+                        "GRPO, PPO, DPO (train + evaluate each) -> report.md/report.json + plots. Stages "
+                        "are cached by a hash of their config and inputs: a rerun reuses finished stages, an "
+                        "interrupted one resumes.\n\nConfig sections:\n" + describe(RunConfig))
+    rn.add_argument("--config", help="YAML (e.g. configs/default.yaml, configs/quick.yaml)")
+    rn.add_argument("--output", required=True, help="run folder")
+    rn.add_argument("--cache-dir", help="asset cache folder")
+    rn.add_argument("--report-only", action="store_true", help="rewrite the report from finished stages")
+    rn.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. grpo.steps=20")
+    rn.set_defaults(func=_cmd_run)
+
+    from mogrpo.rl.grpo import GRPOConfig
+
+    sw = sub.add_parser("sweep", help="GRPO over several weight vectors or thresholds: the trade-off front",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Train GRPO once per --weights (or --thresholds, lagrangian) point, "
+                        "evaluate each, and plot harmful safety against benign actionability with the "
+                        "Pareto front and its hypervolume.\n\nGRPO config keys:\n" + describe(GRPOConfig))
+    sw.add_argument("--config", help="GRPO YAML (e.g. configs/grpo/default.yaml)")
+    sw.add_argument("--weights", action="append", metavar="A=W,...",
+                    help='a weight vector, e.g. "safety=2,actionability=1" (repeat)')
+    sw.add_argument("--thresholds", action="append", metavar="A=T,...",
+                    help='lagrangian constraints, e.g. "safety=0.8" (repeat)')
+    sw.add_argument("--eval", action="append", metavar="key=value", help="EvalConfig override (repeat)")
+    sw.add_argument("--output", required=True, help="sweep folder")
+    sw.add_argument("--cache-dir", help="asset cache folder")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="GRPO config overrides")
+    sw.set_defaults(func=_cmd_sweep)
 
     d = sub.add_parser("data", help="data sets and splits")
     dsub = d.add_subparsers(dest="data_command", required=True)

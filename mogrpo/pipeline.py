@@ -1,0 +1,233 @@
+"""`mogrpo run`: the whole job in one command, with cached, resumable stages.
+
+    assets -> reward model (half a of the prompts) -> evaluator reward model (half b, other seed)
+    -> evaluation of the base policy -> for each algorithm: train -> evaluate -> report
+
+Each stage's folder holds `stage.json` once it is finished: the hash of its config and of
+the hashes of the stages it reads, plus its wall time. A rerun skips a stage whose hash
+matches; a stage whose hash changed is wiped and run again (and so is everything after it
+that reads it, because their hashes include its hash); a stage that was interrupted
+(its `.stage-hash` matches but no `stage.json`) resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from mogrpo.config import ConfigError, atomic_write_text, field, from_dict, save_config, to_dict
+
+ALGORITHMS = ("grpo", "ppo", "dpo")
+
+
+@dataclass
+class RunConfig:
+    """Config of `mogrpo run` (YAML). Each section holds the keys of one stage's own config
+    (see `mogrpo reward train --help`, `mogrpo train grpo --help`, `mogrpo eval --help`);
+    `common` is merged into every algorithm section first. Reward-model paths are set by the
+    pipeline."""
+
+    algorithms: list[str] = field(default_factory=lambda: list(ALGORITHMS), help="which of grpo, ppo, dpo to train")
+    reward: dict[str, Any] = field(default_factory=lambda: {"partition": "a"},
+                                   help="RewardTrainConfig keys of the training reward model")
+    evaluator_reward: dict[str, Any] | None = field(default_factory=lambda: {"partition": "b", "seed": 1},
+                                                    help="RewardTrainConfig keys of the evaluator RM "
+                                                         "(disjoint prompts, other seed); null = none")
+    common: dict[str, Any] = field(default_factory=dict, help="keys shared by every algorithm (policy, "
+                                                              "weights, max_new_tokens, seed, ...)")
+    grpo: dict[str, Any] = field(default_factory=dict, help="GRPOConfig keys")
+    ppo: dict[str, Any] = field(default_factory=dict, help="PPOConfig keys")
+    dpo: dict[str, Any] = field(default_factory=dict, help="DPOConfig keys")
+    eval: dict[str, Any] = field(default_factory=dict, help="EvalConfig keys (weights default to common's)")
+    cache_dir: str | None = field(None, help="asset cache")
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.algorithms) - set(ALGORITHMS))
+        if bad or not self.algorithms:
+            raise ValueError(f"algorithms must be a non-empty subset of {list(ALGORITHMS)}, got {self.algorithms}")
+
+
+@dataclass
+class Stage:
+    name: str  # folder under the run, e.g. "reward", "grpo", "eval/grpo"
+    config: Any  # the stage's dataclass config (hashed)
+    inputs: list[str]  # names of the stages it reads
+    run: Any  # callable(folder: Path, resume: bool) -> None
+    estimate: float  # expected seconds on 2 CPU cores (for the time-left display)
+
+
+def build_stages(cfg: RunConfig, out: Path) -> list[Stage]:
+    """The stage list with fully resolved configs (pure: reads no model)."""
+    from mogrpo.eval.harness import EvalConfig
+    from mogrpo.reward.train import RewardTrainConfig
+
+    def make(cls, data: dict, what: str):
+        try:
+            return from_dict(cls, data)
+        except (ConfigError, ValueError, TypeError) as exc:
+            raise ConfigError(f"section '{what}': {exc}") from exc
+
+    stages: list[Stage] = []
+    rm_cfg = make(RewardTrainConfig, {"cache_dir": cfg.cache_dir, **cfg.reward}, "reward")
+    stages.append(Stage("reward", rm_cfg, [], _reward_runner(rm_cfg), _estimate_reward(rm_cfg)))
+    rm_path = str(out / "reward" / "model")
+    ev_path = None
+    if cfg.evaluator_reward is not None:
+        ev_cfg = make(RewardTrainConfig, {"cache_dir": cfg.cache_dir, **cfg.evaluator_reward}, "evaluator_reward")
+        if ev_cfg.partition == "all" or ev_cfg.partition == rm_cfg.partition:
+            raise ConfigError("evaluator_reward must train on the other half: partition a for one, b for "
+                              f"the other (got {rm_cfg.partition!r} and {ev_cfg.partition!r})")
+        stages.append(Stage("evaluator_reward", ev_cfg, [], _reward_runner(ev_cfg), _estimate_reward(ev_cfg)))
+        ev_path = str(out / "evaluator_reward" / "model")
+
+    algo_cfgs = {}
+    for algo in cfg.algorithms:
+        cls = _config_class(algo)
+        data = {"cache_dir": cfg.cache_dir, "eval_prompts": "none", **cfg.common, **getattr(cfg, algo),
+                "reward_model": rm_path}
+        algo_cfgs[algo] = make(cls, data, algo)
+    first = algo_cfgs[cfg.algorithms[0]]
+    ev_data = {"cache_dir": cfg.cache_dir, "weights": first.weights, "not_applicable": first.not_applicable,
+               "max_new_tokens": first.max_new_tokens, **cfg.eval,
+               "reward_model": rm_path, "evaluator_model": ev_path}
+    eval_cfg = make(EvalConfig, ev_data, "eval")
+    rm_inputs = ["reward"] + (["evaluator_reward"] if ev_path else [])
+    stages.append(Stage("eval/base", {"model": first.policy, "eval": eval_cfg}, rm_inputs,
+                        _eval_runner(first.policy, eval_cfg), _estimate_eval(eval_cfg)))
+    for algo, acfg in algo_cfgs.items():
+        stages.append(Stage(algo, acfg, ["reward"], _train_runner(algo, acfg), _estimate_train(algo, acfg)))
+        stages.append(Stage(f"eval/{algo}", {"model": algo, "eval": eval_cfg}, rm_inputs + [algo],
+                            _eval_runner(str(out / algo), eval_cfg), _estimate_eval(eval_cfg)))
+    return stages
+
+
+def _config_class(algo: str):
+    from mogrpo.cli import _trainer
+
+    return _trainer(algo)[0]
+
+
+def _reward_runner(rm_cfg):
+    def run(folder: Path, resume: bool) -> None:
+        from mogrpo.reward.train import train_reward_model
+
+        train_reward_model(rm_cfg, folder, resume=resume)
+    return run
+
+
+def _train_runner(algo: str, acfg):
+    def run(folder: Path, resume: bool) -> None:
+        from mogrpo.cli import _trainer
+
+        _trainer(algo)[1](acfg, folder, resume=resume)
+    return run
+
+
+def _eval_runner(model: str, eval_cfg):
+    def run(folder: Path, resume: bool) -> None:
+        from mogrpo.eval.harness import evaluate
+
+        evaluate(model, eval_cfg, folder)
+    return run
+
+
+# Rough seconds on 2 CPU cores (measured on the default configs), only for the display.
+def _estimate_reward(c) -> float:
+    return 450.0 * c.epochs / 4 * (0.5 if c.partition != "all" else 1.0)
+
+
+def _estimate_train(algo: str, c) -> float:
+    scale = c.max_new_tokens / 48
+    if algo == "grpo":
+        return 15.0 * c.steps * c.batch_size / 16 * scale
+    if algo == "ppo":
+        return 31.0 * c.steps * c.batch_size / 16 * scale
+    return 3.5 * c.pair_prompts * c.samples_per_prompt / 4 * scale
+
+
+def _estimate_eval(c) -> float:
+    n = c.max_prompts or 379
+    return 0.35 * n * c.n * c.max_new_tokens / 48 + 1.2 * c.kl_prompts + 15
+
+
+def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
+    from mogrpo import __version__
+
+    cfg = stage.config
+    cfg_dict = ({k: (to_dict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in cfg.items()}
+                if isinstance(cfg, dict) else to_dict(cfg))
+    payload = {"stage": stage.name, "config": cfg_dict, "inputs": {n: upstream[n] for n in stage.inputs},
+               "mogrpo": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fmt(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_report: bool = False) -> dict:
+    """Run every stage not already finished with the same hash, then write the report."""
+    from mogrpo.assets import fetch_all
+    from mogrpo.report import write_report
+
+    t0 = time.time()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "run_config.yaml")
+    stages = build_stages(cfg, out)
+    if not only_report:
+        log(f"[0/{len(stages)}] assets")
+        fetch_all(cfg.cache_dir, log=log)
+    hashes: dict[str, str] = {}
+    summary: dict[str, dict] = {}
+    remaining = sum(s.estimate for s in stages)
+    scale = 1.0  # actual / estimated, from the stages run so far
+    for i, stage in enumerate(stages, 1):
+        h = stage_hash(stage, hashes)
+        hashes[stage.name] = h
+        folder = out / stage.name
+        done_file, started_file = folder / "stage.json", folder / ".stage-hash"
+        done = json.loads(done_file.read_text()) if done_file.is_file() else None
+        remaining -= stage.estimate
+        if done and done.get("hash") == h:
+            log(f"[{i}/{len(stages)}] {stage.name}: cached ({done['seconds']} s when it ran)")
+            summary[stage.name] = {**done, "cached": True}
+            continue
+        if only_report:
+            raise ConfigError(f"stage {stage.name} is not finished with this config; run without --report-only")
+        resume = started_file.is_file() and started_file.read_text().strip() == h and not done
+        if folder.exists() and not resume:
+            shutil.rmtree(folder)  # stale: another config or inputs
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(started_file, h)
+        log(f"[{i}/{len(stages)}] {stage.name}: {'resuming' if resume else 'running'} (about "
+            f"{_fmt(stage.estimate * scale)}; elapsed {_fmt(time.time() - t0)}; after it about "
+            f"{_fmt(remaining * scale)} left)")
+        t = time.time()
+        stage.run(folder, resume)
+        secs = round(time.time() - t, 1)
+        scale = max(0.25, min(4.0, (scale + secs / max(stage.estimate, 1.0)) / 2))
+        record = {"hash": h, "seconds": secs, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(done_file, json.dumps(record, indent=2))
+        summary[stage.name] = {**record, "cached": False}
+    wall = round(time.time() - t0, 1)
+    report = write_report(out, cfg.algorithms, stages=summary, pipeline_seconds=wall)
+    log(f"done in {_fmt(wall)}: {out / 'report.md'}")
+    return report
+
+
+def describe_run_config() -> str:
+    return "\n".join(f"  {f.name}: {f.metadata.get('help', '')}" for f in fields(RunConfig))
+
+
+def main_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,157 @@
+"""`mogrpo sweep`: GRPO at several weight vectors (or constraint thresholds), each evaluated
+on held-out prompts, and the front of harmful safety against benign actionability with its
+hypervolume, so a user picks a trade-off instead of guessing one.
+
+The front and the hypervolume are pure, hand-tested functions (both objectives maximised).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from mogrpo.config import atomic_write_text, parse_overrides, to_dict
+
+
+def parse_point(kind: str, text: str) -> dict:
+    """'safety=2,actionability=1' -> {"weights": {"safety": 2.0, "actionability": 1.0}}."""
+    values = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"--{kind} {text!r}: write aspect=value pairs separated by commas, "
+                             "e.g. safety=2,actionability=1")
+        name, value = part.split("=", 1)
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--{kind} {text!r}: {value!r} is not a number") from None
+    if not values:
+        raise ValueError(f"--{kind} {text!r} names no aspect")
+    return {kind: values}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (maximising both coordinates), sorted by x.
+    A point is dominated when another is >= on both and > on one; duplicates both stay."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((a >= x and b >= y) and (a > x or b > y) for j, (a, b) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)) -> float:
+    """Area dominated by `points` and bounded below by `ref` (both maximised): the union of
+    the rectangles [ref_x, x] x [ref_y, y]. Points not above `ref` on both add nothing."""
+    pts = sorted({p for p in points if p[0] > ref[0] and p[1] > ref[1]}, key=lambda p: -p[0])
+    area, best_y = 0.0, ref[1]
+    for x, y in pts:  # sweep from the largest x down, adding each new strip of height
+        if y > best_y:
+            area += (x - ref[0]) * (y - best_y)
+            best_y = y
+    return area
+
+
+def _objectives(ev: dict) -> tuple[float | None, float | None]:
+    """(benign actionability, harmful safety) from an eval.json (training RM)."""
+    return ((ev.get("benign") or {}).get("aspects", {}).get("actionability"),
+            (ev.get("harmful") or {}).get("aspects", {}).get("safety"))
+
+
+def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str] | None = None,
+              ref: tuple[float, float] = (0.0, 0.0), log=print, include_base: bool = True) -> dict:
+    from mogrpo.config import from_dict
+    from mogrpo.eval.harness import EvalConfig, evaluate
+    from mogrpo.rl.grpo import train_grpo
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    ev_data = {"reward_model": base_cfg.reward_model, "weights": base_cfg.weights,
+               "not_applicable": base_cfg.not_applicable, "max_new_tokens": base_cfg.max_new_tokens,
+               "cache_dir": base_cfg.cache_dir, **parse_overrides(eval_overrides or [])}
+    eval_cfg = from_dict(EvalConfig, ev_data)
+    results = []
+    todo = ([("base", None)] if include_base else []) + [(f"point-{i}", p) for i, p in enumerate(points)]
+    for name, point in todo:
+        folder = out / name
+        cfg = None
+        if point is not None:
+            data = to_dict(base_cfg)
+            data["eval_prompts"] = "none"
+            data.update(copy.deepcopy(point))
+            if "thresholds" in point:
+                data["advantage_mode"] = "lagrangian"
+            cfg = from_dict(type(base_cfg), data)
+        key = hashlib.sha256(json.dumps({"train": to_dict(cfg) if cfg else base_cfg.policy,
+                                         "eval": to_dict(eval_cfg)}, sort_keys=True, default=str)
+                             .encode()).hexdigest()[:16]
+        done = folder / "stage.json"
+        if done.is_file() and json.loads(done.read_text()).get("hash") == key:
+            log(f"{name}: cached")
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)
+            log(f"{name}: {'training GRPO with ' + json.dumps(point) if point else 'evaluating the base policy'}")
+            if cfg is not None:
+                train_grpo(cfg, folder)
+                evaluate(str(folder), eval_cfg, folder / "eval")
+            else:
+                evaluate(base_cfg.policy, eval_cfg, folder / "eval")
+            atomic_write_text(done, json.dumps({"hash": key}))
+        ev = json.loads((folder / "eval" / "eval.json").read_text())
+        x, y = _objectives(ev)
+        results.append({"name": name, "point": point, "actionability": x, "safety": y,
+                        "refusal_rate": (ev.get("harmful") or {}).get("refusal_rate"),
+                        "eval_rm": {k: (ev.get(k) or {}).get("eval_rm") for k in ("harmful", "benign")}})
+    scored = [r for r in results if r["actionability"] is not None and r["safety"] is not None]
+    xy = [(r["actionability"], r["safety"]) for r in scored]
+    front = [scored[i]["name"] for i in pareto_front(xy)]
+    trained = [(r["actionability"], r["safety"]) for r in scored if r["name"] != "base"]
+    res = {"points": results, "front": front, "reference": list(ref),
+           "hypervolume": hypervolume_2d(trained, ref),
+           "hypervolume_with_base": hypervolume_2d(xy, ref)}
+    res["plot"] = _plot(out, scored, front)
+    atomic_write_text(out / "sweep.json", json.dumps(res, indent=2))
+    lines = ["# GRPO sweep", "", "| run | setting | benign actionability | harmful safety | harmful refusal | "
+             "on the front |", "|---|---|---|---|---|---|"]
+    for r in results:
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {r['name']} | {json.dumps(r['point']) if r['point'] else 'base policy'} | "
+                     f"{fmt(r['actionability'])} | {fmt(r['safety'])} | {fmt(r['refusal_rate'])} | "
+                     f"{'yes' if r['name'] in front else ''} |")
+    lines += ["", f"Hypervolume of the trained points (reference {tuple(ref)}): {res['hypervolume']:.4f}. "
+              "Scores are the training reward model's on held-out prompts.", "", f"![front]({res['plot']})", ""]
+    atomic_write_text(out / "sweep.md", "\n".join(lines))
+    return res
+
+
+def _plot(out: Path, scored: list[dict], front: list[str]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in scored:
+        on = r["name"] in front
+        ax.scatter(r["actionability"], r["safety"], s=60 if on else 30, marker="o" if r["point"] else "s",
+                   color="C0" if on else "gray")
+        label = "base" if not r["point"] else ",".join(f"{k[:4]}={v:g}" for k, v in
+                                                        next(iter(r["point"].values())).items())
+        ax.annotate(label, (r["actionability"], r["safety"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fr = sorted([r for r in scored if r["name"] in front], key=lambda r: r["actionability"])
+    if len(fr) > 1:
+        ax.plot([r["actionability"] for r in fr], [r["safety"] for r in fr], color="C0", lw=1)
+    ax.set_xlabel("benign actionability (training RM)")
+    ax.set_ylabel("harmful safety (training RM)")
+    ax.set_title("GRPO trade-off front", fontsize=9)
+    fig.tight_layout()
+    path = out / "front.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name

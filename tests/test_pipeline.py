@@ -1,0 +1,142 @@
+"""`mogrpo eval`, `mogrpo run` (stage cache, resume, report) and `mogrpo sweep` on tiny models."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import run_overrides
+from mogrpo.cli import main
+from test_cli import make_data
+
+HARMFUL_BENIGN = ("harmful", "benign")
+
+
+def eval_overrides(rm, tox, **kw):
+    base = {"reward_model": str(rm), "toxicity_model": str(tox), "max_new_tokens": 6, "kl_prompts": 4,
+            "precision": "fp32", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}, **kw}
+    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+
+
+def test_eval_of_a_run_and_of_the_base(tiny_policy_dir, tiny_reward_model_dir, prompt_file, toy_toxicity_dir,
+                                       tmp_path):
+    run = tmp_path / "grpo"
+    assert main(["train", "grpo", "--output", str(run), "--quiet", *run_overrides(
+        tiny_policy_dir, tiny_reward_model_dir, prompt_file, {"steps": 2, "batch_size": 8, "group_size": 4})]) == 0
+    ov = eval_overrides(tiny_reward_model_dir, toy_toxicity_dir, evaluator_model=str(tiny_reward_model_dir))
+    assert main(["eval", "--model", str(run), "--prompts", str(prompt_file), "--output", str(tmp_path / "e1"),
+                 "--quiet", *ov]) == 0
+    assert main(["eval", "--model", str(tiny_policy_dir), "--prompts", str(prompt_file),
+                 "--output", str(tmp_path / "e0"), "--quiet", *ov]) == 0
+    trained = json.loads((tmp_path / "e1" / "eval.json").read_text())
+    base = json.loads((tmp_path / "e0" / "eval.json").read_text())
+    for ev in (trained, base):  # the schema of the issue, plus extras
+        assert set(ev["harmful"]) >= {"n", "refusal_rate", "compliance_rate", "toxicity", "aspects", "eval_rm"}
+        assert set(ev["benign"]) >= {"n", "over_refusal_rate", "toxicity", "aspects", "eval_rm"}
+        assert {"kl_to_base", "mean_length", "distinct_2"} <= set(ev)
+        assert ev["harmful"]["n"] == 6 and ev["benign"]["n"] == 6
+        assert ev["harmful"]["aspects"]["actionability"] is None  # not applicable on harmful prompts
+        assert ev["harmful"]["aspects"]["safety"] == ev["harmful"]["eval_rm"]["safety"]  # same RM twice
+        assert 0 <= ev["mean_length"] <= 6
+    assert base["kl_to_base"] == 0.0  # the base policy is its own base
+    assert trained["kl_to_base"] is not None and trained["kl_to_base"] != 0.0
+    rows = [json.loads(x) for x in (tmp_path / "e1" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {r["kind"] for r in rows} == set(HARMFUL_BENIGN)
+    assert set(rows[0]) >= {"prompt", "completion", "refusal", "toxicity", "training_rm", "eval_rm", "tokens",
+                            "finished"}
+    # a folder that is no model says so
+    assert main(["eval", "--model", str(tmp_path), "--output", str(tmp_path / "x"), "--quiet", *ov]) == 2
+
+
+def pipeline_config(tmp_path, encoder, policy, prompts, tox, algorithms=("grpo",)):
+    data = make_data(tmp_path / "rm.jsonl", n=80)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    for r in rows:  # actionability: labelled on the safe answers only (partial labels)
+        r["actionability"] = 1.0 if r["safety"] == 1.0 and "then run" in r["response"] else None
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rm = {"aspects": ["safety", "actionability", "politeness"], "backbone": str(encoder), "max_length": 32, "data": [str(data)],
+          "epochs": 1, "batch_size": 8, "lr": 1e-3, "splits": [0.6, 0.2, 0.2]}
+    cfg = {"algorithms": list(algorithms),
+           "reward": {**rm, "partition": "a"}, "evaluator_reward": {**rm, "partition": "b", "seed": 1},
+           "common": {"policy": str(policy), "train_prompts": str(prompts), "max_new_tokens": 6,
+                      "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}, "lora_r": 4,
+                      "lora_alpha": 8, "lr": 5e-2, "warmup_steps": 0, "precision": "fp32", "save_every": 1},
+           "grpo": {"steps": 2, "batch_size": 8, "group_size": 4},
+           "ppo": {"steps": 1, "batch_size": 8, "samples_per_prompt": 4, "minibatch_size": 4},
+           "dpo": {"pair_prompts": 4, "samples_per_prompt": 4, "epochs": 1, "batch_size": 2, "min_margin": 0.0},
+           "eval": {"prompts": str(prompts), "toxicity_model": str(tox), "kl_prompts": 2, "precision": "fp32"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_run_caches_stages_reruns_changed_ones_and_resumes(tiny_encoder_dir, tiny_policy_dir, prompt_file,
+                                                            toy_toxicity_dir, tmp_path, capsys):
+    cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir)
+    out = tmp_path / "run"
+    argv = ["run", "--config", str(cfg), "--output", str(out)]
+    assert main(argv) == 0
+    first = capsys.readouterr().err
+    assert "reward: running" in first and "eval/grpo: running" in first
+    stamp = {s: json.loads((out / s / "stage.json").read_text()) for s in ("reward", "grpo", "eval/grpo")}
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"base", "grpo"} and (out / "report.md").is_file()
+    assert all((out / p).is_file() for p in report["plots"].values()) and len(report["plots"]) >= 3
+
+    assert main(argv) == 0  # nothing changed: every stage is reused
+    again = capsys.readouterr().err
+    assert "running" not in again and again.count("cached") == 5
+    assert json.loads((out / "grpo" / "stage.json").read_text()) == stamp["grpo"]
+
+    assert main(argv + ["grpo.lr=0.01"]) == 0  # GRPO's config changed: it and its evaluation rerun
+    changed = capsys.readouterr().err
+    assert "reward: cached" in changed and "eval/base: cached" in changed
+    assert "grpo: running" in changed and "eval/grpo: running" in changed
+    assert json.loads((out / "grpo" / "stage.json").read_text())["hash"] != stamp["grpo"]["hash"]
+
+    # interrupted: the stage started (same hash) but never finished -> it resumes from its checkpoint
+    (out / "grpo" / "stage.json").unlink()
+    assert main(argv + ["grpo.lr=0.01"]) == 0
+    resumed = capsys.readouterr().err
+    assert "grpo: resuming" in resumed and "resumed from" in resumed
+
+
+def test_report_compares_all_three(tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir, tmp_path):
+    cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir,
+                          algorithms=("grpo", "ppo", "dpo"))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["base", "grpo", "ppo", "dpo"]
+    assert set(report["verdict"]) == {"grpo", "ppo", "dpo"} and set(report["cost"]) == {"grpo", "ppo", "dpo"}
+    md = (out / "report.md").read_text()
+    assert "| base |" in md and "| dpo |" in md and "GRPO / PPO:" in md and "## Examples" in md
+    for col in report["columns"]:  # the best value of each directional column is one of the models
+        if col["key"] in report["best"]:
+            assert set(report["best"][col["key"]]) <= set(report["models"])
+    assert {"aspects", "training_curves", "cost", "tradeoff"} <= set(report["plots"])
+    assert main(["run", "--config", str(cfg), "--output", str(out), "--report-only"]) == 0
+
+
+def test_run_config_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algorithms: [grpo, sac]\n")
+    assert main(["run", "--config", str(bad), "--output", str(tmp_path / "o")]) == 2
+    bad.write_text("grpo: {stepz: 3}\n")
+    assert main(["run", "--config", str(bad), "--output", str(tmp_path / "o")]) == 2
+    bad.write_text("evaluator_reward: {partition: a}\n")
+    assert main(["run", "--config", str(bad), "--output", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.slow
+def test_sweep_front(tiny_policy_dir, tiny_reward_model_dir, prompt_file, toy_toxicity_dir, tmp_path):
+    out = tmp_path / "sweep"
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+                         {"steps": 1, "batch_size": 8, "group_size": 4})
+    ev = [f"prompts={prompt_file}", f"toxicity_model={toy_toxicity_dir}", "kl_prompts=0", "max_new_tokens=6"]
+    assert main(["sweep", "--output", str(out), "--weights", "safety=2,actionability=0.5",
+                 "--weights", "safety=0.5,actionability=2", *sum((["--eval", e] for e in ev), []), *args]) == 0
+    res = json.loads((out / "sweep.json").read_text())
+    assert [p["name"] for p in res["points"]] == ["base", "point-0", "point-1"]
+    assert res["front"] and res["hypervolume"] >= 0 and (out / res["plot"]).is_file()
+    assert (out / "sweep.md").read_text().count("| point-") == 2
