@@ -138,3 +138,27 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
+    """Store the weights of frozen Linear layers in `dtype` (the autocast dtype); return how many.
+
+    Under autocast every matmul runs in bf16 anyway, but autocast re-casts a frozen fp32
+    weight on every call (it caches casts only for weights that require grad), so with
+    LoRA, or for a reference/evaluation model, each forward and each decoding step copied
+    the whole backbone. Storing those weights in bf16 gives the same matmul inputs without
+    the copies, and halves their memory. Trainable layers, non-Linear modules (norms,
+    embeddings keep fp32) and Linear layers tied to an embedding (SmolLM2's lm_head) are
+    left alone. Every forward of such a model must then run under autocast.
+    """
+    if dtype is None or dtype == torch.float32:
+        return 0
+    tied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.data_ptr() not in tied:
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None and not m.bias.requires_grad:
+                m.bias.data = m.bias.data.to(dtype)
+            n += 1
+    return n

@@ -123,7 +123,7 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     """Evaluate one model; write OUTPUT/eval.json and OUTPUT/generations.jsonl; return eval.json."""
     from tqdm import tqdm
 
-    from mogrpo.models import autocast_dtype, load_policy
+    from mogrpo.models import autocast_dtype, cast_frozen_linears, load_policy
     from mogrpo.reward.judges import ToxicityJudge
     from mogrpo.reward.model import MultiAspectRewardModel
     from mogrpo.rl.advantages import weighted_sum
@@ -161,6 +161,9 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
 
     model, tok, base = resolve_model(model_ref, cfg.cache_dir, cfg.base_policy)
     model.to(device).eval()
+    for p in model.parameters():  # evaluation only: nothing trains, so every Linear can be bf16
+        p.requires_grad_(False)
+    cast_frozen_linears(model, amp)
 
     # ---- generate: prompts sorted by length (less padding), n per prompt
     order = sorted(range(len(records)), key=lambda i: len(records[i].text))
@@ -215,6 +218,9 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
         if base != "adapter":
             base_model, _ = load_policy(base, cache=cfg.cache_dir)
             base_model.to(device).eval()
+            for p in base_model.parameters():
+                p.requires_grad_(False)
+            cast_frozen_linears(base_model, amp)
         vals = []
         for s in range(0, len(sub), cfg.batch_size):
             part = sub[s:s + cfg.batch_size]

@@ -50,6 +50,18 @@ class PolicyRunConfig:
     cache_dir: str | None = field(None, help="asset cache")
 
 
+def log_metrics(path: Path, writer, rec: dict) -> None:
+    """Append one step's record to metrics.jsonl and its finite numbers to TensorBoard."""
+    import json
+    import math
+
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    for key, v in rec.items():
+        if key != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+            writer.add_scalar(key, v, rec["step"])
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -161,7 +173,7 @@ def setup_run(cfg, output, check_world=None):
     from accelerate import Accelerator
 
     from mogrpo.config import save_config
-    from mogrpo.models import autocast_dtype, frozen_copy, is_peft, load_policy
+    from mogrpo.models import autocast_dtype, cast_frozen_linears, frozen_copy, is_peft, load_policy
     from mogrpo.reward.model import MultiAspectRewardModel
     from mogrpo.rl.scoring import Scorer
 
@@ -191,6 +203,9 @@ def setup_run(cfg, output, check_world=None):
                              lora_target_modules=cfg.lora_target_modules, cache=cfg.cache_dir)
     model.to(acc.device)
     ref_model = None if is_peft(model) else frozen_copy(model).to(acc.device)
+    for m in (model, ref_model):  # frozen backbone weights in the autocast dtype (no per-call casts)
+        if m is not None:
+            cast_frozen_linears(m, amp)
     eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
         load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
     amp_ctx = (lambda: torch.autocast(acc.device.type, dtype=amp)) if amp else nullcontext

@@ -33,8 +33,8 @@ from tqdm import tqdm
 from mogrpo.config import atomic_write_text, field
 from mogrpo.rl.advantages import weighted_sum
 from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, finish_run, load_latest_checkpoint,
-                              load_prompt_set, peak_memory_mb, save_checkpoint, setup_run, step_prompt_indices,
-                              trainable_state)
+                              load_prompt_set, log_metrics, peak_memory_mb, save_checkpoint, setup_run,
+                              step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import dpo_loss
 
 
@@ -272,11 +272,7 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
                "lr": sched.get_last_lr()[0], "step_seconds": round(time.perf_counter() - t0, 3),
                "peak_memory_mb": round(peak_memory_mb(acc.device), 1)}
         if main:
-            with metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            for key, v in rec.items():
-                if key != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(key, v, step + 1)
+            log_metrics(metrics_path, writer, rec)
             bar.set_postfix(loss=f"{st['loss']:.4f}", acc=f"{st['reward_accuracy']:.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             acc.wait_for_everyone()

@@ -22,7 +22,6 @@ statistics are local and exact. Shapes: B prompts, G samples, N = B*G, L tokens,
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
@@ -38,8 +37,8 @@ from tqdm import tqdm
 from mogrpo.config import field, save_config
 from mogrpo.rl.advantages import MODES, group_advantages, update_multipliers, weighted_sum
 from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, balanced_subset, finish_run, load_latest_checkpoint,
-                              load_prompt_set, peak_memory_mb, require_reward_model, save_checkpoint,
-                              step_prompt_indices, trainable_state)
+                              load_prompt_set, log_metrics, peak_memory_mb, require_reward_model,
+                              save_checkpoint, step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import AGGREGATIONS, grpo_loss
 
 
@@ -125,7 +124,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     from transformers import get_scheduler
 
     from mogrpo.eval.quick import evaluate_policy
-    from mogrpo.models import autocast_dtype, frozen_copy, is_peft, load_policy
+    from mogrpo.models import autocast_dtype, cast_frozen_linears, frozen_copy, is_peft, load_policy
     from mogrpo.reward.model import MultiAspectRewardModel
     from mogrpo.rl.rollout import completion_logprobs, generate_rollout
     from mogrpo.rl.scoring import Scorer, extra_reward
@@ -168,6 +167,9 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
                              lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
                              cache=cfg.cache_dir)
     ref_model = None if (is_peft(model) or cfg.beta == 0) else frozen_copy(model).to(acc.device)
+    for m in (model, ref_model):  # frozen backbone weights in the autocast dtype (no per-call casts)
+        if m is not None:
+            cast_frozen_linears(m, amp)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_updates = cfg.steps * cfg.mu
@@ -339,11 +341,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
             if constrained[j]:
                 rec[f"multiplier/{c}"] = float(multipliers[j])
         if main:
-            with metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and v is not None and k != "step" and math.isfinite(v):
-                    writer.add_scalar(k, v, step + 1)
+            log_metrics(metrics_path, writer, rec)
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 sample = "\n\n".join(f"[{ro.kinds[i // cfg.group_size]}] {ro.prompts[i // cfg.group_size]}\n"
                                      f"-> {ro.completions[i]}" for i in range(0, len(ro.completions), cfg.group_size))

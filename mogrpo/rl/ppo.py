@@ -19,7 +19,6 @@ Shapes: N = B*G sequences, L completion tokens, K aspects, H hidden size.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -32,8 +31,8 @@ from tqdm import tqdm
 from mogrpo.config import field
 from mogrpo.rl.advantages import weighted_sum
 from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, finish_run, load_latest_checkpoint,
-                              load_prompt_set, owned_share, peak_memory_mb, save_checkpoint, setup_run,
-                              step_prompt_indices, trainable_state)
+                              load_prompt_set, log_metrics, owned_share, peak_memory_mb, save_checkpoint,
+                              setup_run, step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import gae, grpo_loss, value_loss
 
 
@@ -143,7 +142,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     from transformers import get_scheduler
 
     from mogrpo.eval.quick import evaluate_policy
-    from mogrpo.models import resolve_policy_path
+    from mogrpo.models import cast_frozen_linears, resolve_policy_path
     from mogrpo.rl.rollout import completion_logprobs, generate_rollout
 
     G = cfg.samples_per_prompt
@@ -155,6 +154,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     sum_ = all_sum(acc)
     critic = load_critic(resolve_policy_path(cfg.policy, cfg.cache_dir), cfg.lora_r, cfg.lora_alpha,
                          cfg.lora_target_modules)
+    cast_frozen_linears(critic, amp)  # its frozen backbone too (models.cast_frozen_linears)
     actor_params = [p for p in run.model.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": actor_params, "lr": cfg.lr},
@@ -295,11 +295,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
             rec[f"reward/{c}/mean"] = float(col.mean()) if col.numel() else None
             rec[f"reward/{c}/std"] = float(col.std(unbiased=False)) if col.numel() else None
         if main:
-            with metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            for key, val in rec.items():
-                if key != "step" and isinstance(val, (int, float)):
-                    writer.add_scalar(key, val, step + 1)
+            log_metrics(metrics_path, writer, rec)
             bar.set_postfix(reward=f"{rec['reward/combined/mean']:.3f}", kl=f"{rec['kl']:.4f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             acc.wait_for_everyone()

@@ -100,7 +100,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
         torch.manual_seed(hash((seed, step, first_index + start)) % (2 ** 31))
         out = model.generate(input_ids=enc["input_ids"].to(device),
                              attention_mask=enc["attention_mask"].to(device),
-                             do_sample=not greedy, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=group_size,
+                             do_sample=not greedy, **sampling, max_new_tokens=max_new_tokens,
+                             num_return_sequences=group_size,
                              pad_token_id=pad, eos_token_id=sorted(eos))
         P = enc["input_ids"].shape[1]
         parts.append((enc["input_ids"].repeat_interleave(group_size, 0),
