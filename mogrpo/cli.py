@@ -349,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     from mogrpo.assets import AssetError
     from mogrpo.config import ConfigError
     from mogrpo.data.schema import DataError
+    from mogrpo.pipeline import PipelineError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, AssetError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, AssetError, FileNotFoundError, ValueError, PipelineError) as exc:
         print(f"mogrpo: error: {exc}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,10 @@ from mogrpo.config import ConfigError, atomic_write_text, field, from_dict, save
 ALGORITHMS = ("grpo", "ppo", "dpo")
 
 
+class PipelineError(RuntimeError):
+    """A stage's process failed; its own error message is above this one."""
+
+
 @dataclass
 class RunConfig:
     """Config of `mogrpo run` (YAML). Each section holds the keys of one stage's own config
@@ -114,28 +118,32 @@ def _config_class(algo: str):
     return _trainer(algo)[0]
 
 
-def _reward_runner(rm_cfg):
-    def run(folder: Path, resume: bool) -> None:
-        from mogrpo.reward.train import train_reward_model
+# Each stage runs as its own `mogrpo` process: its peak memory (cost.json) is its own, not the
+# pipeline's high-water mark, and all its memory is returned before the next stage starts.
+def _subprocess_stage(args: list[str], cfg, folder: Path, resume: bool) -> None:
+    import subprocess
 
-        train_reward_model(rm_cfg, folder, resume=resume)
-    return run
+    stage_cfg = folder / "stage_config.yaml"
+    save_config(cfg, stage_cfg)
+    cmd = [sys.executable, "-m", "mogrpo.cli", *args, "--config", str(stage_cfg), "--output", str(folder)]
+    if resume and args[0] != "eval":
+        cmd.append("--resume")
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise PipelineError(f"failed (exit {done.returncode}): {' '.join(cmd)}; fix the cause "
+                           "and run the same `mogrpo run` again: finished stages are reused, this one resumes")
+
+
+def _reward_runner(rm_cfg):
+    return lambda folder, resume: _subprocess_stage(["reward", "train"], rm_cfg, folder, resume)
 
 
 def _train_runner(algo: str, acfg):
-    def run(folder: Path, resume: bool) -> None:
-        from mogrpo.cli import _trainer
-
-        _trainer(algo)[1](acfg, folder, resume=resume)
-    return run
+    return lambda folder, resume: _subprocess_stage(["train", algo], acfg, folder, resume)
 
 
 def _eval_runner(model: str, eval_cfg):
-    def run(folder: Path, resume: bool) -> None:
-        from mogrpo.eval.harness import evaluate
-
-        evaluate(model, eval_cfg, folder)
-    return run
+    return lambda folder, resume: _subprocess_stage(["eval", "--model", model], eval_cfg, folder, resume)
 
 
 # Rough seconds on 2 CPU cores (measured on the default configs), only for the display.
@@ -213,7 +221,10 @@ def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_r
             f"{_fmt(stage.estimate * scale)}; elapsed {_fmt(time.time() - t0)}; after it about "
             f"{_fmt(remaining * scale)} left)")
         t = time.time()
-        stage.run(folder, resume)
+        try:
+            stage.run(folder, resume)
+        except PipelineError as exc:
+            raise PipelineError(f"stage {stage.name} {exc}") from None
         secs = round(time.time() - t, 1)
         scale = max(0.25, min(4.0, (scale + secs / max(stage.estimate, 1.0)) / 2))
         record = {"hash": h, "seconds": secs, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

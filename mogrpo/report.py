@@ -101,8 +101,9 @@ def verdict(rows: dict[str, dict], algo: str) -> dict:
         a, b = base.get(key), mine.get(key)
         if a is None or b is None:
             continue
+        same = math.isclose(a, b, rel_tol=0.0, abs_tol=1e-9)
         out[key] = {"label": label, "base": a, algo: b, "change": b - a,
-                    "improved": (b > a) if d > 0 else (b < a)}
+                    "improved": not same and ((b > a) if d > 0 else (b < a)), "unchanged": same}
     return out
 
 
@@ -165,7 +166,8 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, stages: dict | N
         md.append(f"## {a.upper()} against the base policy")
         md.append("")
         ups = [x["label"] for x in v.values() if x["improved"]]
-        downs = [x["label"] for x in v.values() if not x["improved"]]
+        downs = [x["label"] for x in v.values() if not x["improved"] and not x["unchanged"]]
+        same = [x["label"] for x in v.values() if x["unchanged"]]
         rm_keys = [k for k in v if k.startswith("rm/") and k != "rm/combined"]
         all_rm = bool(rm_keys) and all(v[k]["improved"] for k in rm_keys)
         ind = [k for k in ("refusal_rate", "compliance_rate", "toxicity") if k in v]
@@ -180,7 +182,8 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, stages: dict | N
             moves = ", ".join("%s %.3f -> %.3f" % (v[k]["label"], v[k]["base"], v[k][a]) for k in ind)
             md.append(f"- Independent safety metrics: {moves} "
                       f"({'improved' if all(v[k]['improved'] for k in ind) else 'not all improved'}).")
-        md.append(f"- Improved: {', '.join(ups) or 'nothing'}. Not improved: {', '.join(downs) or 'nothing'}.")
+        md.append(f"- Better: {', '.join(ups) or 'nothing'}. Worse: {', '.join(downs) or 'nothing'}."
+                  + (f" Unchanged: {', '.join(same)}." if same else ""))
         md.append("")
     if costs:
         md.append("## Cost")
@@ -278,7 +281,8 @@ def make_plots(run: Path, rows: dict[str, dict], costs: dict, algorithms: list[s
         fig, axes = plt.subplots(1, len(aspect_names), figsize=(3.2 * len(aspect_names), 3), squeeze=False)
         for ax, asp in zip(axes[0], aspect_names):
             for a, recs in curves.items():
-                pts = [(r["step"], r.get(f"reward/{asp}/mean")) for r in recs if r.get(f"reward/{asp}/mean") is not None]
+                key = f"reward/{asp}/mean"
+                pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, _smooth(list(ys)), label=a)

