@@ -162,3 +162,47 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype | None) -> in
                 m.bias.data = m.bias.data.to(dtype)
             n += 1
     return n
+
+
+class MergedGenerationCopy:
+    """A plain copy of a LoRA policy with the adapters merged in, for sampling only.
+
+    Unmerged LoRA costs every decoding step two extra small matmuls and PEFT's Python
+    dispatch in each adapted layer (measured: LoRA generation took 1.5x the time of the
+    same model without adapters, 6.0 s vs 4.0 s for 16 x 48 tokens on 2 cores). Merging
+    into the training model and unmerging after would drift its frozen bf16 weights by
+    rounding, so this keeps a separate copy: `sync()` writes W + scaling * B @ A (PEFT's
+    `get_delta_weight`) into the copy's layers before each rollout, in the dtype those
+    layers are stored in (bf16 under autocast). Costs one extra copy of the Linear weights.
+    The sampled distribution then differs from the training forward's only by bf16
+    rounding of the merged weight (as with any separate generation engine); the loss uses
+    the training forward's own log-probs, so it stays exact.
+    """
+
+    def __init__(self, peft_model: torch.nn.Module, dtype: torch.dtype | None):
+        import copy
+
+        for module in peft_model.modules():
+            if getattr(module, "use_dora", {}) and any(module.use_dora.values()):
+                raise ValueError("merged generation does not support DoRA adapters; set merged_generation=false")
+        self.model = copy.deepcopy(peft_model).merge_and_unload().eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        cast_frozen_linears(self.model, dtype)
+        self._targets = {}
+        copies = dict(self.model.named_modules())
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                plain = name.split("base_model.model.", 1)[-1]
+                self._targets[name] = (module, copies[plain])
+
+    @torch.no_grad()
+    def sync(self) -> "torch.nn.Module":
+        """Write the current merged weights into the copy; return the copy."""
+        for module, target in self._targets.values():
+            w = module.base_layer.weight.float()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    w = w + module.get_delta_weight(adapter).float()
+            target.weight.copy_(w.to(target.weight.dtype))
+        return self.model

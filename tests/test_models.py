@@ -45,3 +45,22 @@ def test_grpo_and_ppo_train_in_bf16_autocast(tiny_policy_dir, tiny_reward_model_
         trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), out / "final")
         lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
         assert lora_b and all(p.dtype == torch.float32 for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_merged_generation_copy_follows_the_adapters(tiny_policy_dir):
+    from mogrpo.models import MergedGenerationCopy
+
+    torch.manual_seed(0)
+    model, _ = load_policy(str(tiny_policy_dir), lora_r=4, lora_alpha=8)
+    merged = MergedGenerationCopy(model, None)
+    ids = torch.randint(5, 30, (2, 7))
+    with torch.no_grad():
+        for step in range(2):  # training moves the adapters; sync() must follow
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.2 * torch.randn_like(p))
+            want = model(input_ids=ids).logits
+            got = merged.sync()(input_ids=ids).logits
+            assert torch.allclose(want, got, atol=1e-5), step
+    assert not any(p.requires_grad for p in merged.model.parameters())
+    assert not hasattr(merged.model, "peft_config")  # a plain model: no adapter dispatch when decoding

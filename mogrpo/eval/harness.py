@@ -123,7 +123,7 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     """Evaluate one model; write OUTPUT/eval.json and OUTPUT/generations.jsonl; return eval.json."""
     from tqdm import tqdm
 
-    from mogrpo.models import autocast_dtype, cast_frozen_linears, load_policy
+    from mogrpo.models import MergedGenerationCopy, autocast_dtype, cast_frozen_linears, is_peft, load_policy
     from mogrpo.reward.judges import ToxicityJudge
     from mogrpo.reward.model import MultiAspectRewardModel
     from mogrpo.rl.advantages import weighted_sum
@@ -164,6 +164,8 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     for p in model.parameters():  # evaluation only: nothing trains, so every Linear can be bf16
         p.requires_grad_(False)
     cast_frozen_linears(model, amp)
+    # decoding from a merged copy: no per-layer adapter dispatch (models.MergedGenerationCopy)
+    gen_model = MergedGenerationCopy(model, amp).sync() if is_peft(model) else model
 
     # ---- generate: prompts sorted by length (less padding), n per prompt
     order = sorted(range(len(records)), key=lambda i: len(records[i].text))
@@ -175,7 +177,7 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     for s in bar:
         idx = order[s:s + cfg.batch_size]
         with amp_ctx():
-            ro = generate_rollout(model, tok, [records[i].text for i in idx], [records[i].kind for i in idx],
+            ro = generate_rollout(gen_model, tok, [records[i].text for i in idx], [records[i].kind for i in idx],
                                   group_size=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p, seed=cfg.seed, first_index=s, greedy=not cfg.sample)
         lengths = (ro.completion_mask.sum(1) - ro.finished.long()).tolist()  # EOS not counted
@@ -225,7 +227,7 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
         for s in range(0, len(sub), cfg.batch_size):
             part = sub[s:s + cfg.batch_size]
             with amp_ctx():
-                ro = generate_rollout(model, tok, [p.text for p in part], [p.kind for p in part], group_size=1,
+                ro = generate_rollout(gen_model, tok, [p.text for p in part], [p.kind for p in part], group_size=1,
                                       max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + 7,
                                       first_index=s)
             ids, attn, mask = ro.input_ids.to(device), ro.attention_mask.to(device), ro.completion_mask.to(device)

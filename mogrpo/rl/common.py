@@ -41,6 +41,8 @@ class PolicyRunConfig:
     # sampling
     max_new_tokens: int = field(48, help="completion length L")
     temperature: float = field(1.0, help="sampling temperature")
+    merged_generation: bool = field(True, help="LoRA: sample from a copy with the adapters merged in, "
+                                              "re-synced every step (faster decoding; models.MergedGenerationCopy)")
     # run
     seed: int = field(0, help="seed")
     precision: str = field("auto", help="auto (bf16 autocast where supported) | bf16 | fp32")

@@ -124,7 +124,8 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     from transformers import get_scheduler
 
     from mogrpo.eval.quick import evaluate_policy
-    from mogrpo.models import autocast_dtype, cast_frozen_linears, frozen_copy, is_peft, load_policy
+    from mogrpo.models import (MergedGenerationCopy, autocast_dtype, cast_frozen_linears, frozen_copy, is_peft,
+                               load_policy)
     from mogrpo.reward.model import MultiAspectRewardModel
     from mogrpo.rl.rollout import completion_logprobs, generate_rollout
     from mogrpo.rl.scoring import Scorer, extra_reward
@@ -175,6 +176,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     total_updates = cfg.steps * cfg.mu
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=total_updates)
+    merged = MergedGenerationCopy(model, amp) if (cfg.merged_generation and is_peft(model)) else None
     model, opt, sched = acc.prepare(model, opt, sched)
     policy = acc.unwrap_model(model)
     amp_ctx = (lambda: torch.autocast(acc.device.type, dtype=amp)) if amp else nullcontext
@@ -233,7 +235,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
                                                                cfg.seed, cfg.balance_kinds)]
         local = batch[rank * B_local:(rank + 1) * B_local]
         with timer("generation"), amp_ctx():
-            ro = generate_rollout(policy, tok, [p.text for p in local], [p.kind for p in local],
+            ro = generate_rollout(merged.sync() if merged else policy, tok, [p.text for p in local], [p.kind for p in local],
                                   group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, step=step,
                                   first_index=rank * B_local, chunk_prompts=cfg.generation_chunk or None)

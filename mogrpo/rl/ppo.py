@@ -142,7 +142,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     from transformers import get_scheduler
 
     from mogrpo.eval.quick import evaluate_policy
-    from mogrpo.models import cast_frozen_linears, resolve_policy_path
+    from mogrpo.models import MergedGenerationCopy, cast_frozen_linears, is_peft, resolve_policy_path
     from mogrpo.rl.rollout import completion_logprobs, generate_rollout
 
     G = cfg.samples_per_prompt
@@ -163,6 +163,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     total_updates = cfg.steps * cfg.ppo_epochs * n_mb
     sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=total_updates)
+    merged = MergedGenerationCopy(run.model, amp) if (cfg.merged_generation and is_peft(run.model)) else None
     model, critic, opt, sched = acc.prepare(run.model, critic, opt, sched)
     policy, value_net = acc.unwrap_model(model), acc.unwrap_model(critic)  # no-grad passes, saving
     B = cfg.batch_size // G  # prompts per step, all processes
@@ -203,7 +204,8 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                                                                cfg.seed, False)]
         local = batch[rank * B_local:(rank + 1) * B_local]
         with timer("generation"), amp_ctx():
-            ro = generate_rollout(policy, tok, [p.text for p in local], [p.kind for p in local], group_size=G,
+            ro = generate_rollout(merged.sync() if merged else policy, tok, [p.text for p in local],
+                                  [p.kind for p in local], group_size=G,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   seed=cfg.seed, step=step, first_index=rank * B_local,
                                   chunk_prompts=cfg.generation_chunk or None)
