@@ -189,6 +189,12 @@ class MergedGenerationCopy:
         for p in self.model.parameters():
             p.requires_grad_(False)
         cast_frozen_linears(self.model, dtype)
+        out = self.model.get_output_embeddings()
+        if dtype is not None and dtype != torch.float32 and out is not None and out.weight.dtype != dtype:
+            # A tied output head (SmolLM2) stays fp32 in cast_frozen_linears and autocast would
+            # re-cast its vocabulary x hidden weight at every decoding step: give the copy its own
+            # head in `dtype` (the input embedding keeps its fp32 weight).
+            out.weight = torch.nn.Parameter(out.weight.detach().to(dtype), requires_grad=False)
         self._targets = {}
         copies = dict(self.model.named_modules())
         for name, module in peft_model.named_modules():

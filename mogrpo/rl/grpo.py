@@ -67,7 +67,9 @@ class GRPOConfig(PolicyRunConfig):
     # optimisation
     steps: int = field(40, help="training steps (rollouts)")
     mu: int = field(1, help="optimisation passes per rollout")
-    micro_batch_size: int = field(16, help="sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = field(4, help="sequences per forward/backward (gradient accumulation; exact): "
+                                          "4 took the same time per step as 16 with 0.57x the peak memory "
+                                          "(SmolLM2-135M, 2 CPU cores)")
     lr: float = field(2e-4, help="AdamW learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(2, help="linear warm-up (optimizer steps)")
