@@ -160,7 +160,7 @@ def run_mogrpo(a, t0: float) -> dict:
         policy=a.policy, reward_model=a.reward_model, lora_r=16 if a.mode == "lora" else 0, lora_alpha=32,
         lora_dropout=0.0, train_prompts=a.prompt_file, eval_prompts="none", batch_size=a.batch_size,
         group_size=a.group_size, max_new_tokens=a.max_new_tokens, temperature=1.0, top_p=1.0,
-        steps=1 + a.steps, mu=1, micro_batch_size=a.batch_size, lr=a.lr, weight_decay=0.0, warmup_steps=2,
+        steps=1 + a.steps, mu=1, micro_batch_size=a.micro_batch or a.batch_size, lr=a.lr, weight_decay=0.0, warmup_steps=2,
         lr_schedule="constant_with_warmup", grad_clip=1.0, beta=a.beta, loss_aggregation="grpo",
         seed=0, precision=a.precision, num_threads=a.threads, save_every=0, sample_every=0,
         cache_dir=os.environ.get("MOGRPO_CACHE"))
@@ -229,7 +229,11 @@ def run_trl(a, t0: float) -> dict:
     args = GRPOConfig(
         output_dir=str(Path(a.workdir) / f"trl-{a.mode}-{a.repeat}"),
         use_cpu=device.type == "cpu", bf16=amp == torch.bfloat16, fp16=False,
-        per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1, steps_per_generation=1,
+        # --micro-batch m: both sides accumulate gradients over B/m micro-batches of m sequences; TRL
+        # still generates the whole step's B sequences at once (steps_per_generation = B/m).
+        per_device_train_batch_size=a.micro_batch or a.batch_size,
+        gradient_accumulation_steps=a.batch_size // (a.micro_batch or a.batch_size),
+        steps_per_generation=a.batch_size // (a.micro_batch or a.batch_size),
         num_generations=a.group_size, num_iterations=1, max_completion_length=a.max_new_tokens,
         temperature=1.0, top_p=1.0, top_k=0, beta=a.beta, epsilon=0.2, loss_type="grpo", scale_rewards="group",
         learning_rate=a.lr, weight_decay=0.0, lr_scheduler_type="constant_with_warmup", warmup_steps=2,
@@ -456,6 +460,8 @@ def main() -> None:
     ap.add_argument("--reward-model", default=str(ROOT / "runs" / "reward-default" / "model"))
     ap.add_argument("--prompts", default="default", help="'default' (mogrpo's training prompts) or a prompt file")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (B * G)")
+    ap.add_argument("--micro-batch", type=int, default=0, help="sequences per forward/backward on both sides "
+                    "(gradient accumulation; 0 = the whole step at once)")
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--beta", type=float, default=0.04)
@@ -484,6 +490,8 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device here")
     if a.batch_size % a.group_size:
         raise SystemExit("--batch-size must be a multiple of --group-size")
+    if a.micro_batch and (a.batch_size % a.micro_batch or a.micro_batch % a.group_size):
+        raise SystemExit("--micro-batch must divide --batch-size and be a multiple of --group-size")
     from mogrpo.models import autocast_dtype
 
     amp = autocast_dtype(torch.device(a.device), a.precision)
@@ -503,6 +511,7 @@ def main() -> None:
                        "--workdir", str(workdir), "--prompt-file", prompt_file, "--trl-order-file", order_file,
                        "--result", str(result), "--policy", a.policy, "--reward-model", a.reward_model,
                        "--batch-size", str(a.batch_size), "--group-size", str(a.group_size),
+                       "--micro-batch", str(a.micro_batch),
                        "--max-new-tokens", str(a.max_new_tokens), "--beta", str(a.beta), "--lr", str(a.lr),
                        "--steps", str(a.steps), "--precision", a.precision, "--device", a.device,
                        "--threads", str(a.threads)] + (["--trl-generation-autocast"] if a.trl_generation_autocast else [])
@@ -529,7 +538,7 @@ def main() -> None:
                      "prompt_ids_per_step": per_step, "batch_size": a.batch_size, "group_size": a.group_size,
                      "max_new_tokens": a.max_new_tokens, "beta": a.beta, "lr": a.lr, "steps": a.steps,
                      "warmup_steps": 1, "repeats": a.repeats, "device": a.device, "threads": a.threads,
-                     "precision": str(amp or "fp32"), "trl_generation_autocast": a.trl_generation_autocast,
+                     "precision": str(amp or "fp32"), "trl_generation_autocast": a.trl_generation_autocast, "micro_batch": a.micro_batch or a.batch_size,
                      "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
         "summary": summary, "runs": runs,
     }
