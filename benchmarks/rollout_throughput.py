@@ -82,7 +82,7 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d"), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                                           "processor": platform.processor(), "device": str(device),
                                                           "gpu": gpu},
-           "settings": {**vars(args), "autocast": str(amp)},
+           "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "autocast": str(amp)},
            "mogrpo_tokens_per_s": round(tps_a, 1), "bare_generate_tokens_per_s": round(tps_b, 1),
            "ratio_mogrpo_over_bare": round(tps_a / tps_b, 3),
            "raw": {"mogrpo": a, "bare": b}}
