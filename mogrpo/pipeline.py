@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -234,10 +234,6 @@ def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_r
     report = write_report(out, cfg.algorithms, stages=summary, pipeline_seconds=wall)
     log(f"done in {_fmt(wall)}: {out / 'report.md'}")
     return report
-
-
-def describe_run_config() -> str:
-    return "\n".join(f"  {f.name}: {f.metadata.get('help', '')}" for f in fields(RunConfig))
 
 
 def main_log(msg: str) -> None:

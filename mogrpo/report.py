@@ -22,6 +22,7 @@ SHAPE = [("kl_to_base", "KL to base", 0), ("mean_length", "length (tokens)", 0),
          ("empty_rate", "empty", -1), ("truncated_rate", "truncated", 0)]
 COST = [("wall_seconds", "train wall (s)", -1), ("peak_memory_mb", "peak memory (MB)", -1),
         ("tokens_generated", "tokens generated", 0)]
+COST_KEYS = {k for k, _, _ in COST}
 
 
 def model_row(ev: dict) -> dict:
@@ -96,7 +97,7 @@ def verdict(rows: dict[str, dict], algo: str) -> dict:
     base, mine = rows["base"], rows[algo]
     out = {}
     for key, label, d in columns_for(rows):
-        if d == 0 or key in dict((k, 1) for k, _, _ in COST):
+        if d == 0 or key in COST_KEYS:
             continue
         a, b = base.get(key), mine.get(key)
         if a is None or b is None:

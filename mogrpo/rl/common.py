@@ -52,6 +52,34 @@ class PolicyRunConfig:
     cache_dir: str | None = field(None, help="asset cache")
 
 
+def open_metrics(out: Path, main: bool, resume: bool):
+    """(metrics.jsonl path, TensorBoard writer or None off the main process); a fresh run starts
+    an empty metrics file, a resumed one appends."""
+    path = out / "metrics.jsonl"
+    if not main:
+        return path, None
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not resume:
+        path.write_text("")
+    return path, SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def close_run(acc, writer, evaluate_after, eval_before, out: Path, model, tokenizer, *, t_start: float,
+              timer: "PhaseTimer", amp, tokens_generated: int, **extra) -> dict:
+    """The end every loop shares: the after-training evaluation (all processes), then on the main
+    process the writer closed and `finish_run`'s files. Returns the result (with cost on main)."""
+    with timer("evaluation"):
+        eval_after = evaluate_after()
+    acc.wait_for_everyone()
+    result = {"eval_before": eval_before, "eval_after": eval_after}
+    if acc.is_main_process:
+        writer.close()
+        result = finish_run(out, model, tokenizer, result, t_start=t_start, timer=timer, device=acc.device,
+                            amp=amp, tokens_generated=tokens_generated, **extra, processes=acc.num_processes)
+    return result
+
+
 def log_metrics(path: Path, writer, rec: dict) -> None:
     """Append one step's record to metrics.jsonl and its finite numbers to TensorBoard."""
     import json

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from mogrpo.config import atomic_write_text, field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, finish_run, load_latest_checkpoint,
-                              load_prompt_set, log_metrics, peak_memory_mb, save_checkpoint, setup_run,
-                              step_prompt_indices, trainable_state)
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, close_run, load_latest_checkpoint,
+                              load_prompt_set, log_metrics, open_metrics, peak_memory_mb, save_checkpoint,
+                              setup_run, step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import dpo_loss
 
 
@@ -226,14 +226,7 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
             eval_before = evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
                                           max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
                                           out_file=out / "eval_before_generations.jsonl")
-    writer = None
-    metrics_path = out / "metrics.jsonl"
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        if not resume:
-            metrics_path.write_text("")
+    metrics_path, writer = open_metrics(out, main, resume)
     bar = tqdm(range(start_step, total), desc="dpo", disable=not (show_progress and main), initial=start_step,
                total=total)
     model.train()
@@ -284,14 +277,8 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
                     "eval_before": eval_before}, cfg.keep_checkpoints)
             acc.wait_for_everyone()
     bar.close()
-    with timer("evaluation"):
-        eval_after = evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
-                                     max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
-                                     out_file=out / "eval_after_generations.jsonl")
-    acc.wait_for_everyone()
-    result = {"eval_before": eval_before, "eval_after": eval_after}
-    if main:
-        writer.close()
-        result = finish_run(out, policy, tok, result, t_start=t_start, timer=timer, device=acc.device, amp=amp,
-                            tokens_generated=tokens_generated, pairs=len(pairs), steps=total, processes=world)
-    return result
+    return close_run(acc, writer, lambda: evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
+                                                          max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
+                                                          out_file=out / "eval_after_generations.jsonl"),
+                     eval_before, out, policy, tok, t_start=t_start, timer=timer, amp=amp,
+                     tokens_generated=tokens_generated, pairs=len(pairs), steps=total)

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from mogrpo.config import field, save_config
 from mogrpo.rl.advantages import MODES, group_advantages, update_multipliers, weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, balanced_subset, finish_run, load_latest_checkpoint,
-                              load_prompt_set, log_metrics, peak_memory_mb, require_reward_model,
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, balanced_subset, close_run, load_latest_checkpoint,
+                              load_prompt_set, log_metrics, open_metrics, peak_memory_mb, require_reward_model,
                               save_checkpoint, step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import AGGREGATIONS, grpo_loss
 
@@ -220,14 +220,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
         with timer("evaluation"):
             eval_before = evaluate("before")
 
-    metrics_path = out / "metrics.jsonl"
-    if main and not resume:
-        metrics_path.write_text("")
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+    metrics_path, writer = open_metrics(out, main, resume)
     bar = tqdm(range(start_step, cfg.steps), desc="grpo", disable=not (show_progress and main), unit="step",
                initial=start_step, total=cfg.steps)
     for step in bar:
@@ -237,8 +230,8 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
                                                                cfg.seed, cfg.balance_kinds)]
         local = batch[rank * B_local:(rank + 1) * B_local]
         with timer("generation"), amp_ctx():
-            ro = generate_rollout(merged.sync() if merged else policy, tok, [p.text for p in local], [p.kind for p in local],
-                                  group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+            ro = generate_rollout(merged.sync() if merged else policy, tok, [p.text for p in local],
+                                  [p.kind for p in local], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, step=step,
                                   first_index=rank * B_local, chunk_prompts=cfg.generation_chunk or None)
         n_tokens = int(ro.completion_mask.sum())
@@ -371,13 +364,5 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
                     "eval_before": eval_before}, cfg.keep_checkpoints)
             acc.wait_for_everyone()
     bar.close()
-
-    with timer("evaluation"):
-        eval_after = evaluate("after")
-    acc.wait_for_everyone()
-    result = {"eval_before": eval_before, "eval_after": eval_after}
-    if main:
-        writer.close()
-        result = finish_run(out, policy, tok, result, t_start=t_start, timer=timer, device=acc.device, amp=amp,
-                            tokens_generated=tokens_generated, steps=cfg.steps, processes=world)
-    return result
+    return close_run(acc, writer, lambda: evaluate("after"), eval_before, out, policy, tok, t_start=t_start,
+                     timer=timer, amp=amp, tokens_generated=tokens_generated, steps=cfg.steps)

@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from mogrpo.config import field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, finish_run, load_latest_checkpoint,
-                              load_prompt_set, log_metrics, owned_share, peak_memory_mb, save_checkpoint,
-                              setup_run, step_prompt_indices, trainable_state)
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, close_run, load_latest_checkpoint,
+                              load_prompt_set, log_metrics, open_metrics, owned_share, peak_memory_mb,
+                              save_checkpoint, setup_run, step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import gae, grpo_loss, value_loss
 
 
@@ -187,14 +187,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     if eval_before is None:
         with timer("evaluation"):
             eval_before = evaluate("before")
-    writer = None
-    metrics_path = out / "metrics.jsonl"
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        if not resume:
-            metrics_path.write_text("")
+    metrics_path, writer = open_metrics(out, main, resume)
     bar = tqdm(range(start_step, cfg.steps), desc="ppo", disable=not (show_progress and main),
                initial=start_step, total=cfg.steps)
     for step in bar:
@@ -309,12 +302,5 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                     "tokens_generated": tokens_generated, "eval_before": eval_before}, cfg.keep_checkpoints)
             acc.wait_for_everyone()
     bar.close()
-    with timer("evaluation"):
-        eval_after = evaluate("after")
-    acc.wait_for_everyone()
-    result = {"eval_before": eval_before, "eval_after": eval_after}
-    if main:
-        writer.close()
-        result = finish_run(out, policy, tok, result, t_start=t_start, timer=timer, device=acc.device, amp=amp,
-                            tokens_generated=tokens_generated, steps=cfg.steps, processes=world)
-    return result
+    return close_run(acc, writer, lambda: evaluate("after"), eval_before, out, policy, tok, t_start=t_start,
+                     timer=timer, amp=amp, tokens_generated=tokens_generated, steps=cfg.steps)
