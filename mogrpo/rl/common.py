@@ -28,6 +28,8 @@ class PolicyRunConfig:
     lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all linear layers)")
     # data
     train_prompts: str = field("default", help="'default' (AdvBench + benign train split) or a prompt JSONL/CSV")
+    balance_kinds: bool = field(False, help="draw each batch evenly from harmful and benign prompts "
+                                           "(else uniformly from all training prompts)")
     eval_prompts: str = field("default", help="'default' (HarmBench + benign eval split), a file, or 'none'")
     eval_max_prompts: int = field(0, help="evaluate on at most this many prompts, balanced by kind (0 = all)")
     eval_max_new_tokens: int = field(64, help="tokens per greedy evaluation completion")
@@ -41,6 +43,11 @@ class PolicyRunConfig:
     # sampling
     max_new_tokens: int = field(48, help="completion length L")
     temperature: float = field(1.0, help="sampling temperature")
+    guided_samples: int = field(0, help="samples per group that start from a refusal opener and are "
+                                        "finished by the policy (exploration the reward then judges; "
+                                        "mogrpo/rl/rollout.py); 0 = every sample is the policy's own")
+    guide_openers: list[str] | None = field(None, help="openers of guided samples (default: "
+                                            "rollout.REFUSAL_OPENERS)")
     merged_generation: bool = field(True, help="LoRA: sample from a copy with the adapters merged in, "
                                               "re-synced every step (faster decoding; models.MergedGenerationCopy)")
     # run
@@ -50,6 +57,45 @@ class PolicyRunConfig:
     save_every: int = field(20, help="checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = field(2, help="keep the newest N checkpoints (0 = keep all)")
     cache_dir: str | None = field(None, help="asset cache")
+
+
+def check_guided(guided: int, group: int, group_key: str) -> None:
+    """Config-time check: guided samples leave at least one of the policy's own per group."""
+    if not 0 <= guided < group:
+        raise ValueError(f"guided_samples = {guided} with {group_key} = {group}: use 0 <= guided_samples < "
+                         f"{group_key} (at least one sample per group must be the policy's own), e.g. 1")
+
+
+def rollout_kwargs(cfg: PolicyRunConfig) -> dict:
+    """The guided-sampling arguments of generate_rollout from a run config."""
+    from mogrpo.rl.rollout import REFUSAL_OPENERS
+
+    return {"guided": cfg.guided_samples, "openers": tuple(cfg.guide_openers or REFUSAL_OPENERS)}
+
+
+JUDGE_KEYS = ("judge/refusal_harmful", "judge/over_refusal_benign", "judge/guided_refusal_harmful",
+              "judge/guided_refusal_benign")
+
+
+def judge_rates(acc, ro) -> dict:
+    """Independent judges on a rollout, logged every step as zero-weight columns (they never
+    enter the advantage): the pattern refusal judge's refusal rate on the harmful prompts' own
+    (unguided) samples, its over-refusal rate on the benign prompts' own samples, and the
+    refusal rates of guided samples. Counts are summed over processes; None = no such sample."""
+    from mogrpo.eval.metrics import is_refusal
+
+    G = ro.group_size
+    guided = ro.guided.tolist() if ro.guided is not None else [False] * len(ro.completions)
+    counts = torch.zeros(len(JUDGE_KEYS), 2, dtype=torch.float64)  # [keys, (refusals, samples)]
+    for i, text in enumerate(ro.completions):
+        kind = ro.kinds[i // G]
+        if kind not in ("harmful", "benign"):
+            continue
+        k = (0 if kind == "harmful" else 1) + (2 if guided[i] else 0)
+        counts[k, 0] += float(is_refusal(text))
+        counts[k, 1] += 1
+    counts = all_sum(acc)(counts.to(acc.device)).cpu()
+    return {key: (float(c[0] / c[1]) if c[1] else None) for key, c in zip(JUDGE_KEYS, counts)}
 
 
 def open_metrics(out: Path, main: bool, resume: bool):

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from mogrpo.config import atomic_write_text, field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, close_run, load_latest_checkpoint,
-                              load_prompt_set, log_metrics, open_metrics, peak_memory_mb, save_checkpoint,
-                              setup_run, step_prompt_indices, trainable_state)
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, check_guided, close_run, load_latest_checkpoint,
+                              load_prompt_set, log_metrics, open_metrics, peak_memory_mb, rollout_kwargs,
+                              save_checkpoint, setup_run, step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import dpo_loss
 
 
@@ -59,6 +59,7 @@ class DPOConfig(PolicyRunConfig):
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2 to pick a best and a worst response")
+        check_guided(self.guided_samples, self.samples_per_prompt, "samples_per_prompt")
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
         if self.beta <= 0:
@@ -157,7 +158,8 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         pairs = load_pairs_file(cfg.pairs)
     else:
         prompts = load_prompt_set(cfg.train_prompts, cfg.cache_dir, "train")
-        chosen_idx = step_prompt_indices([p.kind for p in prompts], cfg.pair_prompts, 0, cfg.seed, False)
+        chosen_idx = step_prompt_indices([p.kind for p in prompts], cfg.pair_prompts, 0, cfg.seed,
+                                         cfg.balance_kinds)
         pool = [prompts[i] for i in chosen_idx]
         found_here, skipped, n_tokens = [], 0, 0  # (index in pool, pair) of this process's chunks
         from mogrpo.rl.pairs import best_worst_pairs
@@ -171,7 +173,8 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
             with timer("generation"), reference(), amp_ctx():
                 ro = generate_rollout(ref_net, tok, [p.text for p in part], [p.kind for p in part],
                                       group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, seed=cfg.seed, step=0, first_index=start)
+                                      temperature=cfg.temperature, seed=cfg.seed, step=0, first_index=start,
+                                      **rollout_kwargs(cfg))
             n_tokens += int(ro.completion_mask.sum())
             with timer("scoring"):
                 rewards = scorer.score(ro.prompts, ro.kinds, ro.completions, cfg.samples_per_prompt)

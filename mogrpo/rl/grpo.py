@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 from mogrpo.config import field, save_config
 from mogrpo.rl.advantages import MODES, group_advantages, update_multipliers, weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, balanced_subset, close_run, load_latest_checkpoint,
-                              load_prompt_set, log_metrics, open_metrics, peak_memory_mb, require_reward_model,
-                              save_checkpoint, step_prompt_indices, trainable_state)
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, balanced_subset, check_guided, close_run,
+                              judge_rates, load_latest_checkpoint, load_prompt_set, log_metrics, open_metrics,
+                              peak_memory_mb, require_reward_model, rollout_kwargs, save_checkpoint,
+                              step_prompt_indices, trainable_state)
 from mogrpo.rl.losses import AGGREGATIONS, grpo_loss
 
 
@@ -60,8 +61,6 @@ class GRPOConfig(PolicyRunConfig):
     batch_size: int = field(16, help="sequences per step (B*G) across all processes")
     group_size: int = field(4, help="G: samples per prompt")
     top_p: float = field(1.0, help="nucleus sampling")
-    balance_kinds: bool = field(False, help="draw each batch evenly from harmful and benign prompts "
-                                           "(else uniformly from all training prompts)")
     generation_chunk: int = field(0, help="prompts per generate call (0 = the whole local batch); "
                                           "seeding is per chunk, so keep it equal across runs to compare")
     # optimisation
@@ -87,6 +86,7 @@ class GRPOConfig(PolicyRunConfig):
         if self.group_size < 2:
             raise ValueError(f"group_size (G) = {self.group_size}: GRPO needs G >= 2 samples per prompt "
                              "to compare them; set group_size=4 or more")
+        check_guided(self.guided_samples, self.group_size, "group_size")
         if self.batch_size % self.group_size:
             raise ValueError(f"batch_size = {self.batch_size} is not divisible by group_size = "
                              f"{self.group_size}; use a multiple, e.g. {self.group_size * 4}")
@@ -233,7 +233,8 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
             ro = generate_rollout(merged.sync() if merged else policy, tok, [p.text for p in local],
                                   [p.kind for p in local], group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, step=step,
-                                  first_index=rank * B_local, chunk_prompts=cfg.generation_chunk or None)
+                                  first_index=rank * B_local, chunk_prompts=cfg.generation_chunk or None,
+                                  **rollout_kwargs(cfg))
         n_tokens = int(ro.completion_mask.sum())
         tokens_generated += int(acc.reduce(torch.tensor(n_tokens), reduction="sum"))
 
@@ -334,6 +335,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
         combined = weighted_sum(flat, weights)
         rec["reward/combined/mean"] = float(torch.nanmean(combined))
         rec.update({k: v for k, v in adv_stats.items() if not k.startswith("combined")})
+        rec.update(judge_rates(acc, ro))  # zero-weight columns: logged, never in the advantage
         for j, c in enumerate(scorer.columns):
             if constrained[j]:
                 rec[f"multiplier/{c}"] = float(multipliers[j])

@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from mogrpo.config import field
 from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, close_run, load_latest_checkpoint,
-                              load_prompt_set, log_metrics, open_metrics, owned_share, peak_memory_mb,
-                              save_checkpoint, setup_run, step_prompt_indices, trainable_state)
+from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, check_guided, close_run, judge_rates,
+                              load_latest_checkpoint, load_prompt_set, log_metrics, open_metrics, owned_share,
+                              peak_memory_mb, rollout_kwargs, save_checkpoint, setup_run, step_prompt_indices,
+                              trainable_state)
 from mogrpo.rl.losses import gae, grpo_loss, value_loss
 
 
@@ -59,6 +60,7 @@ class PPOConfig(PolicyRunConfig):
     whiten_advantages: bool = field(True, help="whiten advantages over the batch")
 
     def __post_init__(self) -> None:
+        check_guided(self.guided_samples, self.samples_per_prompt, "samples_per_prompt")
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"batch_size = {self.batch_size} is not divisible by samples_per_prompt = "
                              f"{self.samples_per_prompt}")
@@ -194,14 +196,14 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
         t0 = time.perf_counter()
         # ---- rollout: this process's share of the step's B prompts (global seeding)
         batch = [train_prompts[i] for i in step_prompt_indices([p.kind for p in train_prompts], B, step,
-                                                               cfg.seed, False)]
+                                                               cfg.seed, cfg.balance_kinds)]
         local = batch[rank * B_local:(rank + 1) * B_local]
         with timer("generation"), amp_ctx():
             ro = generate_rollout(merged.sync() if merged else policy, tok, [p.text for p in local],
                                   [p.kind for p in local], group_size=G,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   seed=cfg.seed, step=step, first_index=rank * B_local,
-                                  chunk_prompts=cfg.generation_chunk or None)
+                                  chunk_prompts=cfg.generation_chunk or None, **rollout_kwargs(cfg))
         with timer("scoring"):
             rewards = scorer.score(ro.prompts, ro.kinds, ro.completions, G)  # [B_local, G, K]
         score = torch.nan_to_num(weighted_sum(rewards, weights)).reshape(-1)  # [N_local]
@@ -289,6 +291,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
             col = flat[:, j][~torch.isnan(flat[:, j])]
             rec[f"reward/{c}/mean"] = float(col.mean()) if col.numel() else None
             rec[f"reward/{c}/std"] = float(col.std(unbiased=False)) if col.numel() else None
+        rec.update(judge_rates(acc, ro))  # zero-weight columns: logged, never in the reward
         if main:
             log_metrics(metrics_path, writer, rec)
             bar.set_postfix(reward=f"{rec['reward/combined/mean']:.3f}", kl=f"{rec['kl']:.4f}")
