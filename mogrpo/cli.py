@@ -202,6 +202,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reward_data(args: argparse.Namespace) -> int:
+    from mogrpo.data.onpolicy import make_onpolicy_data
+
+    summary = make_onpolicy_data(args.from_policy, args.output, cache=args.cache_dir, show_progress=not args.quiet,
+                                 prompts=args.prompts, samples=args.samples, guided=args.guided,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 seed=args.seed, max_prompts=args.max_prompts)
+    print(f"wrote {summary['rows']} labelled on-policy rows to {args.output}; refusal shares (labeller): "
+          + ", ".join(f"{k.replace('_refusal_share', '')} {v:.2f}" for k, v in summary.items() if k != "rows"))
+    print(f"use it: mogrpo reward train ... 'data=[default, {args.output}]'")
+    return 0
+
+
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from mogrpo.assets import asset_path
     from mogrpo.data.default_rm import ASPECTS, DefaultRMConfig, build_default_rm_data
@@ -265,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--device", default="cpu")
     rs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     rs.set_defaults(func=_cmd_reward_score)
+
+    rd = rsub.add_parser("data", help="on-policy reward data: sample a policy on training prompts, label it",
+                         description="Sample the policy (a run folder, model/adapter folder or hub id) on "
+                         "training prompts only, label each completion with the refusal labeller "
+                         "(safety on harmful prompts, actionability on benign ones) and write labelled "
+                         "JSONL for `mogrpo reward train ... data=[default, FILE]`.")
+    rd.add_argument("--from-policy", required=True, metavar="RUN",
+                    help="policy to sample: a run folder, a model or adapter folder, builtin: or a hub id")
+    rd.add_argument("--output", required=True, help="JSONL file to write")
+    rd.add_argument("--prompts", default="default", help="training prompts: 'default' or a prompt JSONL/CSV")
+    rd.add_argument("--samples", type=int, default=2, help="the policy's own samples per prompt")
+    rd.add_argument("--guided", type=int, default=2, help="samples per prompt started from a refusal opener")
+    rd.add_argument("--max-prompts", type=int, default=0, help="at most this many prompts, balanced (0 = all)")
+    rd.add_argument("--max-new-tokens", type=int, default=48)
+    rd.add_argument("--temperature", type=float, default=1.0)
+    rd.add_argument("--seed", type=int, default=0)
+    rd.add_argument("--cache-dir", help="asset cache folder")
+    rd.add_argument("--quiet", action="store_true", help="no progress bar")
+    rd.set_defaults(func=_cmd_reward_data)
 
     t = sub.add_parser("train", help="train a policy: grpo, or the ppo / dpo baselines")
     tsub = t.add_subparsers(dest="train_command", required=True)

@@ -50,4 +50,4 @@ def test_shipped_default_config_loads():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(RewardTrainConfig, root / "configs" / "reward" / "default.yaml")
     assert cfg.aspects == ["safety", "actionability", "politeness", "meaningfulness"]
-    assert cfg.data == ["default"]
+    assert cfg.data == ["default", "onpolicy"]

@@ -42,9 +42,11 @@ class RewardTrainConfig:
     dropout: float = field(0.0, help="dropout inside the backbone; 0 by default because on CPU the "
                                      "dropout masks tripled the step time (measured on MiniLM) and "
                                      "early stopping regularises the small data set")
-    data: list[str] = field(default_factory=lambda: ["default"],
-                            help="data sources: 'default' (packaged, offline), a .jsonl/.csv path, "
-                                 "or 'hf:<pku-saferlhf|helpsteer2|beavertails>:<hub id or file>'")
+    data: list[str] = field(default_factory=lambda: ["default", "onpolicy"],
+                            help="data sources: 'default' (packaged, offline), 'onpolicy' (packaged "
+                                 "SmolLM2 completions labelled by the refusal labeller), a .jsonl/.csv "
+                                 "path (e.g. from `mogrpo reward data`), or "
+                                 "'hf:<pku-saferlhf|helpsteer2|beavertails>:<hub id or file>'")
     splits: list[float] = field(default_factory=lambda: [0.75, 0.10, 0.15],
                                 help="train/validation/test fractions for non-default sources, by prompt")
     aspect_weights: dict[str, float] = field(default_factory=dict,
@@ -127,6 +129,11 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
             stats["default"] = d.stats
             continue
         report = LoadReport()
+        name = source  # as the config names it (stats stay free of machine paths)
+        if source == "onpolicy":
+            from mogrpo.data.onpolicy import packaged_onpolicy_path
+
+            source = str(packaged_onpolicy_path())
         if source.startswith("hf:"):
             from mogrpo.data.hf import load_hf_labelled
 
@@ -136,10 +143,15 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
             rows = load_hf_labelled(parts[1], parts[2], aspects=cfg.aspects, report=report)
         else:
             rows = load_labelled(source, cfg.aspects, report=report)
+        parts: dict[str, list[LabelledResponse]] = {"train": [], "validation": [], "test": []}
         for r in rows:
-            {"train": train, "validation": val, "test": test}[
-                split_of(normalise_text(r.prompt), cfg.seed, fractions)].append(r)
-        stats[source] = {"report": report.summary()}
+            parts[split_of(normalise_text(r.prompt), cfg.seed, fractions)].append(r)
+        if any(r.meta.get("construction") == "onpolicy" for r in rows):
+            stats[name] = {"onpolicy_constructions": _onpolicy_extras(parts, cfg)}
+        train += parts["train"]
+        val += parts["validation"]
+        test += parts["test"]
+        stats.setdefault(name, {})["report"] = report.summary()
     if cfg.partition != "all":
         train, val, test = ([r for r in rows if prompt_partition(r.prompt) == cfg.partition]
                             for rows in (train, val, test))
@@ -153,6 +165,88 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
             raise DataError(f"aspect {a!r} has no label in the training data; drop it from "
                             f"'aspects' or add a source that labels it")
     return RewardData(train=train, validation=val, test=test, stats=stats)
+
+
+def _onpolicy_extras(parts: dict[str, list[LabelledResponse]], cfg: RewardTrainConfig) -> dict:
+    """On-policy rows (mogrpo/data/onpolicy.py) get politeness from the toxicity teacher, and
+    the train/validation splits get "disclaimer, then complies" constructions (safety 0) from
+    their compliant harmful answers; the test split keeps none (the probes use other wrappers)."""
+    from mogrpo.assets import asset_path
+    from mogrpo.data.onpolicy import TRAIN_DISCLAIMERS, disclaimer_rows
+    from mogrpo.reward.judges import ToxicityJudge
+
+    judge = None
+    counts = {}
+    for i, name in enumerate(("train", "validation", "test")):
+        rows = parts[name]
+        if name != "test":
+            rows += disclaimer_rows(rows, TRAIN_DISCLAIMERS, random.Random(cfg.seed * 1000 + 17 + i))
+        need = [r for r in rows if "politeness" in cfg.aspects and math.isnan(r.labels.get("politeness", math.nan))
+                and r.meta.get("construction") in ("onpolicy", "disclaimer_then_comply")]
+        if need:
+            judge = judge or ToxicityJudge(asset_path("profanity-check", cfg.cache_dir) / "data")
+            for r, v in zip(need, judge.politeness([r.response for r in need])):
+                r.labels["politeness"] = float(v)
+        counts[name] = {"rows": len(rows),
+                        "disclaimer_then_comply": sum(r.meta.get("construction") == "disclaimer_then_comply"
+                                                      for r in rows)}
+    return counts
+
+
+def on_policy_validation(model: MultiAspectRewardModel, rows: list[LabelledResponse], seed: int = 0,
+                         refusal_at: float = 0.6, comply_at: float = 0.4) -> dict:
+    """How the reward model ranks the policy's own outputs on held-out prompts (`rows`: the
+    test split). Labels are the refusal labeller's: a refusal has P(refusal) >= `refusal_at`,
+    a compliant answer <= `comply_at` (the uncertain middle is left out).
+
+    - harmful_refusal_over_compliance: per harmful prompt, every (refusal, compliant answer)
+      pair; correct when safety ranks the refusal higher;
+    - benign_answer_over_refusal: per benign prompt, every (answer, refusal) pair; correct
+      when actionability ranks the answer higher;
+    - disclaimer_probes: a compliant answer behind a held-out disclaimer (PROBE_DISCLAIMERS,
+      never trained on) against each refusal to the same prompt; correct when safety ranks
+      the refusal higher.
+    Each: {"pairwise_accuracy", "n"} (accuracy None when n = 0)."""
+    from collections import defaultdict
+
+    from mogrpo.data.onpolicy import PROBE_DISCLAIMERS
+
+    groups: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: {"refusal": [], "answer": []})
+    for r in rows:
+        if r.meta.get("construction") != "onpolicy":
+            continue
+        q = r.meta.get("p_refusal")
+        if q is None or r.meta.get("kind") not in ("harmful", "benign"):
+            continue
+        side = "refusal" if q >= refusal_at else "answer" if q <= comply_at else None
+        if side:
+            groups[(r.meta["kind"], r.prompt)][side].append(r.response)
+    rng = random.Random(seed)
+    pairs = {"harmful_refusal_over_compliance": [], "benign_answer_over_refusal": [], "disclaimer_probes": []}
+    for (kind, prompt), g in groups.items():
+        for ref in g["refusal"]:
+            for ans in g["answer"]:
+                if kind == "harmful":
+                    pairs["harmful_refusal_over_compliance"].append((prompt, ref, ans))
+                    pairs["disclaimer_probes"].append((prompt, ref, f"{rng.choice(PROBE_DISCLAIMERS)} {ans}"))
+                else:
+                    pairs["benign_answer_over_refusal"].append((prompt, ans, ref))
+    aspect = {"harmful_refusal_over_compliance": "safety", "disclaimer_probes": "safety",
+              "benign_answer_over_refusal": "actionability"}
+    out = {}
+    for name, ps in pairs.items():
+        a = aspect[name]
+        if not ps or a not in model.aspects:
+            out[name] = {"pairwise_accuracy": None, "n": len(ps) if a in model.aspects else 0}
+            continue
+        k = model.aspects.index(a)
+        prompts = [p for p, _, _ in ps] * 2
+        texts = [hi for _, hi, _ in ps] + [lo for _, _, lo in ps]
+        s = model.score(prompts, texts)[:, k]
+        hi, lo = s[:len(ps)], s[len(ps):]
+        out[name] = {"pairwise_accuracy": round(float((hi > lo).float().mean()), 4), "n": len(ps),
+                     "mean_margin": round(float((hi - lo).mean()), 4), "aspect": a}
+    return out
 
 
 def prompt_partition(prompt: str) -> str:
@@ -367,6 +461,9 @@ def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, res
     if human.any() and not human.all():
         metrics["aspects_human_rows_only"] = aspect_metrics(tp[human], tt[human], cfg.aspects)
     metrics["sanity"] = run_sanity(model)
+    # The policy's own outputs on held-out prompts (when the data has on-policy rows).
+    if any(r.meta.get("construction") == "onpolicy" for r in data.test):
+        metrics["on_policy"] = on_policy_validation(model, data.test, cfg.seed)
     model.save(out / "model")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

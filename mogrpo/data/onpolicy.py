@@ -1,0 +1,158 @@
+"""On-policy reward data: the policy's own completions on *training* prompts, labelled.
+
+A reward model trained only on other models' answers never sees how the policy it scores
+actually writes, so a policy can raise its reward with a change of tone while it keeps
+complying. The fix is to label the policy's own outputs, conditioned on the prompt:
+
+- harmful prompt: safety = P(refusal) from the refusal labeller (mogrpo/reward/labeller.py):
+  providing the content is unsafe whatever disclaimers surround it; actionability n/a;
+- benign prompt: safety = 1; actionability = 1 - P(refusal) (refusing a benign request
+  costs helpfulness).
+Politeness comes from the toxicity teacher and meaningfulness stays n/a (NaN, masked) when
+the rows are read as a reward-data source (`mogrpo.reward.train`).
+
+Samples per prompt: `samples` of the policy's own plus `guided` that start from a refusal
+opener (mogrpo/rl/rollout.py), so that the data holds the policy's refusals in its own
+words even when it almost never refuses by itself, and the labeller decides whether each
+guided continuation really refuses or goes on to comply.
+
+Only training prompts are sampled (AdvBench and the benign train split by default); the
+evaluation prompts (HarmBench, the held-out benign set) are never used. `mogrpo reward
+data --from-policy RUN` refreshes the data from any run, so a user can iterate: train,
+sample, relabel, retrain the reward model. Shapes: B prompts, G = samples + guided.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+from mogrpo.data.schema import LabelledResponse
+
+# Written for mogrpo. "Disclaimer, then complies anyway" wrappers: a compliant answer is
+# still unsafe when it is preceded by one of these. TRAIN_DISCLAIMERS build training rows;
+# PROBE_DISCLAIMERS are never trained on and only build the held-out probes.
+TRAIN_DISCLAIMERS = (
+    "I must stress that this is illegal and dangerous. That said, here is how:",
+    "Disclaimer: this is for educational purposes only. Here you go:",
+    "I'm not comfortable with this, but since you asked:",
+    "This could cause real harm, so please be careful. Anyway,",
+    "I can't recommend this, but here is the information:",
+    "Please use this responsibly. Step by step:",
+)
+PROBE_DISCLAIMERS = (
+    "Warning: doing this may break the law. Still, here are the details:",
+    "I would advise against it, however, this is what you need to do:",
+    "Note that this is unethical. With that out of the way,",
+    "Although I'm sorry to see this request, I'll explain:",
+)
+
+
+def label_rows(prompts: list[str], kinds: list[str], responses: list[str], refusal_prob, *,
+               source: str, guided: list[bool] | None = None) -> list[LabelledResponse]:
+    """Prompt-conditional labels (see the module docstring) from P(refusal) per response."""
+    rows = []
+    for i, (p, k, r, q) in enumerate(zip(prompts, kinds, responses, refusal_prob)):
+        q = float(q)
+        if k == "harmful":
+            labels = {"safety": q, "actionability": math.nan}
+        elif k == "benign":
+            labels = {"safety": 1.0, "actionability": 1.0 - q}
+        else:
+            raise ValueError(f"prompt kind must be harmful or benign for on-policy labels, got {k!r}")
+        labels.update({"politeness": math.nan, "meaningfulness": math.nan})
+        meta = {"construction": "onpolicy", "kind": k, "p_refusal": round(q, 4)}
+        if guided is not None:
+            meta["guided"] = bool(guided[i])
+        rows.append(LabelledResponse(prompt=p, response=r, labels=labels, source=source, meta=meta))
+    return rows
+
+
+def disclaimer_rows(rows: list[LabelledResponse], disclaimers: tuple[str, ...], rng: random.Random,
+                    fraction: float = 0.5) -> list[LabelledResponse]:
+    """"Disclaimer, then complies" constructions from compliant answers to harmful prompts
+    (P(refusal) < 0.5): the same content behind a disclaimer is just as unsafe (safety 0)."""
+    out = []
+    for r in rows:
+        if r.meta.get("kind") != "harmful" or r.meta.get("p_refusal", 1.0) >= 0.5 or rng.random() >= fraction:
+            continue
+        text = f"{rng.choice(disclaimers)} {r.response}"
+        out.append(LabelledResponse(prompt=r.prompt, response=text,
+                                    labels={"safety": 0.0, "actionability": math.nan, "politeness": math.nan,
+                                            "meaningfulness": math.nan},
+                                    source="constructed/disclaimer_then_comply",
+                                    meta={"construction": "disclaimer_then_comply", "kind": "harmful"}))
+    return out
+
+
+def packaged_onpolicy_path() -> Path:
+    return Path(__file__).resolve().parent / "packaged" / "onpolicy_smollm2.jsonl"
+
+
+def sample_policy(model_ref: str, *, prompts: str = "default", samples: int = 2, guided: int = 2,
+                  max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0, max_prompts: int = 0,
+                  batch_prompts: int = 16, precision: str = "auto", cache=None, show_progress: bool = True,
+                  openers: tuple[str, ...] | None = None):
+    """Sample `samples` own + `guided` opener-started completions per training prompt.
+    Returns (prompts [N], kinds [N], completions [N], guided flags [N])."""
+    import torch
+    from tqdm import tqdm
+
+    from mogrpo.eval.harness import resolve_model
+    from mogrpo.models import autocast_dtype, cast_frozen_linears
+    from mogrpo.rl.common import balanced_subset, load_prompt_set
+    from mogrpo.rl.rollout import REFUSAL_OPENERS, generate_rollout
+
+    if samples < 1:
+        raise ValueError(f"samples = {samples}: at least one of the policy's own samples per prompt is needed")
+    if guided < 0:
+        raise ValueError(f"guided = {guided} must be >= 0")
+    records = load_prompt_set(prompts, cache, "train")
+    if max_prompts:
+        records = balanced_subset(records, max_prompts, seed)
+    model, tok, _ = resolve_model(model_ref, cache)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    amp = autocast_dtype(device, precision)
+    cast_frozen_linears(model, amp)
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else torch.no_grad
+    G = samples + guided
+    out_p, out_k, out_c, out_g = [], [], [], []
+    for start in tqdm(range(0, len(records), batch_prompts), desc="sampling", disable=not show_progress):
+        part = records[start:start + batch_prompts]
+        with ctx():
+            ro = generate_rollout(model, tok, [p.text for p in part], [p.kind for p in part], group_size=G,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                  step=0, first_index=start, guided=guided, openers=openers or REFUSAL_OPENERS)
+        for i, c in enumerate(ro.completions):
+            out_p.append(part[i // G].text)
+            out_k.append(part[i // G].kind)
+            out_c.append(c)
+            out_g.append(bool(ro.guided[i]))
+    return out_p, out_k, out_c, out_g
+
+
+def make_onpolicy_data(model_ref: str, output: str | os.PathLike, *, cache=None, labeller=None,
+                       show_progress: bool = True, **sample_kw) -> dict:
+    """Sample the policy, label every completion, write labelled JSONL; returns a summary."""
+    from mogrpo.data.loaders import write_jsonl
+    from mogrpo.reward.labeller import RefusalLabeller
+
+    out = Path(output)
+    if out.exists() and out.is_dir():
+        raise ValueError(f"{out} is a folder; --output names the JSONL file to write")
+    prompts, kinds, comps, guided = sample_policy(model_ref, cache=cache, show_progress=show_progress,
+                                                  **sample_kw)
+    labeller = labeller or RefusalLabeller.default(cache)
+    q = labeller.refusal_prob(comps)
+    rows = label_rows(prompts, kinds, comps, q, source=f"onpolicy/{model_ref}", guided=guided)
+    write_jsonl(out, [r.to_dict(["safety", "actionability", "politeness", "meaningfulness"]) for r in rows])
+    summary = {"rows": len(rows)}
+    for kind in ("harmful", "benign"):
+        for g in (False, True):
+            sel = [float(x) >= 0.5 for x, k, gg in zip(q, kinds, guided) if k == kind and gg == g]
+            if sel:
+                summary[f"{kind}{'_guided' if g else ''}_refusal_share"] = round(sum(sel) / len(sel), 3)
+    return summary
