@@ -1,6 +1,8 @@
 """`mogrpo sweep`: GRPO at several weight vectors (or constraint thresholds), each evaluated
-on held-out prompts, and the front of harmful safety against benign actionability with its
-hypervolume, so a user picks a trade-off instead of guessing one.
+on held-out prompts, and two fronts: harmful safety against benign actionability (training
+RM, with its hypervolume), and, in the independent judges' terms, harmful compliance
+against benign over-refusal (both minimised), so a user picks weights or a safety
+threshold from what the model does rather than from reward means.
 
 The front and the hypervolume are pure, hand-tested functions (both objectives maximised).
 """
@@ -107,6 +109,8 @@ def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str]
         x, y = _objectives(ev)
         results.append({"name": name, "point": point, "actionability": x, "safety": y,
                         "refusal_rate": (ev.get("harmful") or {}).get("refusal_rate"),
+                        "compliance_rate": (ev.get("harmful") or {}).get("compliance_rate"),
+                        "over_refusal_rate": (ev.get("benign") or {}).get("over_refusal_rate"),
                         "eval_rm": {k: (ev.get(k) or {}).get("eval_rm") for k in ("harmful", "benign")}})
     scored = [r for r in results if r["actionability"] is not None and r["safety"] is not None]
     xy = [(r["actionability"], r["safety"]) for r in scored]
@@ -115,43 +119,66 @@ def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str]
     res = {"points": results, "front": front, "reference": list(ref),
            "hypervolume": hypervolume_2d(trained, ref),
            "hypervolume_with_base": hypervolume_2d(xy, ref)}
+    judged = [r for r in results if r["compliance_rate"] is not None and r["over_refusal_rate"] is not None]
+    # both minimised: the front of (-over-refusal, -compliance) maximised
+    res["judge_front"] = [judged[i]["name"] for i in pareto_front([(-r["over_refusal_rate"], -r["compliance_rate"])
+                                                                   for r in judged])]
     res["plot"] = _plot(out, scored, front)
+    res["judge_plot"] = _plot_judges(out, judged, res["judge_front"])
     atomic_write_text(out / "sweep.json", json.dumps(res, indent=2))
-    lines = ["# GRPO sweep", "", "| run | setting | benign actionability | harmful safety | harmful refusal | "
-             "on the front |", "|---|---|---|---|---|---|"]
+    lines = ["# GRPO sweep", "", "| run | setting | harmful compliance | benign over-refusal | benign actionability "
+             "| harmful safety | on the judges' front | on the RM front |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {r['name']} | {json.dumps(r['point']) if r['point'] else 'base policy'} | "
-                     f"{fmt(r['actionability'])} | {fmt(r['safety'])} | {fmt(r['refusal_rate'])} | "
-                     f"{'yes' if r['name'] in front else ''} |")
-    lines += ["", f"Hypervolume of the trained points (reference {tuple(ref)}): {res['hypervolume']:.4f}. "
-              "Scores are the training reward model's on held-out prompts.", "", f"![front]({res['plot']})", ""]
+                     f"{fmt(r['compliance_rate'])} | {fmt(r['over_refusal_rate'])} | "
+                     f"{fmt(r['actionability'])} | {fmt(r['safety'])} | "
+                     f"{'yes' if r['name'] in res['judge_front'] else ''} | {'yes' if r['name'] in front else ''} |")
+    lines += ["", "Harmful compliance and benign over-refusal come from the pattern refusal judge, which is "
+              "never used in training; pick from this front. Actionability and safety are the training "
+              f"reward model's; hypervolume of the trained points (reference {tuple(ref)}): "
+              f"{res['hypervolume']:.4f}.", "", f"![judges]({res['judge_plot']})", "", f"![front]({res['plot']})", ""]
     atomic_write_text(out / "sweep.md", "\n".join(lines))
     return res
 
 
+def _label(r: dict) -> str:
+    return "base" if not r["point"] else ",".join(f"{k[:4]}={v:g}" for k, v in next(iter(r["point"].values())).items())
+
+
+def _plot_judges(out: Path, judged: list[dict], front: list[str]) -> str | None:
+    """Harmful compliance against benign over-refusal (independent judge; lower-left is better)."""
+    if not judged:
+        return None
+    return _front_plot(out / "judges_front.png", judged, front, "over_refusal_rate", "compliance_rate", "C1",
+                       "benign over-refusal (refusal judge)", "harmful compliance (refusal judge)",
+                       "What the model does: lower-left is safer and still helpful")
+
+
 def _plot(out: Path, scored: list[dict], front: list[str]) -> str:
+    return _front_plot(out / "front.png", scored, front, "actionability", "safety", "C0",
+                       "benign actionability (training RM)", "harmful safety (training RM)", "GRPO trade-off front")
+
+
+def _front_plot(path: Path, points: list[dict], front: list[str], x: str, y: str, color: str,
+                xlabel: str, ylabel: str, title: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for r in scored:
+    for r in points:
         on = r["name"] in front
-        ax.scatter(r["actionability"], r["safety"], s=60 if on else 30, marker="o" if r["point"] else "s",
-                   color="C0" if on else "gray")
-        label = "base" if not r["point"] else ",".join(f"{k[:4]}={v:g}" for k, v in
-                                                        next(iter(r["point"].values())).items())
-        ax.annotate(label, (r["actionability"], r["safety"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    fr = sorted([r for r in scored if r["name"] in front], key=lambda r: r["actionability"])
+        ax.scatter(r[x], r[y], s=60 if on else 30, marker="o" if r["point"] else "s", color=color if on else "gray")
+        ax.annotate(_label(r), (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fr = sorted([r for r in points if r["name"] in front], key=lambda r: r[x])
     if len(fr) > 1:
-        ax.plot([r["actionability"] for r in fr], [r["safety"] for r in fr], color="C0", lw=1)
-    ax.set_xlabel("benign actionability (training RM)")
-    ax.set_ylabel("harmful safety (training RM)")
-    ax.set_title("GRPO trade-off front", fontsize=9)
+        ax.plot([r[x] for r in fr], [r[y] for r in fr], color=color, lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = out / "front.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name

@@ -112,6 +112,12 @@ def test_report_compares_all_three(tiny_encoder_dir, tiny_policy_dir, prompt_fil
     assert set(report["verdict"]) == {"grpo", "ppo", "dpo"} and set(report["cost"]) == {"grpo", "ppo", "dpo"}
     md = (out / "report.md").read_text()
     assert "| base |" in md and "| dpo |" in md and "GRPO / PPO:" in md and "## Examples" in md
+    # it opens with the headline (independent judges and cost), then the reward-hacking check
+    assert md.index("## Headline") < md.index("## Reward-hacking check") < md.index("## All metrics")
+    assert "harmful compliance" in md.split("## Reward-hacking check")[0]
+    assert set(report["hacking_alarm"]) == {"grpo", "ppo", "dpo"}
+    assert all({"aspect", "train_rm_gain", "alarm", "message"} <= set(r) for rows in report["hacking_alarm"].values()
+               for r in rows)
     for col in report["columns"]:  # the best value of each directional column is one of the models
         if col["key"] in report["best"]:
             assert set(report["best"][col["key"]]) <= set(report["models"])
@@ -150,6 +156,9 @@ def test_sweep_front(tiny_policy_dir, tiny_reward_model_dir, prompt_file, toy_to
     res = json.loads((out / "sweep.json").read_text())
     assert [p["name"] for p in res["points"]] == ["base", "point-0", "point-1"]
     assert res["front"] and res["hypervolume"] >= 0 and (out / res["plot"]).is_file()
+    # the judges' front: harmful compliance against benign over-refusal
+    assert res["judge_front"] and (out / res["judge_plot"]).is_file()
+    assert all(p["compliance_rate"] is not None and p["over_refusal_rate"] is not None for p in res["points"])
     assert (out / "sweep.md").read_text().count("| point-") == 2
 
 

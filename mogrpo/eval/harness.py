@@ -205,6 +205,10 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
 
     train_s, train_cols = rm_scores(rm)
     eval_s, eval_cols = rm_scores(ev)
+    eval_combined = None
+    if eval_s is not None:
+        w = torch.tensor([cfg.weights.get(c, 0.0) for c in eval_cols])
+        eval_combined = weighted_sum(eval_s, w) if float(w.sum()) > 0 else None
     tox = tox_judge.max_sentence_toxicity(flat).tolist()
     refusals = [M.is_refusal(c) for c in flat]
     combined = None
@@ -256,7 +260,8 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
                         "kl_to_base": "Monte-Carlo KL(model || base) in nats per completion, "
                                       f"{cfg.kl_prompts} sampled completions"}}
     result.update(summarise_generations(flat_kinds, flat, flat_ntok, flat_fin, tox, train_s, train_cols,
-                                        eval_s, eval_cols, combined, n))
+                                        eval_s, eval_cols, combined, n, prompts=flat_prompts,
+                                        eval_combined=eval_combined))
     result.update({"n": len(records), "kl_to_base": kl, "seconds": round(time.time() - t0, 1)})
 
     # ---- files
@@ -282,10 +287,13 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
 def summarise_generations(kinds: list[str], completions: list[str], tokens: list[int], finished: list[bool],
                           toxicity: list[float], train_scores: torch.Tensor | None, train_cols: list[str],
                           eval_scores: torch.Tensor | None, eval_cols: list[str],
-                          combined: torch.Tensor | None, samples_per_prompt: int = 1) -> dict:
+                          combined: torch.Tensor | None, samples_per_prompt: int = 1, *,
+                          prompts: list[str] | None = None, eval_combined: torch.Tensor | None = None) -> dict:
     """The eval.json metrics of judged completions (pure). One entry per completion [M]:
     prompt kind, text, token count (EOS excluded), finished (ended with EOS), toxicity;
-    reward-model scores [M, K] with NaN where not applicable, the combined score [M]."""
+    reward-model scores [M, K] with NaN where not applicable, the combined scores [M] of
+    the training and the evaluator reward model; `prompts` [M] (for the alarming-word
+    benign prompts, reported on their own)."""
     result: dict = {}
     for kind in ("harmful", "benign"):
         rows = [i for i, k in enumerate(kinds) if k == kind]
@@ -298,10 +306,17 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
             part["compliance_rate"] = M.compliance_rate(texts)
         else:
             part["over_refusal_rate"] = M.refusal_rate(texts)
+            if prompts is not None:
+                alarming = [completions[i] for i in rows if M.is_alarming(prompts[i])]
+                part["n_alarming"] = len(alarming) // samples_per_prompt
+                part["over_refusal_rate_alarming"] = M.refusal_rate(alarming)
+        part["clarifying_rate"] = M.mean_of(float(M.is_clarifying(t)) for t in texts)
+        part["degenerate_rate"] = M.mean_of(float(M.is_degenerate(t)) for t in texts)
         part["toxicity"] = M.mean_of(toxicity[i] for i in rows)
         part["aspects"] = _aspect_means(train_scores, train_cols, rows)
         part["eval_rm"] = _aspect_means(eval_scores, eval_cols, rows)
         part["combined"] = None if combined is None else M.mean_of(combined[rows].tolist())
+        part["eval_combined"] = None if eval_combined is None else M.mean_of(eval_combined[rows].tolist())
         part["mean_length"] = M.mean_of(tokens[i] for i in rows)
         part["empty_rate"] = M.empty_rate(texts)
         part["truncated_rate"] = M.mean_of(float(not finished[i]) for i in rows)
@@ -309,7 +324,10 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
     result.update({"mean_length": M.mean_of(tokens), "distinct_2": M.distinct_n(completions, 2),
                    "empty_rate": M.empty_rate(completions),
                    "truncated_rate": M.mean_of(float(not f) for f in finished),
-                   "combined": None if combined is None else M.mean_of(combined.tolist())})
+                   "clarifying_rate": M.mean_of(float(M.is_clarifying(t)) for t in completions),
+                   "degenerate_rate": M.mean_of(float(M.is_degenerate(t)) for t in completions),
+                   "combined": None if combined is None else M.mean_of(combined.tolist()),
+                   "eval_combined": None if eval_combined is None else M.mean_of(eval_combined.tolist())})
     return result
 
 
