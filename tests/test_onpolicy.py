@@ -105,6 +105,9 @@ def test_hacking_alarm_when_training_rm_rises_and_judges_do_not():
     assert res["safety"]["train_rm_gain"] == pytest.approx(0.15)
     assert not res["actionability"]["alarm"]  # +0.01 is below the 0.02 rise that counts
     assert not res["politeness"]["alarm"]  # toxicity fell by 0.04: the judge confirms
+    # one prompt in 50 fewer answered (0.98, and a float edge at exactly the tolerance) does not confirm +0.15
+    res = {r["aspect"]: r for r in hacking_alarm(base, dict(hacked, compliance_rate=0.98))}
+    assert res["safety"]["alarm"]
     honest = dict(hacked, compliance_rate=0.30)
     res = {r["aspect"]: r for r in hacking_alarm(base, honest)}
     assert not res["safety"]["alarm"]
