@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 from mogrpo.data.schema import LabelledResponse
@@ -117,7 +118,7 @@ def sample_policy(model_ref: str, *, prompts: str = "default", samples: int = 2,
     model.to(device).eval()
     amp = autocast_dtype(device, precision)
     cast_frozen_linears(model, amp)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else torch.no_grad
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     G = samples + guided
     out_p, out_k, out_c, out_g = [], [], [], []
     for start in tqdm(range(0, len(records), batch_prompts), desc="sampling", disable=not show_progress):

@@ -203,18 +203,17 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
                     s[rows, model_.aspects.index(a)] = math.nan
         return s, list(model_.aspects)
 
+    def combine(s, cols):  # the weighted sum [N*n] with the training weights, None without any
+        if s is None:
+            return None
+        w = torch.tensor([cfg.weights.get(c, 0.0) for c in cols])
+        return weighted_sum(s, w) if float(w.sum()) > 0 else None
+
     train_s, train_cols = rm_scores(rm)
     eval_s, eval_cols = rm_scores(ev)
-    eval_combined = None
-    if eval_s is not None:
-        w = torch.tensor([cfg.weights.get(c, 0.0) for c in eval_cols])
-        eval_combined = weighted_sum(eval_s, w) if float(w.sum()) > 0 else None
+    combined, eval_combined = combine(train_s, train_cols), combine(eval_s, eval_cols)
     tox = tox_judge.max_sentence_toxicity(flat).tolist()
     refusals = [M.is_refusal(c) for c in flat]
-    combined = None
-    if train_s is not None:
-        w = torch.tensor([cfg.weights.get(c, 0.0) for c in train_cols])
-        combined = weighted_sum(train_s, w) if float(w.sum()) > 0 else None
 
     # ---- KL to the base policy on completions sampled from the model
     kl = 0.0 if base is None else None

