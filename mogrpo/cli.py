@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from mogrpo import __version__
+from mogrpo._version import __version__
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
@@ -30,12 +31,9 @@ def _cmd_assets(args: argparse.Namespace) -> int:
 
 
 def _cmd_reward_train(args: argparse.Namespace) -> int:
-    from mogrpo.config import load_config
     from mogrpo.reward.train import RewardTrainConfig, train_reward_model
 
-    cfg = load_config(RewardTrainConfig, args.config, args.overrides)
-    if args.cache_dir:
-        cfg.cache_dir = args.cache_dir
+    cfg = _load(RewardTrainConfig, args)
     metrics = train_reward_model(cfg, args.output, resume=args.resume, show_progress=not args.quiet)
     print(f"held-out test metrics ({args.output}/metrics.json):")
     print(f"  {'aspect':<16}{'pearson':>9}{'spearman':>10}{'mae':>8}{'n':>6}")
@@ -83,28 +81,20 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAINERS = {  # algorithm -> (module, config class, train function)
-    "grpo": ("mogrpo.rl.grpo", "GRPOConfig", "train_grpo"),
-    "ppo": ("mogrpo.rl.ppo", "PPOConfig", "train_ppo"),
-    "dpo": ("mogrpo.rl.dpo", "DPOConfig", "train_dpo"),
-}
+def _load(cls, args: argparse.Namespace):
+    """A command's config: --config YAML, then key=value overrides, then --cache-dir."""
+    from mogrpo.config import load_config
 
-
-def _trainer(algo: str):
-    import importlib
-
-    module, cfg_name, fn_name = TRAINERS[algo]
-    mod = importlib.import_module(module)
-    return getattr(mod, cfg_name), getattr(mod, fn_name)
+    cfg = load_config(cls, args.config, args.overrides)
+    if getattr(args, "cache_dir", None):
+        cfg.cache_dir = args.cache_dir
+    return cfg
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mogrpo.config import load_config
+    from mogrpo.rl.registry import train, trainer
 
-    cfg_cls, train = _trainer(args.train_command)
-    cfg = load_config(cfg_cls, args.config, args.overrides)
-    if args.cache_dir:
-        cfg.cache_dir = args.cache_dir
+    cfg = _load(trainer(args.train_command)[0], args)
     result = train(cfg, args.output, resume=args.resume, show_progress=not args.quiet)
     if "cost" in result:  # main process
         _print_before_after(result)
@@ -116,28 +106,23 @@ def _print_before_after(result: dict) -> None:
     before, after = result.get("eval_before") or {}, result.get("eval_after") or {}
     if not before:
         return
-    print("held-out evaluation (greedy, training reward model):")
+    fmt = lambda v: f"{v:>9.4f}" if isinstance(v, (int, float)) else f"{'n/a':>9}"  # noqa: E731
+    print("held-out evaluation (greedy; refusal judge and training reward model):")
     print(f"  {'kind':<9}{'column':<18}{'before':>9}{'after':>9}")
-    for kind in sorted(k for k in before if k != "all"):
-        for col, v in before[kind]["aspects"].items():
-            w = after.get(kind, {}).get("aspects", {}).get(col)
-            if v is not None:
-                print(f"  {kind:<9}{col:<18}{v:>9.4f}{(w if w is not None else float('nan')):>9.4f}")
-        print(f"  {kind:<9}{'combined':<18}{before[kind]['combined']:>9.4f}"
-              f"{after.get(kind, {}).get('combined', float('nan')):>9.4f}")
-    print(f"  {'all':<9}{'combined':<18}{before['all']['combined']:>9.4f}"
-          f"{after.get('all', {}).get('combined', float('nan')):>9.4f}")
+    for kind in ("harmful", "benign"):
+        b, a = before.get(kind) or {}, after.get(kind) or {}
+        rows = [(k, b.get(k), a.get(k)) for k in ("compliance_rate", "over_refusal_rate") if k in b]
+        rows += [(c, v, (a.get("aspects") or {}).get(c)) for c, v in (b.get("aspects") or {}).items() if v is not None]
+        for col, v, w in rows + [("combined", b.get("combined"), a.get("combined"))]:
+            print(f"  {kind:<9}{col:<18}{fmt(v)}{fmt(w)}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mogrpo.config import load_config
     from mogrpo.eval.harness import EvalConfig, evaluate
 
-    cfg = load_config(EvalConfig, args.config, args.overrides)
+    cfg = _load(EvalConfig, args)
     if args.prompts:
         cfg.prompts = args.prompts
-    if args.cache_dir:
-        cfg.cache_dir = args.cache_dir
     res = evaluate(args.model, cfg, args.output, show_progress=not args.quiet)
     _print_eval(res)
     print(f"  {res['seconds']} s; eval.json and generations.jsonl in {args.output}")
@@ -161,12 +146,9 @@ def _print_eval(res: dict) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mogrpo.config import load_config
     from mogrpo.pipeline import RunConfig, main_log, run_pipeline
 
-    cfg = load_config(RunConfig, args.config, args.overrides)
-    if args.cache_dir:
-        cfg.cache_dir = args.cache_dir
+    cfg = _load(RunConfig, args)
     report = run_pipeline(cfg, args.output, log=main_log, only_report=args.report_only)
     _print_report(report)
     return 0
@@ -185,13 +167,10 @@ def _print_report(report: dict) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from mogrpo.config import load_config
     from mogrpo.rl.grpo import GRPOConfig
     from mogrpo.sweep import parse_point, run_sweep
 
-    base = load_config(GRPOConfig, args.config, args.overrides)
-    if args.cache_dir:
-        base.cache_dir = args.cache_dir
+    base = _load(GRPOConfig, args)
     points = [parse_point("weights", w) for w in args.weights or []] + \
              [parse_point("thresholds", t) for t in args.thresholds or []]
     if len(points) < 2:
@@ -203,7 +182,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_reward_data(args: argparse.Namespace) -> int:
-    from mogrpo.data.onpolicy import make_onpolicy_data
+    from mogrpo.reward.onpolicy import make_onpolicy_data
 
     summary = make_onpolicy_data(args.from_policy, args.output, cache=args.cache_dir, show_progress=not args.quiet,
                                  prompts=args.prompts, samples=args.samples, guided=args.guided,
@@ -239,6 +218,20 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shared_flags(parser: argparse.ArgumentParser, config: str, output: str, *, resume: str | None = None,
+                  quiet: bool = True, overrides: str = "config overrides") -> None:
+    """The flags every config-driven command shares: --config, --output, [--resume],
+    --cache-dir, [--quiet] and key=value overrides."""
+    parser.add_argument("--config", help=config)
+    parser.add_argument("--output", required=True, help=output)
+    if resume:
+        parser.add_argument("--resume", action="store_true", help=resume)
+    parser.add_argument("--cache-dir", help="asset cache folder (default $MOGRPO_CACHE or ~/.cache/mogrpo)")
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mogrpo.config import describe
     from mogrpo.reward.train import RewardTrainConfig
@@ -246,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mogrpo", description="Multi-objective GRPO for safe and "
                                 "aligned language generation.")
     p.add_argument("--version", action="version", version=f"mogrpo {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also MOGRPO_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("assets", help="fetch, verify and cache the embedded default assets",
@@ -260,12 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt = rsub.add_parser("train", help="train a reward model", formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Train a multi-aspect reward model by masked regression.\n\n"
                          "Config keys (YAML, or key=value overrides):\n" + describe(RewardTrainConfig))
-    rt.add_argument("--config", help="YAML config (e.g. configs/reward/default.yaml)")
-    rt.add_argument("--output", required=True, help="run folder: model/, metrics.json, logs")
-    rt.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
-    rt.add_argument("--cache-dir", help="asset cache folder")
-    rt.add_argument("--quiet", action="store_true", help="no progress bars")
-    rt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _shared_flags(rt, "YAML config (e.g. configs/reward/default.yaml)", "run folder: model/, metrics.json, logs",
+                  resume="continue from OUTPUT/checkpoint")
     rt.set_defaults(func=_cmd_reward_train)
 
     rs = rsub.add_parser("score", help="score (prompt, response) pairs from a JSONL file",
@@ -298,21 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--quiet", action="store_true", help="no progress bar")
     rd.set_defaults(func=_cmd_reward_data)
 
-    t = sub.add_parser("train", help="train a policy: grpo, or the ppo / dpo baselines")
+    from mogrpo.rl.registry import TRAINERS, trainer
+
+    t = sub.add_parser("train", help="train a policy: grpo, or the ppo / dpo / rloo baselines")
     tsub = t.add_subparsers(dest="train_command", required=True)
-    helps = {"grpo": "multi-objective GRPO (no critic)", "ppo": "PPO-RLHF baseline (actor + critic)",
-             "dpo": "DPO baseline on reward-model pairs"}
-    for algo in TRAINERS:
-        cfg_cls, _ = _trainer(algo)
-        tg = tsub.add_parser(algo, help=helps[algo], formatter_class=argparse.RawDescriptionHelpFormatter,
-                             description=f"{helps[algo]}. Writes metrics.jsonl, final/, config.yaml, "
-                             "cost.json, eval.json.\n\nConfig keys:\n" + describe(cfg_cls))
-        tg.add_argument("--config", help=f"YAML config (e.g. configs/{algo}/default.yaml)")
-        tg.add_argument("--output", required=True, help="run folder")
-        tg.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
-        tg.add_argument("--cache-dir", help="asset cache folder")
-        tg.add_argument("--quiet", action="store_true", help="no progress bar")
-        tg.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    for algo, (*_, what) in TRAINERS.items():
+        tg = tsub.add_parser(algo, help=what, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description=f"{what}. Writes metrics.jsonl, final/, config.yaml, "
+                             "cost.json, eval.json.\n\nConfig keys:\n" + describe(trainer(algo)[0]))
+        _shared_flags(tg, f"YAML config (e.g. configs/{algo}/default.yaml)", "run folder",
+                      resume="continue from OUTPUT/checkpoints/latest")
         tg.set_defaults(func=_cmd_train)
 
     from mogrpo.eval.harness import EvalConfig
@@ -325,11 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                        + describe(EvalConfig))
     e.add_argument("--model", required=True, help="a run folder, a model or adapter folder, or a hub id")
     e.add_argument("--prompts", help="prompt JSONL/CSV (kind = harmful | benign); default: held-out set")
-    e.add_argument("--output", required=True, help="folder for eval.json and generations.jsonl")
-    e.add_argument("--config", help="YAML config of EvalConfig keys")
-    e.add_argument("--cache-dir", help="asset cache folder")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _shared_flags(e, "YAML config of EvalConfig keys", "folder for eval.json and generations.jsonl")
     e.set_defaults(func=_cmd_eval)
 
     from mogrpo.pipeline import RunConfig
@@ -340,11 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "GRPO, PPO, DPO (train + evaluate each) -> report.md/report.json + plots. Stages "
                         "are cached by a hash of their config and inputs: a rerun reuses finished stages, an "
                         "interrupted one resumes.\n\nConfig sections:\n" + describe(RunConfig))
-    rn.add_argument("--config", help="YAML (e.g. configs/default.yaml, configs/quick.yaml)")
-    rn.add_argument("--output", required=True, help="run folder")
-    rn.add_argument("--cache-dir", help="asset cache folder")
+    _shared_flags(rn, "YAML (e.g. configs/default.yaml, configs/quick.yaml)", "run folder", quiet=False,
+                  overrides="overrides, e.g. grpo.steps=20")
     rn.add_argument("--report-only", action="store_true", help="rewrite the report from finished stages")
-    rn.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. grpo.steps=20")
     rn.set_defaults(func=_cmd_run)
 
     from mogrpo.rl.grpo import GRPOConfig
@@ -354,15 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train GRPO once per --weights (or --thresholds, lagrangian) point, "
                         "evaluate each, and plot harmful safety against benign actionability with the "
                         "Pareto front and its hypervolume.\n\nGRPO config keys:\n" + describe(GRPOConfig))
-    sw.add_argument("--config", help="GRPO YAML (e.g. configs/grpo/default.yaml)")
     sw.add_argument("--weights", action="append", metavar="A=W,...",
                     help='a weight vector, e.g. "safety=2,actionability=1" (repeat)')
     sw.add_argument("--thresholds", action="append", metavar="A=T,...",
                     help='lagrangian constraints, e.g. "safety=0.8" (repeat)')
     sw.add_argument("--eval", action="append", metavar="key=value", help="EvalConfig override (repeat)")
-    sw.add_argument("--output", required=True, help="sweep folder")
-    sw.add_argument("--cache-dir", help="asset cache folder")
-    sw.add_argument("overrides", nargs="*", metavar="key=value", help="GRPO config overrides")
+    _shared_flags(sw, "GRPO YAML (e.g. configs/grpo/default.yaml)", "sweep folder", quiet=False,
+                  overrides="GRPO config overrides")
     sw.set_defaults(func=_cmd_sweep)
 
     d = sub.add_parser("data", help="data sets and splits")
@@ -387,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, AssetError, FileNotFoundError, ValueError, PipelineError) as exc:
-        print(f"mogrpo: error: {exc}", file=sys.stderr)
+        if args.debug or os.environ.get("MOGRPO_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"mogrpo: error: {exc} (--debug or MOGRPO_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

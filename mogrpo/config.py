@@ -95,6 +95,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    data = resolve_aliases(cls, data, set(fields))
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
@@ -111,6 +112,23 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+
+def resolve_aliases(cls: type, data: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """Rename alias keys (a config class's `ALIASES`, e.g. TRL's `learning_rate` for `lr`) to
+    the field names; an alias may set several fields (`cliprange` -> eps_low and eps_high).
+    Giving a field and one of its aliases both is an error."""
+    aliases = getattr(cls, "ALIASES", {})
+    out = {k: v for k, v in data.items() if k not in aliases or k in names}
+    for key, value in data.items():
+        if key in names or key not in aliases:
+            continue
+        targets = (aliases[key],) if isinstance(aliases[key], str) else aliases[key]
+        for target in targets:
+            if target in out:
+                raise ConfigError(f"{cls.__name__}: {key!r} is another name for {target!r}; give only one of them")
+            out[target] = value
+    return out
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
@@ -180,10 +198,15 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 
 def describe(cls: type) -> str:
-    """Help text for every field of a config dataclass (used by `--help`)."""
+    """Help text for every field of a config dataclass (used by `--help`), with its aliases."""
+    names: dict[str, list[str]] = {}
+    for alias, targets in getattr(cls, "ALIASES", {}).items():
+        for t in ((targets,) if isinstance(targets, str) else targets):
+            names.setdefault(t, []).append(alias)
     lines = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}")
+        also = f" [also: {', '.join(names[f.name])}]" if f.name in names else ""
+        lines.append(f"  {f.name}{also} (default {default!r}): {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -1,8 +1,7 @@
 """Loading policies and tokenizers: Hugging Face ids or folders, and GGUF files.
 
-GGUF files are dequantised by transformers (`from_pretrained(dir, gguf_file=...)`,
-needs the `gguf` package). That takes tens of seconds, so `convert_gguf_to_hf` does it
-once and writes an ordinary fp32 safetensors folder that every later load uses.
+GGUF files are converted once into an ordinary fp32 safetensors folder (mogrpo/gguf.py)
+that every later load uses.
 """
 
 from __future__ import annotations
@@ -12,29 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mogrpo.config import atomic_folder
-
-
-def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Dequantise a GGUF causal LM into a safetensors folder (written atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = Path(gguf_path)
-    out_dir = Path(out_dir)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
-    # The weights are plain fp32 now; drop the GGUF quantiser so the folder saves and loads
-    # as an ordinary model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    with atomic_folder(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return out_dir
+from mogrpo.gguf import convert_gguf_to_hf
 
 
 def bf16_supported_on_cpu() -> bool:
@@ -212,3 +189,47 @@ class MergedGenerationCopy:
                     w = w + module.get_delta_weight(adapter).float()
             target.weight.copy_(w.to(target.weight.dtype))
         return self.model
+
+
+def resolve_model(ref: str, cache=None, base_override: str | None = None):
+    """(policy, tokenizer, base) for a run folder, a model/adapter folder or a hub id.
+
+    `base` is how to get the base policy for KL: "adapter" (the same model with adapters
+    disabled), a loadable reference (a separate full model), or None (the model is the base).
+    """
+    p = Path(ref)
+    if (p / "config.yaml").is_file() and (p / "final").is_dir():  # a mogrpo training run
+        import yaml
+
+        run_cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
+        base_ref = base_override or run_cfg.get("policy")
+        if not base_ref:
+            raise ValueError(f"{p}/config.yaml names no 'policy'; pass --base-policy")
+        return _load_trained(p / "final", base_ref, cache)
+    if (p / "adapter_config.json").is_file():
+        import json
+
+        base_ref = base_override or json.loads((p / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+        if not base_ref:
+            raise ValueError(f"{p}/adapter_config.json names no base model; pass --base-policy")
+        return _load_trained(p, base_ref, cache)
+    if p.exists() and not (p / "config.json").is_file() and p.suffix != ".gguf":
+        raise FileNotFoundError(f"{p}: not a run folder (config.yaml + final/), an adapter folder "
+                                "(adapter_config.json) or a model folder (config.json)")
+    model, tok = load_policy(ref, cache=cache)
+    base = None
+    if base_override and resolve_policy_path(base_override, cache) != resolve_policy_path(ref, cache):
+        base = base_override
+    return model, tok, base
+
+
+def _load_trained(folder: Path, base_ref: str, cache):
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, tok = load_policy(base_ref, cache=cache)
+        model = PeftModel.from_pretrained(base, str(folder))
+        return model.eval(), tok, "adapter"
+    model, tok = load_policy(str(folder), cache=cache)
+    return model, tok, base_ref

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from mogrpo.config import ConfigError, atomic_write_text, field, from_dict, save_config, to_dict
+from mogrpo.rl.registry import TRAINERS, trainer
 
-ALGORITHMS = ("grpo", "ppo", "dpo")
+ALGORITHMS = tuple(TRAINERS)
+DEFAULT_ALGORITHMS = ("grpo", "ppo", "dpo")  # the paper's comparison
 
 
 class PipelineError(RuntimeError):
@@ -38,7 +40,8 @@ class RunConfig:
     `common` is merged into every algorithm section first. Reward-model paths are set by the
     pipeline."""
 
-    algorithms: list[str] = field(default_factory=lambda: list(ALGORITHMS), help="which of grpo, ppo, dpo to train")
+    algorithms: list[str] = field(default_factory=lambda: list(DEFAULT_ALGORITHMS),
+                                  help=f"which of {', '.join(ALGORITHMS)} to train")
     reward: dict[str, Any] = field(default_factory=lambda: {"partition": "a"},
                                    help="RewardTrainConfig keys of the training reward model")
     evaluator_reward: dict[str, Any] | None = field(default_factory=lambda: {"partition": "b", "seed": 1},
@@ -49,6 +52,7 @@ class RunConfig:
     grpo: dict[str, Any] = field(default_factory=dict, help="GRPOConfig keys")
     ppo: dict[str, Any] = field(default_factory=dict, help="PPOConfig keys")
     dpo: dict[str, Any] = field(default_factory=dict, help="DPOConfig keys")
+    rloo: dict[str, Any] = field(default_factory=dict, help="RLOOConfig keys")
     eval: dict[str, Any] = field(default_factory=dict, help="EvalConfig keys (weights default to common's)")
     cache_dir: str | None = field(None, help="asset cache")
 
@@ -113,9 +117,7 @@ def build_stages(cfg: RunConfig, out: Path) -> list[Stage]:
 
 
 def _config_class(algo: str):
-    from mogrpo.cli import _trainer
-
-    return _trainer(algo)[0]
+    return trainer(algo)[0]
 
 
 # Each stage runs as its own `mogrpo` process: its peak memory (cost.json) is its own, not the
@@ -159,7 +161,9 @@ def _estimate_train(algo: str, c) -> float:
         return 15.0 * c.steps * c.batch_size / 16 * scale
     if algo == "ppo":
         return 31.0 * c.steps * c.batch_size / 16 * scale
-    return 3.5 * c.pair_prompts * c.samples_per_prompt / 4 * scale
+    if algo == "rloo":
+        return 17.0 * c.steps * c.batch_size / 16 * scale
+    return 3.5 * c.pair_prompts * c.group_size / 4 * scale
 
 
 def _estimate_eval(c) -> float:
@@ -168,7 +172,7 @@ def _estimate_eval(c) -> float:
 
 
 def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
-    from mogrpo import __version__
+    from mogrpo._version import __version__
 
     cfg = stage.config
     cfg_dict = ({k: (to_dict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in cfg.items()}
@@ -184,19 +188,11 @@ def _fmt(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_report: bool = False) -> dict:
-    """Run every stage not already finished with the same hash, then write the report."""
-    from mogrpo.assets import fetch_all
-    from mogrpo.report import write_report
-
-    t0 = time.time()
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "run_config.yaml")
-    stages = build_stages(cfg, out)
-    if not only_report:
-        log(f"[0/{len(stages)}] assets")
-        fetch_all(cfg.cache_dir, log=log)
+def run_stages(stages: list[Stage], out: Path, *, log=print, only_report: bool = False,
+               t0: float | None = None) -> dict[str, dict]:
+    """Run each stage whose folder does not hold a finished run with the same hash (the stage
+    cache, module docstring); returns {stage name: its stage.json record + cached flag}."""
+    t0 = time.time() if t0 is None else t0
     hashes: dict[str, str] = {}
     summary: dict[str, dict] = {}
     remaining = sum(s.estimate for s in stages)
@@ -232,6 +228,23 @@ def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_r
         record = {"hash": h, "seconds": secs, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_text(done_file, json.dumps(record, indent=2))
         summary[stage.name] = {**record, "cached": False}
+    return summary
+
+
+def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_report: bool = False) -> dict:
+    """Run every stage not already finished with the same hash, then write the report."""
+    from mogrpo.assets import fetch_all
+    from mogrpo.report import write_report
+
+    t0 = time.time()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "run_config.yaml")
+    stages = build_stages(cfg, out)
+    if not only_report:
+        log(f"[0/{len(stages)}] assets")
+        fetch_all(cfg.cache_dir, log=log)
+    summary = run_stages(stages, out, log=log, only_report=only_report, t0=t0)
     wall = round(time.time() - t0, 1)
     report = write_report(out, cfg.algorithms, stages=summary, pipeline_seconds=wall)
     log(f"done in {_fmt(wall)}: {out / 'report.md'}")

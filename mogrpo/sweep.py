@@ -10,9 +10,7 @@ The front and the hypervolume are pure, hand-tested functions (both objectives m
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from mogrpo.config import atomic_write_text, parse_overrides, to_dict
@@ -67,9 +65,12 @@ def _objectives(ev: dict) -> tuple[float | None, float | None]:
 
 def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str] | None = None,
               ref: tuple[float, float] = (0.0, 0.0), log=print, include_base: bool = True) -> dict:
+    """Train GRPO at each point and evaluate it (and the base policy), as stages of the
+    pipeline's stage cache (mogrpo/pipeline.py): a rerun reuses finished points, a changed
+    point reruns, an interrupted one resumes."""
     from mogrpo.config import from_dict
-    from mogrpo.eval.harness import EvalConfig, evaluate
-    from mogrpo.rl.grpo import train_grpo
+    from mogrpo.eval.harness import EvalConfig
+    from mogrpo.pipeline import Stage, _estimate_eval, _estimate_train, _eval_runner, _train_runner, run_stages
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,35 +78,23 @@ def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str]
                "not_applicable": base_cfg.not_applicable, "max_new_tokens": base_cfg.max_new_tokens,
                "cache_dir": base_cfg.cache_dir, **parse_overrides(eval_overrides or [])}
     eval_cfg = from_dict(EvalConfig, ev_data)
+    stages, names = [], ([("base", None)] if include_base else []) + [(f"point-{i}", p) for i, p in enumerate(points)]
+    for name, point in names:
+        if point is None:
+            stages.append(Stage("base/eval", {"model": base_cfg.policy, "eval": eval_cfg}, [],
+                                _eval_runner(base_cfg.policy, eval_cfg), _estimate_eval(eval_cfg)))
+            continue
+        data = {**to_dict(base_cfg), "eval_prompts": "none", **copy.deepcopy(point)}
+        if "thresholds" in point:
+            data["advantage_mode"] = "lagrangian"
+        cfg = from_dict(type(base_cfg), data)
+        stages.append(Stage(name, cfg, [], _train_runner("grpo", cfg), _estimate_train("grpo", cfg)))
+        stages.append(Stage(f"{name}/eval", {"model": name, "eval": eval_cfg}, [name],
+                            _eval_runner(str(out / name), eval_cfg), _estimate_eval(eval_cfg)))
+    run_stages(stages, out, log=log)
     results = []
-    todo = ([("base", None)] if include_base else []) + [(f"point-{i}", p) for i, p in enumerate(points)]
-    for name, point in todo:
-        folder = out / name
-        cfg = None
-        if point is not None:
-            data = to_dict(base_cfg)
-            data["eval_prompts"] = "none"
-            data.update(copy.deepcopy(point))
-            if "thresholds" in point:
-                data["advantage_mode"] = "lagrangian"
-            cfg = from_dict(type(base_cfg), data)
-        key = hashlib.sha256(json.dumps({"train": to_dict(cfg) if cfg else base_cfg.policy,
-                                         "eval": to_dict(eval_cfg)}, sort_keys=True, default=str)
-                             .encode()).hexdigest()[:16]
-        done = folder / "stage.json"
-        if done.is_file() and json.loads(done.read_text()).get("hash") == key:
-            log(f"{name}: cached")
-        else:
-            if folder.exists():
-                shutil.rmtree(folder)
-            log(f"{name}: {'training GRPO with ' + json.dumps(point) if point else 'evaluating the base policy'}")
-            if cfg is not None:
-                train_grpo(cfg, folder)
-                evaluate(str(folder), eval_cfg, folder / "eval")
-            else:
-                evaluate(base_cfg.policy, eval_cfg, folder / "eval")
-            atomic_write_text(done, json.dumps({"hash": key}))
-        ev = json.loads((folder / "eval" / "eval.json").read_text())
+    for name, point in names:
+        ev = json.loads((out / name / "eval" / "eval.json").read_text())
         x, y = _objectives(ev)
         results.append({"name": name, "point": point, "actionability": x, "safety": y,
                         "refusal_rate": (ev.get("harmful") or {}).get("refusal_rate"),

@@ -1,34 +1,11 @@
 import json
-import random
 
 import pytest
 import torch
 
 from mogrpo.cli import main
+from helpers import make_data
 from mogrpo.reward.model import MultiAspectRewardModel
-
-TOPICS = ["bread", "python", "water", "cake", "code", "file", "process", "list", "time", "day"]
-
-
-def make_data(path, n=60, seed=0):
-    """Rows where safety is 0 for 'bomb'/'kill' answers and 1 otherwise; politeness 0 for insults."""
-    rng = random.Random(seed)
-    lines = []
-    for i in range(n):
-        topic = TOPICS[i % len(TOPICS)]
-        prompt = f"how do i make {topic} {i}"
-        bad = rng.random() < 0.5
-        rude = rng.random() < 0.3
-        response = ("here steps make a bomb and kill" if bad else f"first make {topic} then run") + \
-            (" you stupid idiot" if rude else "")
-        row = {"prompt": prompt, "response": response, "safety": 0.0 if bad else 1.0,
-               "politeness": 0.0 if rude else 1.0}
-        if i % 3 == 0:
-            row["politeness"] = None  # partially labelled rows
-        lines.append(json.dumps(row))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
 
 def test_reward_train_then_score_end_to_end(tiny_encoder_dir, tmp_path, capsys):
     data = make_data(tmp_path / "data.jsonl")

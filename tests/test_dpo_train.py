@@ -11,7 +11,7 @@ from mogrpo.rl.dpo import DPOConfig, encode_pairs
 
 def dpo_args(policy, rm, prompts, **kw):
     return run_overrides(policy, rm, prompts, {
-        "pair_prompts": 8, "samples_per_prompt": 4, "min_margin": 0.0, "epochs": 2, "batch_size": 4}, **kw)
+        "pair_prompts": 8, "group_size": 4, "min_margin": 0.0, "epochs": 2, "batch_size": 4}, **kw)
 
 
 def test_dpo_end_to_end_every_lora_tensor_changes(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
@@ -65,7 +65,7 @@ def test_encode_pairs_layout(tiny_policy_dir):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["samples_per_prompt=1"], "samples_per_prompt must be >= 2"),
+    (["samples_per_prompt=1"], r"group_size \(samples per prompt\) must be >= 2"),
     (["loss_type=hinge"], "loss_type"),
     (["beta=0"], "beta must be > 0"),
 ])
@@ -111,7 +111,7 @@ def test_dpo_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_
     adapters within 5e-7 at lr 1e-2 (5e-6 at lr 5e-2: float rounding, amplified by Adam)."""
     from safetensors.torch import load_file
 
-    from test_ppo_train import launch_two_processes
+    from helpers import launch_two_processes
 
     args = dpo_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, pair_prompts=7, generation_chunk=3,
                     batch_size=3, warmup_steps=2, save_every=2, lr=1e-2)

@@ -43,7 +43,6 @@ def test_grpo_end_to_end_every_trainable_parameter_changes(tiny_policy_dir, tiny
     b = {n: p for n, p in before.named_parameters() if p.requires_grad}
     a = dict(trained.named_parameters())
     assert b and all(n in a for n in b)
-    assert torch.equal(b[next(iter(b))], b[next(iter(b))])
     unchanged = [n for n in b if torch.equal(b[n], a[n])]
     assert unchanged == []
 
@@ -63,38 +62,14 @@ def test_full_finetune_changes_every_parameter(tiny_policy_dir, tiny_reward_mode
 
 
 def test_resume_gives_the_same_weights(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path, monkeypatch):
+    from helpers import kill_and_resume
+
     args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=4, save_every=2,
                      eval_prompts="none")
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(["train", "grpo", "--output", str(full), "--quiet", *args]) == 0
-    calls = {"n": 0}
-
-    # Kill the run during step 3 (after the step-2 checkpoint) by failing the scorer.
-    from mogrpo.rl import scoring
-
-    real_score = scoring.Scorer.score
-
-    def dying(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_score(self, *a, **k)
-
-    monkeypatch.setattr(scoring.Scorer, "score", dying)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", "grpo", "--output", str(part), "--quiet", *args])
-    monkeypatch.setattr(scoring.Scorer, "score", real_score)
+    _, part = kill_and_resume("grpo", args, tmp_path, monkeypatch)
     assert (part / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    assert main(["train", "grpo", "--output", str(part), "--quiet", "--resume", *args]) == 0
-    from safetensors.torch import load_file
-
-    a = load_file(str(full / "final" / "adapter_model.safetensors"))
-    b = load_file(str(part / "final" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
     metrics = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
-    assert metrics == [1, 2, 3, 4] or metrics[-2:] == [3, 4]
+    assert metrics == [1, 2, 3, 4]  # the killed step's row (if written) is dropped on resume, not repeated
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -109,10 +84,11 @@ def test_bad_config_says_what_to_change(overrides, message):
         load_config(GRPOConfig, None, overrides)
 
 
-def test_unknown_columns_fail_early():
-    cfg = load_config(GRPOConfig, None, ["weights={safety: 1, honesty: 1}"])
-    with pytest.raises(ValueError, match=r"weights name \['honesty'\]"):
-        cfg.check_columns(["safety", "actionability"])
+def test_unknown_columns_fail_early(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path, capsys):
+    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, weights={"safety": 1, "honesty": 1})
+    assert main(["train", "grpo", "--output", str(tmp_path / "w"), "--quiet", *args]) == 2
+    assert "weights name ['honesty']" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()  # failed before training
     cfg = load_config(GRPOConfig, None, ["advantage_mode=lagrangian", "thresholds={harmlessness: 0.9}"])
     with pytest.raises(ValueError, match=r"thresholds name \['harmlessness'\]"):
         cfg.check_columns(["safety", "actionability", "politeness", "meaningfulness"])
@@ -169,7 +145,7 @@ def test_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_dir,
 
 
 def test_step_prompt_indices_balance_and_cover():
-    from mogrpo.rl.common import step_prompt_indices
+    from mogrpo.data.prompts import step_prompt_indices
 
     kinds = ["harmful"] * 10 + ["benign"] * 4
     steps = [step_prompt_indices(kinds, 4, s, seed=0, balance=True) for s in range(4)]
@@ -198,14 +174,14 @@ def test_lagrangian_mu2_and_extra_columns_run(tiny_policy_dir, tiny_reward_model
     assert rows[1]["multiplier/safety"] > rows[0]["multiplier/safety"]
     assert "reward/concise/mean" in rows[0] and all(r["loss"] == r["loss"] for r in rows)
     state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
-    assert float(state["multipliers"][0]) == pytest.approx(rows[0]["multiplier/safety"], abs=1e-5)
+    assert float(state["algorithm"]["multipliers"][0]) == pytest.approx(rows[0]["multiplier/safety"], abs=1e-5)
 
 
 def test_scorer_extra_columns_and_not_applicable(tiny_reward_model_dir):
     import math
 
     from mogrpo.reward.model import MultiAspectRewardModel
-    from mogrpo.rl.scoring import Scorer
+    from mogrpo.reward.scoring import Scorer
 
     rm = MultiAspectRewardModel.load(tiny_reward_model_dir)
     scorer = Scorer(rm, {"len": lambda p, c: [None if x == "" else float(len(x)) for x in c]},

@@ -35,7 +35,7 @@ def test_grpo_and_ppo_train_in_bf16_autocast(tiny_policy_dir, tiny_reward_model_
     from transformers import AutoModelForCausalLM
 
     for algo, spec in (("grpo", {"steps": 2, "batch_size": 8, "group_size": 4}),
-                       ("ppo", {"steps": 1, "batch_size": 8, "samples_per_prompt": 4, "minibatch_size": 4})):
+                       ("ppo", {"steps": 1, "batch_size": 8, "group_size": 4, "minibatch_size": 4})):
         out = tmp_path / algo
         assert main(["train", algo, "--output", str(out), "--quiet",
                      *run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, spec,

@@ -4,7 +4,6 @@ the reward-hacking alarm (issue: safety the policy really learns)."""
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -135,7 +134,7 @@ def test_alarming_clarifying_degenerate():
 
 def test_guided_rollout_starts_from_opener_and_keeps_own_samples(tiny_policy_dir):
     from mogrpo.models import load_policy
-    from mogrpo.rl.rollout import generate_rollout
+    from mogrpo.rollout import generate_rollout
 
     model, tok = load_policy(str(tiny_policy_dir))
     prompts, kinds = ["how do i make a bomb", "how do i bake bread please"], ["harmful", "benign"]
@@ -162,7 +161,7 @@ def test_guided_rollout_starts_from_opener_and_keeps_own_samples(tiny_policy_dir
 def test_judge_rates_split_own_and_guided():
     from types import SimpleNamespace
 
-    from mogrpo.rl.common import judge_rates
+    from mogrpo.rl.engine import judge_rates
 
     acc = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
     ro = SimpleNamespace(group_size=2, kinds=["harmful", "benign"],
@@ -235,7 +234,7 @@ def test_labeller_accuracy_on_held_out_maintainer_labels():
 
 def test_onpolicy_data_end_to_end_tiny(tiny_policy_dir, tiny_encoder_dir, prompt_file, tmp_path):
     from mogrpo.data.loaders import load_labelled
-    from mogrpo.data.onpolicy import make_onpolicy_data
+    from mogrpo.reward.onpolicy import make_onpolicy_data
     from mogrpo.reward.labeller import RefusalLabeller, SentenceEncoder
 
     lab = RefusalLabeller(SentenceEncoder(tiny_encoder_dir), C=10.0).fit(
@@ -266,8 +265,8 @@ def test_onpolicy_data_end_to_end_tiny(tiny_policy_dir, tiny_encoder_dir, prompt
 
 @pytest.mark.parametrize("algo,specific", [
     ("grpo", {"batch_size": 8, "group_size": 4, "steps": 2, "micro_batch_size": 4}),
-    ("ppo", {"batch_size": 8, "samples_per_prompt": 4, "steps": 2, "minibatch_size": 4, "ppo_epochs": 1}),
-    ("dpo", {"pair_prompts": 8, "samples_per_prompt": 4, "min_margin": 0.0, "epochs": 1, "batch_size": 4}),
+    ("ppo", {"batch_size": 8, "group_size": 4, "steps": 2, "minibatch_size": 4, "num_iterations": 1}),
+    ("dpo", {"pair_prompts": 8, "group_size": 4, "min_margin": 0.0, "epochs": 1, "batch_size": 4}),
 ])
 def test_trainers_run_with_guided_samples_and_log_the_judges(algo, specific, tiny_policy_dir, tiny_reward_model_dir,
                                                              prompt_file, tmp_path):

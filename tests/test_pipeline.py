@@ -3,19 +3,12 @@
 import json
 
 import pytest
-import yaml
 
 from conftest import run_overrides
 from mogrpo.cli import main
-from test_cli import make_data
+from helpers import eval_overrides, pipeline_config
 
 HARMFUL_BENIGN = ("harmful", "benign")
-
-
-def eval_overrides(rm, tox, **kw):
-    base = {"reward_model": str(rm), "toxicity_model": str(tox), "max_new_tokens": 6, "kl_prompts": 4,
-            "precision": "fp32", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}, **kw}
-    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
 
 
 def test_eval_of_a_run_and_of_the_base(tiny_policy_dir, tiny_reward_model_dir, prompt_file, toy_toxicity_dir,
@@ -48,29 +41,7 @@ def test_eval_of_a_run_and_of_the_base(tiny_policy_dir, tiny_reward_model_dir, p
     assert main(["eval", "--model", str(tmp_path), "--output", str(tmp_path / "x"), "--quiet", *ov]) == 2
 
 
-def pipeline_config(tmp_path, encoder, policy, prompts, tox, algorithms=("grpo",)):
-    data = make_data(tmp_path / "rm.jsonl", n=80)
-    rows = [json.loads(x) for x in data.read_text().splitlines()]
-    for r in rows:  # actionability: labelled on the safe answers only (partial labels)
-        r["actionability"] = 1.0 if r["safety"] == 1.0 and "then run" in r["response"] else None
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rm = {"aspects": ["safety", "actionability", "politeness"], "backbone": str(encoder), "max_length": 32,
-          "data": [str(data)],
-          "epochs": 1, "batch_size": 8, "lr": 1e-3, "splits": [0.6, 0.2, 0.2]}
-    cfg = {"algorithms": list(algorithms),
-           "reward": {**rm, "partition": "a"}, "evaluator_reward": {**rm, "partition": "b", "seed": 1},
-           "common": {"policy": str(policy), "train_prompts": str(prompts), "max_new_tokens": 6,
-                      "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}, "lora_r": 4,
-                      "lora_alpha": 8, "lr": 5e-2, "warmup_steps": 0, "precision": "fp32", "save_every": 1},
-           "grpo": {"steps": 2, "batch_size": 8, "group_size": 4},
-           "ppo": {"steps": 1, "batch_size": 8, "samples_per_prompt": 4, "minibatch_size": 4},
-           "dpo": {"pair_prompts": 4, "samples_per_prompt": 4, "epochs": 1, "batch_size": 2, "min_margin": 0.0},
-           "eval": {"prompts": str(prompts), "toxicity_model": str(tox), "kl_prompts": 2, "precision": "fp32"}}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
+@pytest.mark.slow
 def test_run_caches_stages_reruns_changed_ones_and_resumes(tiny_encoder_dir, tiny_policy_dir, prompt_file,
                                                             toy_toxicity_dir, tmp_path, capfd):
     cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir)
@@ -102,6 +73,7 @@ def test_run_caches_stages_reruns_changed_ones_and_resumes(tiny_encoder_dir, tin
     assert "grpo: resuming" in resumed and "resumed from" in resumed
 
 
+@pytest.mark.slow
 def test_report_compares_all_three(tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir, tmp_path):
     cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir,
                           algorithms=("grpo", "ppo", "dpo"))
@@ -125,6 +97,7 @@ def test_report_compares_all_three(tiny_encoder_dir, tiny_policy_dir, prompt_fil
     assert main(["run", "--config", str(cfg), "--output", str(out), "--report-only"]) == 0
 
 
+@pytest.mark.slow
 def test_a_failing_stage_stops_the_run_with_its_name(tiny_encoder_dir, tiny_policy_dir, prompt_file,
                                                      toy_toxicity_dir, tmp_path, capfd):
     cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir)

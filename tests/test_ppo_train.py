@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import run_overrides
+from helpers import kill_and_resume, launch_two_processes
 from mogrpo.cli import main
 from mogrpo.config import load_config
 from mogrpo.rl.ppo import PPOConfig
@@ -11,7 +12,7 @@ from mogrpo.rl.ppo import PPOConfig
 
 def ppo_args(policy, rm, prompts, **kw):
     return run_overrides(policy, rm, prompts, {
-        "batch_size": 8, "samples_per_prompt": 4, "minibatch_size": 4, "steps": 2, "ppo_epochs": 2,
+        "batch_size": 8, "group_size": 4, "minibatch_size": 4, "steps": 2, "num_iterations": 2,
         "critic_lr": 5e-2}, **kw)
 
 
@@ -38,11 +39,11 @@ def test_ppo_end_to_end_actor_and_critic_change(tiny_policy_dir, tiny_reward_mod
     assert b and [n for n in b if torch.equal(b[n], a[n])] == []
     # The critic's head and adapters trained too (saved in the checkpoint after step 1).
     state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
-    assert state["critic"]["head.weight"].abs().sum() > 0  # initialised at zero
+    assert state["algorithm"]["critic"]["head.weight"].abs().sum() > 0  # initialised at zero
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["batch_size=10"], "not divisible by samples_per_prompt"),
+    (["batch_size=10"], "not divisible by group_size"),
     (["minibatch_size=3"], "multiple of minibatch_size"),
     (["lam=1.5"], "gamma and lam"),
 ])
@@ -53,31 +54,8 @@ def test_ppo_bad_config(overrides, message):
 
 def test_ppo_resume_gives_the_same_weights(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path,
                                            monkeypatch):
-    from safetensors.torch import load_file
-
-    from mogrpo.rl import scoring
-
     args = ppo_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=4, save_every=2)
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(["train", "ppo", "--output", str(full), "--quiet", *args]) == 0
-    real = scoring.Scorer.score
-    calls = {"n": 0}
-
-    def dying(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 3, after the step-2 checkpoint
-            raise KeyboardInterrupt("simulated kill")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(scoring.Scorer, "score", dying)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", "ppo", "--output", str(part), "--quiet", *args])
-    monkeypatch.setattr(scoring.Scorer, "score", real)
-    assert main(["train", "ppo", "--output", str(part), "--quiet", "--resume", *args]) == 0
-    a = load_file(str(full / "final" / "adapter_model.safetensors"))
-    b = load_file(str(part / "final" / "adapter_model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    kill_and_resume("ppo", args, tmp_path, monkeypatch)
 
 
 def test_global_whiten_on_one_process_and_over_two_shards_equals_whiten():
@@ -117,7 +95,7 @@ def test_global_whiten_on_one_process_and_over_two_shards_equals_whiten():
 def test_owned_share_weights_give_the_full_minibatch_token_mean():
     """Each process's token-mean loss over the minibatch rows it holds, times its weight,
     averaged over processes (what DDP does to gradients), is the 1-process token mean."""
-    from mogrpo.rl.common import owned_share
+    from mogrpo.rl.engine import owned_share
 
     g = torch.Generator().manual_seed(1)
     world, n_local = 3, 4
@@ -141,25 +119,12 @@ def test_owned_share_weights_give_the_full_minibatch_token_mean():
 
 
 def test_batch_must_split_into_whole_groups_per_process():
-    from mogrpo.rl.ppo import prompts_per_process
+    from mogrpo.rl.engine import check_batch_splits
 
-    assert prompts_per_process(16, 4, 2) == 2 and prompts_per_process(8, 4, 1) == 2
-    with pytest.raises(ValueError, match="multiple of samples_per_prompt \\* processes = 8"):
-        prompts_per_process(12, 4, 2)
-
-
-def launch_two_processes(algo: str, out, args: list[str]) -> None:
-    """`accelerate launch --multi_gpu --num_processes 2` on this machine (gloo on CPU)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "mogrpo.cli", "train", algo, "--output", str(out), "--quiet", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_batch_splits(16, 4)(2)
+    check_batch_splits(8, 4)(1)
+    with pytest.raises(ValueError, match="multiple of group_size \\* processes = 8"):
+        check_batch_splits(12, 4)(2)
 
 
 @pytest.mark.slow
@@ -190,9 +155,10 @@ def test_ppo_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     s1, s2 = (torch.load(d / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
               for d in (one, two))
-    assert s1["critic"].keys() == s2["critic"].keys()
-    for k in s1["critic"]:
-        assert torch.allclose(s1["critic"][k], s2["critic"][k], atol=1e-5), k
+    cr1, cr2 = s1["algorithm"]["critic"], s2["algorithm"]["critic"]
+    assert cr1.keys() == cr2.keys()
+    for k in cr1:
+        assert torch.allclose(cr1[k], cr2[k], atol=1e-5), k
     assert s1["scheduler"]["last_epoch"] == s2["scheduler"]["last_epoch"] == 8  # 2 epochs x 4 minibatches
     for r1, r2 in zip(*((json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines())
                         for d in (one, two))):
@@ -201,5 +167,6 @@ def test_ppo_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_
                     "critic_grad_norm"):
             assert r1[key] == pytest.approx(r2[key], abs=1e-5), key
     e1, e2 = (json.loads((d / "eval.json").read_text())["eval_after"] for d in (one, two))
-    assert e1["all"]["n"] == e2["all"]["n"] == 4
-    assert e1["all"]["combined"] == pytest.approx(e2["all"]["combined"], abs=1e-4)
+    assert e1["n"] == e2["n"] == 4
+    assert e1["combined"] == pytest.approx(e2["combined"], abs=1e-4)
+    assert e1["harmful"]["compliance_rate"] == e2["harmful"]["compliance_rate"]

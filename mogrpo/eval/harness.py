@@ -1,4 +1,4 @@
-"""The evaluation harness: `mogrpo eval`.
+"""The one evaluator: `mogrpo eval`, and the trainers' before/after evaluation.
 
 One model (a run folder, a model or adapter folder, or a hub id) on held-out prompts:
 generate (greedy by default), then judge every completion separately with
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,69 +67,136 @@ class EvalConfig:
             raise ValueError(f"n = {self.n} completions per prompt needs sample=true (greedy gives one)")
 
 
-# ----------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------- the one evaluator
+# `mogrpo eval` and the trainers' before/after evaluation both run these three functions:
+# generate -> judge -> summarise (+ write generations.jsonl).
 
 
-def resolve_model(ref: str, cache=None, base_override: str | None = None):
-    """(policy, tokenizer, base) for a run folder, a model/adapter folder or a hub id.
+def generate_completions(model, tokenizer, records, *, max_new_tokens: int, greedy: bool = True, n: int = 1,
+                         temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
+                         amp_ctx=nullcontext, acc=None, show_progress: bool = False):
+    """n completions per prompt record: prompts sorted by length (less padding) in batches of
+    `batch_size`; under several processes (`acc`) the batches go round-robin and are
+    gathered back. Each batch is seeded by its position, so the result does not depend on
+    the number of processes. Returns (completions, token counts (EOS excluded), finished),
+    each a list of R lists of n."""
+    from tqdm import tqdm
 
-    `base` is how to get the base policy for KL: "adapter" (the same model with adapters
-    disabled), a loadable reference (a separate full model), or None (the model is the base).
-    """
-    from mogrpo.models import load_policy, resolve_policy_path
+    from mogrpo.rollout import generate_rollout
 
-    p = Path(ref)
-    if (p / "config.yaml").is_file() and (p / "final").is_dir():  # a mogrpo training run
-        import yaml
+    order = sorted(range(len(records)), key=lambda i: len(records[i].text))
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    starts = list(range(0, len(order), batch_size))[rank::world]
+    mine = []  # (record index, completions, tokens, finished)
+    for s in tqdm(starts, desc="eval generate", disable=not show_progress):
+        idx = order[s:s + batch_size]
+        with amp_ctx():
+            ro = generate_rollout(model, tokenizer, [records[i].text for i in idx], [records[i].kind for i in idx],
+                                  group_size=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed, first_index=s, greedy=greedy)
+        lengths = (ro.completion_mask.sum(1) - ro.finished.long()).tolist()  # EOS not counted
+        for j, i in enumerate(idx):
+            g = slice(j * n, (j + 1) * n)
+            mine.append((i, ro.completions[g], [int(x) for x in lengths[g]], [bool(x) for x in ro.finished[g]]))
+    if world > 1:
+        from accelerate.utils import gather_object
 
-        run_cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
-        base_ref = base_override or run_cfg.get("policy")
-        if not base_ref:
-            raise ValueError(f"{p}/config.yaml names no 'policy'; pass --base-policy")
-        return _load_trained(p / "final", base_ref, cache)
-    if (p / "adapter_config.json").is_file():
-        base_ref = base_override or json.loads((p / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path")
-        if not base_ref:
-            raise ValueError(f"{p}/adapter_config.json names no base model; pass --base-policy")
-        return _load_trained(p, base_ref, cache)
-    if p.exists() and not (p / "config.json").is_file() and p.suffix != ".gguf":
-        raise FileNotFoundError(f"{p}: not a run folder (config.yaml + final/), an adapter folder "
-                                "(adapter_config.json) or a model folder (config.json)")
-    model, tok = load_policy(ref, cache=cache)
-    base = None
-    if base_override and resolve_policy_path(base_override, cache) != resolve_policy_path(ref, cache):
-        base = base_override
-    return model, tok, base
-
-
-def _load_trained(folder: Path, base_ref: str, cache):
-    from mogrpo.models import load_policy
-
-    if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base, tok = load_policy(base_ref, cache=cache)
-        model = PeftModel.from_pretrained(base, str(folder))
-        return model.eval(), tok, "adapter"
-    model, tok = load_policy(str(folder), cache=cache)
-    return model, tok, base_ref
+        mine = gather_object(mine)
+    comps, ntok, fin = [[] for _ in records], [[] for _ in records], [[] for _ in records]
+    for i, c, t, f in mine:
+        comps[i], ntok[i], fin[i] = c, t, f
+    return comps, ntok, fin
 
 
-# ----------------------------------------------------------------------------- the harness
+def rm_scores(model, prompts: list[str], kinds: list[str], completions: list[str],
+              not_applicable: dict[str, list[str]]) -> tuple[torch.Tensor | None, list[str]]:
+    """A reward model's scores [M, K] with NaN where an aspect is not applicable to the
+    prompt's kind, and its aspect names; (None, []) without a model."""
+    if model is None:
+        return None, []
+    s = model.score(prompts, completions, batch_size=64).float().clone()  # [M, K]
+    for kind, aspects in not_applicable.items():
+        rows = torch.tensor([k == kind for k in kinds])
+        for a in aspects:
+            if a in model.aspects:
+                s[rows, model.aspects.index(a)] = math.nan
+    return s, list(model.aspects)
+
+
+def combine(scores, cols, weights: dict[str, float]):
+    """The weighted sum [M] of an RM's scores with the training weights (None without any)."""
+    from mogrpo.reward.scoring import weighted_sum
+
+    if scores is None:
+        return None
+    w = torch.tensor([weights.get(c, 0.0) for c in cols])
+    return weighted_sum(scores, w) if float(w.sum()) > 0 else None
+
+
+def judge_completions(records, comps, ntok, fin, *, weights: dict[str, float],
+                      not_applicable: dict[str, list[str]], rm=None, evaluator=None, toxicity=None
+                      ) -> tuple[dict, list[dict]]:
+    """Every judge on every completion (pure given the judges): the training RM (the training
+    signal), the evaluator RM, the toxicity judge (each optional) and the refusal patterns.
+    Returns (the summary metrics, one row per completion for generations.jsonl)."""
+    n = len(comps[0]) if comps else 1
+    prompts = [r.text for r in records for _ in range(n)]  # [M = R * n]
+    kinds = [r.kind for r in records for _ in range(n)]
+    flat = [c for cs in comps for c in cs]
+    flat_ntok = [t for ts in ntok for t in ts]
+    flat_fin = [f for fs in fin for f in fs]
+    train_s, train_cols = rm_scores(rm, prompts, kinds, flat, not_applicable)
+    eval_s, eval_cols = rm_scores(evaluator, prompts, kinds, flat, not_applicable)
+    tox = toxicity.max_sentence_toxicity(flat).tolist() if toxicity is not None else None
+    summary = summarise_generations(kinds, flat, flat_ntok, flat_fin, tox, train_s, train_cols, eval_s, eval_cols,
+                                    combine(train_s, train_cols, weights), n, prompts=prompts,
+                                    eval_combined=combine(eval_s, eval_cols, weights))
+    rows = []
+    for k, (r, g) in enumerate((r, g) for r in records for g in range(n)):  # the order of `flat`
+        row = {"id": r.id, "kind": r.kind, "prompt": r.text, "sample": g, "completion": flat[k],
+               "tokens": flat_ntok[k], "finished": flat_fin[k], "refusal": M.is_refusal(flat[k])}
+        if tox is not None:
+            row["toxicity"] = round(tox[k], 5)
+        if train_s is not None:
+            row["training_rm"] = _row(train_s[k], train_cols)
+        if eval_s is not None:
+            row["eval_rm"] = _row(eval_s[k], eval_cols)
+        rows.append(row)
+    return summary, rows
+
+
+def write_generations(path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def evaluate_loaded(model, tokenizer, records, *, rm, weights: dict[str, float],
+                    not_applicable: dict[str, list[str]], max_new_tokens: int, amp_ctx=nullcontext, acc=None,
+                    out_file=None) -> dict:
+    """The trainers' before/after evaluation with the policy they hold: greedy completions
+    of `records` (shared out over the processes), judged by the training RM and the refusal
+    patterns; the main process writes `out_file`. Returns the summary (`mogrpo eval`'s
+    eval.json schema, without the judges that need their own models)."""
+    if not records:
+        return {}
+    comps, ntok, fin = generate_completions(model, tokenizer, records, max_new_tokens=max_new_tokens,
+                                            amp_ctx=amp_ctx, acc=acc)
+    summary, rows = judge_completions(records, comps, ntok, fin, weights=weights, not_applicable=not_applicable,
+                                      rm=rm)
+    if out_file is not None and (acc is None or acc.is_main_process):
+        write_generations(out_file, rows)
+    return _round({"n": len(records), **summary})
 
 
 def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show_progress: bool = True,
              prompt_records=None) -> dict:
-    """Evaluate one model; write OUTPUT/eval.json and OUTPUT/generations.jsonl; return eval.json."""
-    from tqdm import tqdm
-
-    from mogrpo.models import MergedGenerationCopy, autocast_dtype, cast_frozen_linears, is_peft, load_policy
+    """`mogrpo eval`: evaluate one model with every judge; write OUTPUT/eval.json and
+    OUTPUT/generations.jsonl; return eval.json."""
+    from mogrpo.data.prompts import balanced_subset, load_prompt_set
+    from mogrpo.models import (MergedGenerationCopy, autocast_dtype, cast_frozen_linears, is_peft, load_policy,
+                               resolve_model)
     from mogrpo.reward.judges import ToxicityJudge
-    from mogrpo.reward.model import MultiAspectRewardModel
-    from mogrpo.rl.advantages import weighted_sum
-    from mogrpo.rl.common import balanced_subset, load_prompt_set
-    from mogrpo.rl.rollout import completion_logprobs, generate_rollout
+    from mogrpo.reward.model import MultiAspectRewardModel, require_reward_model
+    from mogrpo.rollout import completion_logprobs, generate_rollout
 
     t0 = time.time()
     out = Path(output)
@@ -141,22 +209,13 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
         load_prompt_set(cfg.prompts, cfg.cache_dir, "eval"), cfg.max_prompts, cfg.seed)
     if not records:
         raise ValueError(f"no evaluation prompts in {cfg.prompts!r}")
-    bad = sorted({p.kind for p in records} - {"harmful", "benign"})
-    if bad:
-        raise ValueError(f"prompt kinds {bad}: the harness reports harmful and benign prompts; "
-                         "set kind to one of them")
     # judges load first, so a missing file fails before minutes of generation
-    rm = ev = None
-    if cfg.reward_model:
-        from mogrpo.rl.common import require_reward_model
-
-        rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=device)
-        rm.autocast_dtype = amp
-    if cfg.evaluator_model:
-        from mogrpo.rl.common import require_reward_model
-
-        ev = MultiAspectRewardModel.load(require_reward_model(cfg.evaluator_model), device=device)
-        ev.autocast_dtype = amp
+    rms = []
+    for path in (cfg.reward_model, cfg.evaluator_model):
+        m = MultiAspectRewardModel.load(require_reward_model(path), device=device) if path else None
+        if m is not None:
+            m.autocast_dtype = amp
+        rms.append(m)
     tox_judge = ToxicityJudge(cfg.toxicity_model) if cfg.toxicity_model else ToxicityJudge.from_cache(cfg.cache_dir)
 
     model, tok, base = resolve_model(model_ref, cfg.cache_dir, cfg.base_policy)
@@ -166,54 +225,14 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     cast_frozen_linears(model, amp)
     # decoding from a merged copy: no per-layer adapter dispatch (models.MergedGenerationCopy)
     gen_model = MergedGenerationCopy(model, amp).sync() if is_peft(model) else model
-
-    # ---- generate: prompts sorted by length (less padding), n per prompt
-    order = sorted(range(len(records)), key=lambda i: len(records[i].text))
     n = cfg.n if cfg.sample else 1
-    comps: list[list[str]] = [[] for _ in records]
-    ntok: list[list[int]] = [[] for _ in records]
-    fin: list[list[bool]] = [[] for _ in records]
-    bar = tqdm(range(0, len(order), cfg.batch_size), desc="eval generate", disable=not show_progress)
-    for s in bar:
-        idx = order[s:s + cfg.batch_size]
-        with amp_ctx():
-            ro = generate_rollout(gen_model, tok, [records[i].text for i in idx], [records[i].kind for i in idx],
-                                  group_size=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, seed=cfg.seed, first_index=s, greedy=not cfg.sample)
-        lengths = (ro.completion_mask.sum(1) - ro.finished.long()).tolist()  # EOS not counted
-        for j, i in enumerate(idx):
-            for g in range(n):
-                comps[i].append(ro.completions[j * n + g])
-                ntok[i].append(int(lengths[j * n + g]))
-                fin[i].append(bool(ro.finished[j * n + g]))
-
-    flat_prompts = [r.text for r in records for _ in range(n)]  # [N*n]
-    flat_kinds = [r.kind for r in records for _ in range(n)]
-    flat = [c for cs in comps for c in cs]
-
-    # ---- judges
-    def rm_scores(model_):
-        if model_ is None:
-            return None, []
-        s = model_.score(flat_prompts, flat, batch_size=64).float().clone()  # [N*n, K]
-        for kind, aspects in cfg.not_applicable.items():
-            rows = torch.tensor([k == kind for k in flat_kinds])
-            for a in aspects:
-                if a in model_.aspects:
-                    s[rows, model_.aspects.index(a)] = math.nan
-        return s, list(model_.aspects)
-
-    def combine(s, cols):  # the weighted sum [N*n] with the training weights, None without any
-        if s is None:
-            return None
-        w = torch.tensor([cfg.weights.get(c, 0.0) for c in cols])
-        return weighted_sum(s, w) if float(w.sum()) > 0 else None
-
-    train_s, train_cols = rm_scores(rm)
-    eval_s, eval_cols = rm_scores(ev)
-    combined, eval_combined = combine(train_s, train_cols), combine(eval_s, eval_cols)
-    tox = tox_judge.max_sentence_toxicity(flat).tolist()
-    refusals = [M.is_refusal(c) for c in flat]
+    comps, ntok, fin = generate_completions(gen_model, tok, records, max_new_tokens=cfg.max_new_tokens,
+                                            greedy=not cfg.sample, n=n, temperature=cfg.temperature,
+                                            top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
+                                            amp_ctx=amp_ctx, show_progress=show_progress)
+    summary, rows = judge_completions(records, comps, ntok, fin, weights=cfg.weights,
+                                      not_applicable=cfg.not_applicable, rm=rms[0], evaluator=rms[1],
+                                      toxicity=tox_judge)
 
     # ---- KL to the base policy on completions sampled from the model
     kl = 0.0 if base is None else None
@@ -246,52 +265,31 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
         kl = M.mean_of(vals)
         del base_model
 
-    # ---- summary by kind
-    flat_ntok = [t for ts in ntok for t in ts]
-    flat_fin = [f for fs in fin for f in fs]
     result: dict = {"model": str(model_ref), "decoding": "sample" if cfg.sample else "greedy",
                     "samples_per_prompt": n, "max_new_tokens": cfg.max_new_tokens,
                     "judges": {
                         "aspects": "training reward model (the training signal, not an independent judge)",
-                        "eval_rm": "evaluator reward model (disjoint data, other seed)" if ev else None,
+                        "eval_rm": "evaluator reward model (disjoint data, other seed)" if rms[1] else None,
                         "refusal_rate": "refusal patterns (mogrpo/eval/metrics.py; GCG-style substring test)",
                         "toxicity": "alt-profanity-check, most offensive sentence (independent)",
                         "kl_to_base": "Monte-Carlo KL(model || base) in nats per completion, "
-                                      f"{cfg.kl_prompts} sampled completions"}}
-    result.update(summarise_generations(flat_kinds, flat, flat_ntok, flat_fin, tox, train_s, train_cols,
-                                        eval_s, eval_cols, combined, n, prompts=flat_prompts,
-                                        eval_combined=eval_combined))
-    result.update({"n": len(records), "kl_to_base": kl, "seconds": round(time.time() - t0, 1)})
-
-    # ---- files
+                                      f"{cfg.kl_prompts} sampled completions"},
+                    **summary, "n": len(records), "kl_to_base": kl, "seconds": round(time.time() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    k = 0
-    for r, cs in zip(records, comps):
-        for g, c in enumerate(cs):  # same order as `flat`
-            row = {"id": r.id, "kind": r.kind, "prompt": r.text, "sample": g, "completion": c,
-                   "tokens": flat_ntok[k], "finished": flat_fin[k],
-                   "refusal": refusals[k], "toxicity": round(tox[k], 5)}
-            if train_s is not None:
-                row["training_rm"] = _row(train_s[k], train_cols)
-            if eval_s is not None:
-                row["eval_rm"] = _row(eval_s[k], eval_cols)
-            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-            k += 1
-    atomic_write_text(out / "generations.jsonl", "".join(lines))
+    write_generations(out / "generations.jsonl", rows)
     atomic_write_text(out / "eval.json", json.dumps(_round(result), indent=2))
     return result
 
 
 def summarise_generations(kinds: list[str], completions: list[str], tokens: list[int], finished: list[bool],
-                          toxicity: list[float], train_scores: torch.Tensor | None, train_cols: list[str],
+                          toxicity: list[float] | None, train_scores: torch.Tensor | None, train_cols: list[str],
                           eval_scores: torch.Tensor | None, eval_cols: list[str],
                           combined: torch.Tensor | None, samples_per_prompt: int = 1, *,
                           prompts: list[str] | None = None, eval_combined: torch.Tensor | None = None) -> dict:
     """The eval.json metrics of judged completions (pure). One entry per completion [M]:
     prompt kind, text, token count (EOS excluded), finished (ended with EOS), toxicity;
     reward-model scores [M, K] with NaN where not applicable, the combined scores [M] of
-    the training and the evaluator reward model; `prompts` [M] (for the alarming-word
+    the training and the evaluator reward model (each may be None, as may toxicity: a judge not run); `prompts` [M] (for the alarming-word
     benign prompts, reported on their own)."""
     result: dict = {}
     for kind in ("harmful", "benign"):
@@ -311,7 +309,7 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
                 part["over_refusal_rate_alarming"] = M.refusal_rate(alarming)
         part["clarifying_rate"] = M.mean_of(float(M.is_clarifying(t)) for t in texts)
         part["degenerate_rate"] = M.mean_of(float(M.is_degenerate(t)) for t in texts)
-        part["toxicity"] = M.mean_of(toxicity[i] for i in rows)
+        part["toxicity"] = None if toxicity is None else M.mean_of(toxicity[i] for i in rows)
         part["aspects"] = _aspect_means(train_scores, train_cols, rows)
         part["eval_rm"] = _aspect_means(eval_scores, eval_cols, rows)
         part["combined"] = None if combined is None else M.mean_of(combined[rows].tolist())

@@ -223,3 +223,11 @@ class MultiAspectRewardModel(nn.Module):
             raise ValueError(f"{folder}: weights do not match the model (missing {missing}, "
                              f"unexpected {unexpected})")
         return model.to(device).eval()
+
+
+def require_reward_model(path: str) -> Path:
+    rm_path = Path(path)
+    if not (rm_path / "reward_config.json").is_file():
+        raise FileNotFoundError(f"reward model {rm_path} not found; train it first: mogrpo reward train "
+                                f"--config configs/reward/default.yaml --output {rm_path.parent}")
+    return rm_path

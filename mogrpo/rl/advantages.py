@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from mogrpo.reward.scoring import weighted_sum  # the combination is the reward layer's; modes build on it
+
 MODES = ("sum_then_normalize", "normalize_then_sum", "min", "lagrangian")
 
 
@@ -40,20 +42,6 @@ def _nan_mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
     var = (torch.where(valid, x - mean, torch.zeros_like(x)) ** 2).sum(dim, keepdim=True) / n.clamp(min=1)
     nan = torch.full_like(mean, float("nan"))
     return torch.where(n > 0, mean, nan), torch.where(n > 0, var.sqrt(), nan)
-
-
-def weighted_sum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k r_k over present aspects, weights renormalised to the present ones' total.
-
-    rewards [..., K] (NaN = n/a), weights [K] -> [...]; NaN where no weighted aspect is present.
-    With all aspects present this is the plain weighted sum scaled by 1 / sum(w) * sum(w) = itself.
-    """
-    present = ~torch.isnan(rewards)
-    w = weights.to(rewards.dtype).expand_as(rewards) * present
-    total = weights.to(rewards.dtype).sum()
-    got = w.sum(-1)
-    s = (torch.nan_to_num(rewards) * w).sum(-1) * (total / got.clamp(min=1e-12))
-    return torch.where(got > 0, s, torch.full_like(s, float("nan")))
 
 
 def combine(rewards: torch.Tensor, weights: torch.Tensor, mode: str,

@@ -12,7 +12,8 @@ before the pair is built, which is exactly what the paper contrasts GRPO with. A
 own preference data (JSONL with prompt/chosen/rejected, or PKU-SafeRLHF pairs) replaces
 the sampled pairs. The cost includes generating and scoring the pairs.
 
-Runs as one process or under `accelerate launch`: pair sampling, scoring and the reference
+The run itself (models, optimiser, checkpoints, resume, evaluation, logging) is the run
+engine's (mogrpo/rl/engine.py). Under `accelerate launch`, pair sampling, scoring and the reference
 log-probs are shared out over the processes chunk by chunk and gathered back in order, and
 each step's batch of pairs is split over them, so the result equals the single-process run.
 Shapes: P pairs, T tokens, L response tokens, K aspects.
@@ -23,29 +24,29 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
 
 from mogrpo.config import atomic_write_text, field
-from mogrpo.rl.advantages import weighted_sum
-from mogrpo.rl.common import (PhaseTimer, PolicyRunConfig, all_sum, check_guided, close_run, load_latest_checkpoint,
-                              load_prompt_set, log_metrics, open_metrics, peak_memory_mb, rollout_kwargs,
-                              save_checkpoint, setup_run, step_prompt_indices, trainable_state)
+from mogrpo.reward.scoring import weighted_sum
+from mogrpo.rl.engine import PolicyRunConfig, Run, all_sum
 from mogrpo.rl.losses import dpo_loss
 
 
 @dataclass
 class DPOConfig(PolicyRunConfig):
-    """Config of `mogrpo train dpo` (YAML keys = field names; shared keys in PolicyRunConfig)."""
+    """Config of `mogrpo train dpo` (YAML keys = field names; shared keys in PolicyRunConfig;
+    TRL's num_train_epochs is an alias of epochs)."""
+
+    ALIASES: ClassVar[dict] = {**PolicyRunConfig.ALIASES, "num_train_epochs": "epochs"}
 
     pairs: str | None = field(None, help="own preference data: JSONL with prompt/chosen/rejected, or "
                                          "'hf:pku-saferlhf:<hub id or file>'; default: sample and score")
-    pair_prompts: int = field(200, help="training prompts to sample pairs for (match GRPO: steps x B)")
-    samples_per_prompt: int = field(4, help="N responses sampled per prompt to pick best/worst from")
+    pair_prompts: int = field(240, help="training prompts to sample pairs for (match GRPO: steps x prompts "
+                                        "per step = 60 x 4)")
     min_margin: float = field(0.05, help="skip pairs whose combined-score margin is at most this")
     generation_chunk: int = field(4, help="prompts per generate call while sampling pairs")
     beta: float = field(0.1, help="DPO beta (strength of the implicit KL)")
@@ -53,18 +54,18 @@ class DPOConfig(PolicyRunConfig):
     epochs: int = field(2, help="passes over the pairs")
     batch_size: int = field(8, help="pairs per optimiser step")
     lr: float = field(5e-5, help="AdamW learning rate")
-    warmup_steps: int = field(2, help="linear warm-up steps")
-    grad_clip: float = field(1.0, help="max gradient norm (0 = off)")
+    weight_decay: float = field(0.01, help="AdamW weight decay")
+    lr_schedule: str = field("linear", help="constant_with_warmup | linear | cosine")
 
     def __post_init__(self) -> None:
-        if self.samples_per_prompt < 2:
-            raise ValueError("samples_per_prompt must be >= 2 to pick a best and a worst response")
-        check_guided(self.guided_samples, self.samples_per_prompt, "samples_per_prompt")
+        if self.group_size < 2:
+            raise ValueError("group_size (samples per prompt) must be >= 2 to pick a best and a worst response")
+        self.check()
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
-        for name in ("epochs", "batch_size", "pair_prompts", "max_new_tokens"):
+        for name in ("epochs", "batch_size", "pair_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -73,7 +74,7 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_new_to
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[P, T] input ids and attention mask (prompt left-padded, response right-padded) and the
     response mask [P, L]; the layout `completion_logprobs` expects. Responses end with EOS."""
-    from mogrpo.rl.rollout import chat_texts
+    from mogrpo.rollout import chat_texts
 
     p = tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
     r = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
@@ -87,17 +88,14 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_new_to
     return ids, attn, rmask
 
 
-def sequence_logprob(model, tokenizer, prompts, responses, max_new_tokens, amp_ctx,
-                     return_lengths: bool = False):
-    """Summed log-prob [P] of each response given its prompt (and its token count [P])."""
-    from mogrpo.rl.rollout import completion_logprobs
-
-    device = next(model.parameters()).device
+def sequence_logprob(token_logprobs, tokenizer, prompts, responses, max_new_tokens, device):
+    """Summed log-prob [P] of each response given its prompt, and its token count [P].
+    `token_logprobs(ids, attn, L)` gives the token log-probs [P, L] (the policy's, with
+    gradients, or the reference's)."""
     ids, attn, rmask = encode_pairs(tokenizer, prompts, responses, max_new_tokens)
-    with amp_ctx():
-        logp, _ = completion_logprobs(model, ids.to(device), attn.to(device), rmask.shape[1])
-    total = (logp * rmask.to(device)).sum(-1)
-    return (total, rmask.sum(-1).to(device)) if return_lengths else total
+    rmask = rmask.to(device)
+    logp = token_logprobs(ids.to(device), attn.to(device), rmask.shape[1])
+    return (logp * rmask).sum(-1), rmask.sum(-1)
 
 
 def load_pairs_file(spec: str) -> list[dict]:
@@ -122,166 +120,111 @@ def load_pairs_file(spec: str) -> list[dict]:
 DPO_STATS = ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
 
 
+def sample_pairs(run: Run, show_progress: bool) -> list[dict]:
+    """Best/worst pairs from G samples of the reference policy per training prompt, scored by
+    the reward model and combined with the weights. Chunks of prompts go round-robin to the
+    processes, each seeded by its first prompt's index as with one process, and the pairs
+    are gathered back in order, so they do not depend on the number of processes."""
+    from accelerate.utils import gather_object
+
+    from mogrpo.data.prompts import step_prompt_indices
+    from mogrpo.rl.pairs import best_worst_pairs
+
+    cfg, G = run.cfg, run.cfg.group_size
+    prompts = run.train_prompts
+    pool = [prompts[i] for i in step_prompt_indices([p.kind for p in prompts], cfg.pair_prompts, 0, cfg.seed,
+                                                    cfg.balance_kinds)]
+    found_here, skipped, n_tokens = [], 0, 0  # (index in pool, pair) of this process's chunks
+    starts = list(range(0, len(pool), cfg.generation_chunk))[run.rank::run.world]
+    for start in tqdm(starts, desc="dpo pairs", disable=not (show_progress and run.main)):
+        ref_net, ref_ctx = run.reference_net()
+        with ref_ctx:
+            ro = run.rollout(0, model=ref_net, prompts=pool[start:start + cfg.generation_chunk], first_index=start,
+                             count=False)
+        n_tokens += int(ro.completion_mask.sum())
+        combined = weighted_sum(run.score(ro), run.weights)  # [b, G]
+        found, sk = best_worst_pairs(combined, cfg.min_margin)
+        skipped += sk
+        found_here += [(start + b, {"prompt": ro.prompts[b], "kind": ro.kinds[b], "chosen": ro.completions[b * G + i],
+                                    "rejected": ro.completions[b * G + j],
+                                    "margin": float(combined[b, i] - combined[b, j])}) for b, i, j in found]
+    counts = all_sum(run.acc)(torch.tensor([skipped, n_tokens], device=run.device))
+    run.tokens_generated += int(counts[1])
+    pairs = [p for _, p in sorted(gather_object(found_here), key=lambda x: x[0])]  # one-process order
+    if run.main:
+        print(f"dpo: {len(pairs)} pairs from {len(pool)} prompts ({int(counts[0])} skipped: margin <= "
+              f"{cfg.min_margin} or too few scored samples)")
+    return pairs
+
+
 def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False,
               show_progress: bool = True) -> dict:
-    """Runs as one process or under `accelerate launch` (DDP): pair sampling and scoring,
-    and the reference log-probs, are shared out over the processes in the same chunks as
-    one process uses (so the same seeds and the same numbers), then gathered in order;
-    each optimiser step's batch of pairs is split over the processes, each local mean
-    loss weighted by its share (x processes, as DDP averages), so the update is the
-    single-process one."""
+    """Pairs and reference log-probs are computed once (shared out over the processes and
+    gathered in order); each optimiser step's batch of pairs is split over the processes,
+    each local mean loss weighted by its share (x processes, as DDP averages), so the
+    update is the single-process one."""
     from accelerate.utils import gather_object
-    from transformers import get_scheduler
 
-    from mogrpo.eval.quick import evaluate_policy
-    from mogrpo.rl.rollout import generate_rollout
-
-    t_start = time.time()
-    run = setup_run(cfg, output)
-    acc, world, rank, main = run.acc, run.world, run.rank, run.main
-    out, scorer, weights, amp, amp_ctx = run.out, run.scorer, run.weights, run.amp, run.amp_ctx
-    policy, tok, ref_model, eval_prompts = run.model, run.tok, run.ref_model, run.eval_prompts
-    sum_ = all_sum(acc)
-    timer = PhaseTimer()
-
-    def reference():
-        return policy.disable_adapter() if ref_model is None else nullcontext()
-
-    ref_net = policy if ref_model is None else ref_model
+    run = Run(cfg, output, name="dpo", resume=resume, show_progress=show_progress)
+    acc, tok, L_max = run.acc, run.tok, cfg.max_new_tokens
 
     # ---- pairs (sampled from the reference and scored, or the user's), cached in the run folder
-    pairs_path = out / "pairs.jsonl"
-    tokens_generated = 0
+    pairs_path = run.out / "pairs.jsonl"
     if resume and pairs_path.is_file():
         pairs = [json.loads(x) for x in pairs_path.read_text().splitlines()]
-    elif cfg.pairs:
-        pairs = load_pairs_file(cfg.pairs)
     else:
-        prompts = load_prompt_set(cfg.train_prompts, cfg.cache_dir, "train")
-        chosen_idx = step_prompt_indices([p.kind for p in prompts], cfg.pair_prompts, 0, cfg.seed,
-                                         cfg.balance_kinds)
-        pool = [prompts[i] for i in chosen_idx]
-        found_here, skipped, n_tokens = [], 0, 0  # (index in pool, pair) of this process's chunks
-        from mogrpo.rl.pairs import best_worst_pairs
-
-        # Chunks go round-robin to the processes; each is seeded by its first prompt's index,
-        # as with one process, so the pairs do not depend on the number of processes.
-        starts = list(range(0, len(pool), cfg.generation_chunk))[rank::world]
-        bar = tqdm(starts, desc="dpo pairs", disable=not (show_progress and main))
-        for start in bar:
-            part = pool[start:start + cfg.generation_chunk]
-            with timer("generation"), reference(), amp_ctx():
-                ro = generate_rollout(ref_net, tok, [p.text for p in part], [p.kind for p in part],
-                                      group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, seed=cfg.seed, step=0, first_index=start,
-                                      **rollout_kwargs(cfg))
-            n_tokens += int(ro.completion_mask.sum())
-            with timer("scoring"):
-                rewards = scorer.score(ro.prompts, ro.kinds, ro.completions, cfg.samples_per_prompt)
-            combined = weighted_sum(rewards, weights)  # [b, N]
-            found, sk = best_worst_pairs(combined, cfg.min_margin)
-            skipped += sk
-            for b, i, j in found:
-                n = cfg.samples_per_prompt
-                found_here.append((start + b, {
-                    "prompt": ro.prompts[b], "kind": ro.kinds[b], "chosen": ro.completions[b * n + i],
-                    "rejected": ro.completions[b * n + j], "margin": float(combined[b, i] - combined[b, j])}))
-        counts = sum_(torch.tensor([skipped, n_tokens], device=acc.device))
-        skipped, tokens_generated = int(counts[0]), int(counts[1])
-        pairs = [p for _, p in sorted(gather_object(found_here), key=lambda x: x[0])]  # one-process order
-        if main:
-            print(f"dpo: {len(pairs)} pairs from {len(pool)} prompts ({skipped} skipped: margin <= "
-                  f"{cfg.min_margin} or too few scored samples)")
+        pairs = load_pairs_file(cfg.pairs) if cfg.pairs else sample_pairs(run, show_progress)
     if not pairs:
         raise ValueError("no preference pairs: lower min_margin or sample more responses per prompt")
     acc.wait_for_everyone()  # every process has decided where its pairs come from
-    if main:
+    if run.main:
         atomic_write_text(pairs_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 
-    # ---- reference log-probs, once: chunks of batch_size round-robin over the processes, gathered
-    with timer("reference"), torch.no_grad(), reference():
-        mine = []
-        for c in range(rank, (len(pairs) + cfg.batch_size - 1) // cfg.batch_size, world):
-            chunk = pairs[c * cfg.batch_size:(c + 1) * cfg.batch_size]
-            ps = [p["prompt"] for p in chunk]
-            mine.append((c, sequence_logprob(ref_net, tok, ps, [p["chosen"] for p in chunk], cfg.max_new_tokens,
-                                             amp_ctx).cpu(),
-                         sequence_logprob(ref_net, tok, ps, [p["rejected"] for p in chunk], cfg.max_new_tokens,
-                                          amp_ctx).cpu()))
-        parts = sorted(gather_object(mine), key=lambda x: x[0])
-        ref_c, ref_r = torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts])
+    # ---- reference log-probs [P] of chosen and rejected, once: chunks of batch_size round-robin
+    def ref_lp(ids, attn, L):
+        return run.ref_logprobs(ids, attn, L, temperature=1.0)
 
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr)
+    mine = []
+    for c in range(run.rank, (len(pairs) + cfg.batch_size - 1) // cfg.batch_size, run.world):
+        chunk = pairs[c * cfg.batch_size:(c + 1) * cfg.batch_size]
+        mine.append((c, *(sequence_logprob(ref_lp, tok, [p["prompt"] for p in chunk], [p[key] for p in chunk],
+                                           L_max, run.device)[0].cpu() for key in ("chosen", "rejected"))))
+    parts = sorted(gather_object(mine), key=lambda x: x[0])
+    ref_c, ref_r = torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts])
+
     steps_per_epoch = (len(pairs) + cfg.batch_size - 1) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    sched = get_scheduler("linear", opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
-    model, opt, sched = acc.prepare(policy, opt, sched)
-    start_step = 0
-    eval_before = None
-    ckpt_root = out / "checkpoints"
-    state = load_latest_checkpoint(ckpt_root, policy, opt, sched) if resume else None
-    if state is not None:
-        start_step, eval_before = state["step"], state.get("eval_before")
-        timer.seconds, tokens_generated = state["cost_seconds"], state["tokens_generated"]
-    if eval_before is None:
-        with timer("evaluation"):
-            eval_before = evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
-                                          max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
-                                          out_file=out / "eval_before_generations.jsonl")
-    metrics_path, writer = open_metrics(out, main, resume)
-    bar = tqdm(range(start_step, total), desc="dpo", disable=not (show_progress and main), initial=start_step,
-               total=total)
-    model.train()
-    for step in bar:
-        t0 = time.perf_counter()
-        epoch, k = divmod(step, steps_per_epoch)
+    run.setup_optimizer(steps_per_epoch * cfg.epochs)
+
+    def policy_lp(ids, attn, L):
+        from mogrpo.rollout import completion_logprobs
+
+        with run.amp_ctx():
+            return completion_logprobs(run.model, ids, attn, L)[0]
+
+    def step(t: int) -> dict:
+        epoch, k = divmod(t, steps_per_epoch)
         order = list(range(len(pairs)))
         random.Random(cfg.seed * 7919 + epoch).shuffle(order)
         batch = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]  # the global batch of pairs
-        idx = batch[rank::world]
         # Local mean loss x world x (local pairs / batch pairs): DDP's average is the batch mean.
         # A process with no pair of this (short, last) batch runs one with weight 0, so that
         # the gradient all-reduce has every process.
-        weight = world * len(idx) / len(batch)
+        idx = batch[run.rank::run.world]
+        weight = run.world * len(idx) / len(batch)
         idx = idx or batch[:1]
         chunk = [pairs[i] for i in idx]
         ps = [p["prompt"] for p in chunk]
-        with timer("policy_forward_backward"):
-            pc, lc = sequence_logprob(model, tok, ps, [p["chosen"] for p in chunk], cfg.max_new_tokens, amp_ctx,
-                                      return_lengths=True)
-            pr, lr_ = sequence_logprob(model, tok, ps, [p["rejected"] for p in chunk], cfg.max_new_tokens,
-                                       amp_ctx, return_lengths=True)
+        with run.timer("policy_forward_backward"):
+            pc, lc = sequence_logprob(policy_lp, tok, ps, [p["chosen"] for p in chunk], L_max, run.device)
+            pr, lr_ = sequence_logprob(policy_lp, tok, ps, [p["rejected"] for p in chunk], L_max, run.device)
             loss, st = dpo_loss(pc.float(), pr.float(), ref_c[idx].to(pc.device), ref_r[idx].to(pc.device),
-                                beta=cfg.beta, loss_type=cfg.loss_type, chosen_len=lc.float(),
-                                rejected_len=lr_.float())
-            opt.zero_grad(set_to_none=True)
+                                beta=cfg.beta, loss_type=cfg.loss_type,
+                                chosen_len=lc.float(), rejected_len=lr_.float())
+            run.opt.zero_grad(set_to_none=True)
             acc.backward(loss * weight)
-            # after backward, so on the all-reduced gradients: the global norm
-            grad_norm = acc.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-            opt.step()
-            sched.step()
-        st_sum = sum_(torch.tensor([st[key] * weight / world for key in DPO_STATS], dtype=torch.float64,
-                                   device=acc.device)).cpu()
-        st = dict(zip(DPO_STATS, st_sum.tolist()))
-        rec = {"step": step + 1, "epoch": epoch + 1, **st, "grad_norm": float(grad_norm),
-               "lr": sched.get_last_lr()[0], "step_seconds": round(time.perf_counter() - t0, 3),
-               "peak_memory_mb": round(peak_memory_mb(acc.device), 1)}
-        if main:
-            log_metrics(metrics_path, writer, rec)
-            bar.set_postfix(loss=f"{st['loss']:.4f}", acc=f"{st['reward_accuracy']:.2f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            acc.wait_for_everyone()
-            if main:
-                save_checkpoint(ckpt_root / f"step-{step + 1:06d}", policy, tok, {
-                    "step": step + 1, "trainable": trainable_state(policy),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "cost_seconds": dict(timer.seconds), "tokens_generated": tokens_generated,
-                    "eval_before": eval_before}, cfg.keep_checkpoints)
-            acc.wait_for_everyone()
-    bar.close()
-    return close_run(acc, writer, lambda: evaluate_policy(acc, policy, tok, scorer, eval_prompts, weights,
-                                                          max_new_tokens=cfg.eval_max_new_tokens, autocast_dtype=amp,
-                                                          out_file=out / "eval_after_generations.jsonl"),
-                     eval_before, out, policy, tok, t_start=t_start, timer=timer, amp=amp,
-                     tokens_generated=tokens_generated, pairs=len(pairs), steps=total)
+            grad_norm = run.optimizer_step()[0]  # after backward: the global norm
+        st = all_sum(acc)(torch.tensor([st[key] * weight / run.world for key in DPO_STATS], dtype=torch.float64,
+                                       device=run.device)).cpu()
+        return {"epoch": epoch + 1, **dict(zip(DPO_STATS, st.tolist())), "grad_norm": grad_norm}
+
+    return run.train(steps_per_epoch * cfg.epochs, step, postfix=("loss", "reward_accuracy"), pairs=len(pairs))

@@ -68,3 +68,17 @@ class Scorer:
             for a in aspects:
                 rewards[rows, :, self.columns.index(a)] = math.nan
         return rewards
+
+
+def weighted_sum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k r_k over present aspects, weights renormalised to the present ones' total.
+
+    rewards [..., K] (NaN = n/a), weights [K] -> [...]; NaN where no weighted aspect is present.
+    With all aspects present this is the plain weighted sum scaled by 1 / sum(w) * sum(w) = itself.
+    """
+    present = ~torch.isnan(rewards)
+    w = weights.to(rewards.dtype).expand_as(rewards) * present
+    total = weights.to(rewards.dtype).sum()
+    got = w.sum(-1)
+    s = (torch.nan_to_num(rewards) * w).sum(-1) * (total / got.clamp(min=1e-12))
+    return torch.where(got > 0, s, torch.full_like(s, float("nan")))

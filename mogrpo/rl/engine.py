@@ -1,0 +1,670 @@
+"""The run engine every training algorithm shares (GRPO, PPO, DPO, RLOO).
+
+`Run` owns what is not an algorithm's idea: the accelerator and device placement, threads,
+seeds, the reward model and its scorer, the policy (+ LoRA) and its reference, prompt
+sampling, rollouts, reference log-probs, the optimiser and LR schedule, the checkpoint
+format (weights, optimiser, scheduler, every RNG state, step, the algorithm's own state),
+resume, evaluation before and after (the one evaluator, mogrpo/eval/harness.py), metrics
+(JSONL always, TensorBoard, Weights & Biases), progress, cost accounting and the files a
+finished run leaves. An algorithm builds a `Run`, says how many steps it makes and what
+one step does (`Run.train(steps, step_fn)`); its file then reads as its idea alone.
+
+Multi-process (`accelerate launch`): each process samples its share of a step's prompts,
+whole groups, so group statistics are local and exact; whatever an algorithm needs over the
+global batch it reduces with `all_sum` / `acc.gather`. Shapes: B prompts, G samples per
+prompt, N = B*G sequences, L completion tokens, K reward columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+
+from mogrpo.config import atomic_folder, atomic_write_text, field, save_config, to_dict
+
+LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
+REPORT_TO = ("tensorboard", "wandb")
+
+
+@dataclass
+class PolicyRunConfig:
+    """Keys every policy-training config has (GRPO, PPO, DPO, RLOO subclass it), so the
+    algorithms read models, data, rewards, optimisation and run settings the same way.
+    TRL's names are accepted as aliases (ALIASES), e.g. learning_rate, num_generations."""
+
+    ALIASES: ClassVar[dict[str, str | tuple[str, ...]]] = {
+        "model_name_or_path": "policy", "learning_rate": "lr", "num_generations": "group_size",
+        "samples_per_prompt": "group_size", "max_completion_length": "max_new_tokens", "max_grad_norm": "grad_clip",
+        "lr_scheduler_type": "lr_schedule", "save_steps": "save_every", "save_total_limit": "keep_checkpoints",
+        "kl_coef": "beta", "seed_everything": "seed"}
+
+    # models
+    policy: str = field("builtin:smollm2-135m-instruct", help="causal LM: hub id, folder, .gguf file or builtin:")
+    reward_model: str = field("runs/reward-default/model", help="a reward model folder (mogrpo reward train)")
+    lora_r: int = field(16, help="LoRA rank (PPO: actor and critic); 0 = full fine-tuning with a frozen "
+                                 "reference copy")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all linear layers)")
+    gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass (less memory, "
+                                                     "about a third more compute; for long completions / big models)")
+    # data
+    train_prompts: str = field("default", help="'default' (AdvBench + benign train split) or a prompt JSONL/CSV")
+    balance_kinds: bool = field(True, help="draw each batch evenly from harmful and benign prompts "
+                                           "(else uniformly from all training prompts)")
+    eval_prompts: str = field("default", help="'default' (HarmBench + benign eval split), a file, or 'none'")
+    eval_max_prompts: int = field(120, help="evaluate on at most this many prompts, balanced by kind (0 = all)")
+    eval_max_new_tokens: int = field(48, help="tokens per greedy evaluation completion")
+    # rewards
+    weights: dict[str, float] = field(default_factory=lambda: {"safety": 2.0, "actionability": 1.0,
+                                                               "politeness": 0.5, "meaningfulness": 0.5},
+                                      help="weight per reward column (missing columns weigh 0): GRPO's and "
+                                           "RLOO's advantages, PPO's scalar reward, DPO's chosen/rejected choice. "
+                                           "Safety weighs double: on harmful prompts it must decide the ranking")
+    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
+                                                 help="prompt kind -> reward columns set to NaN (masked)")
+    # sampling
+    group_size: int = field(4, help="G: samples per prompt (GRPO/RLOO groups, PPO's rollout, DPO's "
+                                    "best-of-G pairs)")
+    max_new_tokens: int = field(48, help="completion length L")
+    temperature: float = field(1.0, help="sampling temperature")
+    top_p: float = field(1.0, help="nucleus sampling")
+    generation_chunk: int = field(0, help="prompts per generate call (0 = the whole local batch); "
+                                          "seeding is per chunk, so keep it equal across runs to compare")
+    guided_samples: int = field(1, help="samples per group that start from a refusal opener and are "
+                                        "finished by the policy (exploration the reward then judges; "
+                                        "mogrpo/rollout.py); 0 = every sample is the policy's own")
+    guide_openers: list[str] | None = field(None, help="openers of guided samples (default: "
+                                            "rollout.REFUSAL_OPENERS)")
+    merged_generation: bool = field(True, help="LoRA: sample from a copy with the adapters merged in, "
+                                              "re-synced every step (faster decoding; models.MergedGenerationCopy)")
+    # optimisation
+    beta: float = field(0.04, help="KL coefficient against the reference policy (GRPO: k3 penalty in the loss; "
+                                   "PPO, RLOO: per-token penalty in the reward; DPO: implicit KL strength)")
+    lr: float = field(4e-4, help="AdamW learning rate")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    warmup_steps: int = field(2, help="linear warm-up (optimiser steps)")
+    lr_schedule: str = field("constant_with_warmup", help="constant_with_warmup | linear | cosine")
+    grad_clip: float = field(1.0, help="max gradient norm (0 = off; the norm is still logged)")
+    # run
+    seed: int = field(0, help="seed")
+    precision: str = field("auto", help="auto (bf16 autocast where supported) | bf16 | fp32")
+    num_threads: int = field(0, help="torch CPU threads per process (0 = cores / processes)")
+    save_every: int = field(10, help="checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = field(2, help="keep the newest N checkpoints (0 = keep all)")
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
+                                 help="metric backends besides metrics.jsonl: tensorboard, wandb (needs "
+                                      "`pip install wandb`; project from $WANDB_PROJECT, default mogrpo)")
+    cache_dir: str | None = field(None, help="asset cache")
+
+    def check(self) -> None:
+        """Checks every algorithm shares; subclasses call it from __post_init__."""
+        if not 0 <= self.guided_samples < self.group_size:
+            raise ValueError(f"guided_samples = {self.guided_samples} with group_size = {self.group_size}: use "
+                             f"0 <= guided_samples < group_size (at least one sample per group must be the "
+                             f"policy's own), e.g. 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        bad = sorted(set(self.report_to) - set(REPORT_TO))
+        if bad:
+            raise ValueError(f"report_to names {bad}; choose from {list(REPORT_TO)} (metrics.jsonl is always written)")
+        if any(w < 0 for w in self.weights.values()):
+            raise ValueError(f"weights must be >= 0, got {self.weights}")
+        for name in ("max_new_tokens", "group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass
+class OnlineConfig(PolicyRunConfig):
+    """Keys of the algorithms that sample the policy at every step (GRPO, PPO, RLOO)."""
+
+    ALIASES: ClassVar[dict] = {**PolicyRunConfig.ALIASES, "max_steps": "steps", "mu": "num_iterations",
+                               "ppo_epochs": "num_iterations", "num_ppo_epochs": "num_iterations",
+                               "epsilon": "eps_low", "epsilon_high": "eps_high", "cliprange": ("eps_low", "eps_high")}
+
+    batch_size: int = field(16, help="sequences per step (B*G) across all processes")
+    steps: int = field(60, help="training steps (rollouts)")
+    num_iterations: int = field(1, help="mu: optimisation passes over each rollout")
+    eps_low: float = field(0.2, help="clip range below 1")
+    eps_high: float = field(0.2, help="clip range above 1 (DAPO: 0.28)")
+    log_entropy: bool = field(True, help="compute token entropy for the logs (costs a little)")
+    sample_every: int = field(10, help="log sample completions every N steps (0 = never)")
+
+    def check(self) -> None:
+        super().check()
+        if self.batch_size % self.group_size:
+            raise ValueError(f"batch_size = {self.batch_size} is not divisible by group_size = "
+                             f"{self.group_size}; use a multiple, e.g. {self.group_size * 4}")
+        for name in ("steps", "num_iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+# ----------------------------------------------------------------------------- small shared pieces
+
+
+class PhaseTimer:
+    """Seconds per named phase (generation, scoring, reference, ...), summed over a run."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _T()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def all_sum(acc):
+    """x -> the elementwise sum of x over the processes (identity for one process)."""
+    if acc.num_processes == 1:
+        return lambda x: x
+    return lambda x: acc.reduce(x, reduction="sum")  # a new tensor; x is left as it is
+
+
+def owned_share(members: list[int], n_local: int, rank: int, sizes: torch.Tensor
+                ) -> tuple[list[int], float]:
+    """This process's part of a global minibatch, and the weight of its local mean loss.
+
+    `members` are global row indices; process r holds rows [r * n_local, (r + 1) * n_local).
+    `sizes` [N] are the global per-row denominators of a mean loss (token counts for a
+    token mean, ones for a per-row mean). Returns (local row indices, weight) with weight =
+    world * (this process's share of the minibatch's total size), so that the gradient
+    average DDP takes over the processes of (weight * local mean) equals the gradient of
+    the single-process mean over the whole minibatch. The weight is 0 when no row is owned.
+    """
+    world = sizes.numel() // n_local
+    mine = [i - rank * n_local for i in members if rank * n_local <= i < (rank + 1) * n_local]
+    total = float(sizes[members].sum())
+    part = float(sizes[[rank * n_local + j for j in mine]].sum()) if mine else 0.0
+    return mine, (world * part / total if total > 0 else 0.0)
+
+
+JUDGE_KEYS = ("judge/refusal_harmful", "judge/over_refusal_benign", "judge/guided_refusal_harmful",
+              "judge/guided_refusal_benign")
+
+
+def judge_rates(acc, ro) -> dict:
+    """Independent judges on a rollout, logged every step as zero-weight columns (they never
+    enter the advantage): the pattern refusal judge's refusal rate on the harmful prompts' own
+    (unguided) samples, its over-refusal rate on the benign prompts' own samples, and the
+    refusal rates of guided samples. Counts are summed over processes; None = no such sample."""
+    from mogrpo.eval.metrics import is_refusal
+
+    G = ro.group_size
+    guided = ro.guided.tolist() if ro.guided is not None else [False] * len(ro.completions)
+    counts = torch.zeros(len(JUDGE_KEYS), 2, dtype=torch.float64)  # [keys, (refusals, samples)]
+    for i, text in enumerate(ro.completions):
+        kind = ro.kinds[i // G]
+        if kind not in ("harmful", "benign"):
+            continue
+        k = (0 if kind == "harmful" else 1) + (2 if guided[i] else 0)
+        counts[k, 0] += float(is_refusal(text))
+        counts[k, 1] += 1
+    counts = all_sum(acc)(counts.to(acc.device)).cpu()
+    return {key: (float(c[0] / c[1]) if c[1] else None) for key, c in zip(JUDGE_KEYS, counts)}
+
+
+def reward_record(all_rewards: torch.Tensor, columns: list[str], weights: torch.Tensor) -> dict:
+    """Per-column mean/std over the present (non-NaN) entries of the global rewards
+    [..., K], and the mean weighted combination (pure)."""
+    from mogrpo.reward.scoring import weighted_sum
+
+    flat = all_rewards.reshape(-1, all_rewards.shape[-1])
+    rec = {}
+    for j, c in enumerate(columns):
+        col = flat[:, j][~torch.isnan(flat[:, j])]
+        rec[f"reward/{c}/mean"] = float(col.mean()) if col.numel() else None
+        rec[f"reward/{c}/std"] = float(col.std(unbiased=False)) if col.numel() else None
+    rec["reward/combined/mean"] = float(torch.nanmean(weighted_sum(flat, weights)))
+    return rec
+
+
+class MetricsLogger:
+    """metrics.jsonl always; TensorBoard and/or Weights & Biases as `report_to` asks. Only the
+    main process writes. A resumed run keeps the rows up to its checkpoint's step and drops
+    any written after it (they are logged again), so the file never holds a step twice."""
+
+    def __init__(self, out: Path, cfg, *, main: bool, resume_step: int | None):
+        self.path, self.main, self.tb, self.wandb = out / "metrics.jsonl", main, None, None
+        if not main:
+            return
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.is_file():
+            keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+        if "tensorboard" in cfg.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if "wandb" in cfg.report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("report_to names wandb, which is not installed: pip install wandb "
+                                 "(or drop it from report_to)") from None
+            id_file = out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            atomic_write_text(id_file, run_id)
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mogrpo"), name=out.name, id=run_id,
+                                    resume="allow", dir=str(out), config=to_dict(cfg))
+
+    def log(self, rec: dict) -> None:
+        if not self.main:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        finite = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb is not None:
+            for key, v in finite.items():
+                self.tb.add_scalar(key, v, rec["step"])
+        if self.wandb is not None:
+            self.wandb.log(finite, step=rec["step"])
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that train (LoRA adapters, or every weight), on the CPU, for a checkpoint."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: int) -> None:
+    """Atomic: the folder appears complete or not at all, and `latest` moves only after it."""
+    import shutil
+
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / "trainer_state.pt")
+    atomic_write_text(folder.parent / "latest", folder.name)
+    if keep > 0:
+        for old in sorted(folder.parent.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+    """One training run of any algorithm: see the module docstring. Attributes an algorithm
+    uses: cfg, acc, world, rank, main, out, device, amp, scorer, weights [K], model (the
+    trained module, DDP-wrapped after `setup_optimizer`), policy (unwrapped), tok,
+    trainable (parameters), timer, tokens_generated, opt, sched."""
+
+    def __init__(self, cfg: PolicyRunConfig, output: str | os.PathLike, *, name: str, resume: bool = False,
+                 show_progress: bool = True, check_world: Callable[[int], None] | None = None,
+                 extra_rewards: dict | None = None, need_reference: bool = True):
+        from accelerate import Accelerator
+
+        from mogrpo.data.prompts import balanced_subset, load_prompt_set
+        from mogrpo.models import (MergedGenerationCopy, autocast_dtype, cast_frozen_linears, frozen_copy, is_peft,
+                                   load_policy)
+        from mogrpo.reward.model import MultiAspectRewardModel, require_reward_model
+        from mogrpo.reward.scoring import Scorer
+
+        self.t_start = time.time()
+        self.cfg, self.name, self.resume, self.show_progress = cfg, name, resume, show_progress
+        self.out = Path(output)
+        # A prepared scheduler otherwise steps once per process per optimiser step (accelerate
+        # assumes the batch grew with the processes); here the global batch is fixed, so 1 step.
+        self.acc = acc = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+        self.world, self.rank, self.main, self.device = acc.num_processes, acc.process_index, acc.is_main_process, acc.device
+        if check_world is not None:
+            check_world(self.world)  # before anything is loaded or written
+        torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // self.world))
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=self.device)
+        self.amp = autocast_dtype(self.device, cfg.precision)
+        rm.autocast_dtype = self.amp
+        self.scorer = Scorer(rm, extra_rewards or {}, cfg.not_applicable)
+        unknown = sorted(set(cfg.weights) - set(self.scorer.columns))
+        if unknown:
+            raise ValueError(f"weights name {unknown}, which the reward model and extra rewards do not produce; "
+                             f"available columns: {self.scorer.columns}")
+        if not any(cfg.weights.get(c, 0) > 0 for c in self.scorer.columns):
+            raise ValueError(f"every weight is 0; give at least one of {self.scorer.columns} a positive weight")
+        self.weights = torch.tensor([cfg.weights.get(c, 0.0) for c in self.scorer.columns])  # [K]
+
+        torch.manual_seed(cfg.seed)  # LoRA's initial A matrices depend on it
+        model, self.tok = load_policy(cfg.policy, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                      lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
+                                      cache=cfg.cache_dir)
+        model.to(self.device)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False  # generation turns the cache back on per call
+        self.ref_model = None if (is_peft(model) or not need_reference) else frozen_copy(model).to(self.device)
+        for m in (model, self.ref_model):  # frozen backbone weights in the autocast dtype (no per-call casts)
+            if m is not None:
+                cast_frozen_linears(m, self.amp)
+        self.model = self.policy = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.merged = MergedGenerationCopy(model, self.amp) if (cfg.merged_generation and is_peft(model)) else None
+        self.eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
+            load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
+        self._train_prompts = None
+        self.timer = PhaseTimer()
+        self.tokens_generated = 0
+        self.opt = self.sched = None
+
+    # ---- pieces an algorithm calls
+
+    def amp_ctx(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+
+    @property
+    def train_prompts(self):
+        if self._train_prompts is None:
+            from mogrpo.data.prompts import load_prompt_set
+
+            self._train_prompts = load_prompt_set(self.cfg.train_prompts, self.cfg.cache_dir, "train")
+        return self._train_prompts
+
+    def setup_optimizer(self, total_updates: int, groups: list[dict] | None = None, modules: tuple = ()):
+        """AdamW (cfg.lr, cfg.weight_decay; `groups` may set their own lr) and cfg.lr_schedule
+        with cfg.warmup_steps over `total_updates` optimiser steps; prepares the policy, the
+        `modules` (e.g. PPO's critic), optimiser and scheduler for the processes. Returns the
+        prepared modules."""
+        from transformers import get_scheduler
+
+        opt = torch.optim.AdamW(groups or [{"params": self.trainable}], lr=self.cfg.lr,
+                                weight_decay=self.cfg.weight_decay)
+        sched = get_scheduler(self.cfg.lr_schedule, opt, num_warmup_steps=self.cfg.warmup_steps,
+                              num_training_steps=total_updates)
+        prepared = self.acc.prepare(self.model, *modules, opt, sched)
+        self.model, self.opt, self.sched = prepared[0], prepared[-2], prepared[-1]
+        self.policy = self.acc.unwrap_model(self.model)
+        return tuple(prepared[1:-2])
+
+    def prompts_per_process(self) -> int:
+        """B_local: prompts each process samples per step (whole groups; checked at start)."""
+        return self.cfg.batch_size // (self.cfg.group_size * self.world)
+
+    def rollout(self, step: int, *, model=None, prompts=None, first_index: int = 0, count: bool = True):
+        """This process's share of step `step`'s prompts, G samples each (guided ones as the
+        config says), from `model` or else the policy (its merged generation copy when there
+        is one). `prompts` + `first_index` replace the step's own (DPO samples pairs chunk by
+        chunk); `count` adds the generated tokens of every process to the run's total (a
+        collective: every process must call it)."""
+        from mogrpo.data.prompts import step_prompt_indices
+        from mogrpo.rollout import REFUSAL_OPENERS, generate_rollout
+
+        cfg = self.cfg
+        if prompts is None:
+            B_local = self.prompts_per_process()
+            pool = self.train_prompts
+            batch = [pool[i] for i in step_prompt_indices([p.kind for p in pool], B_local * self.world, step,
+                                                          cfg.seed, cfg.balance_kinds)]
+            prompts, first_index = batch[self.rank * B_local:(self.rank + 1) * B_local], self.rank * B_local
+        with self.timer("generation"), self.amp_ctx():
+            gen = model if model is not None else (self.merged.sync() if self.merged else self.policy)
+            ro = generate_rollout(gen, self.tok, [p.text for p in prompts], [p.kind for p in prompts],
+                                  group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                                  step=step, first_index=first_index,
+                                  chunk_prompts=cfg.generation_chunk or None, guided=cfg.guided_samples,
+                                  openers=tuple(cfg.guide_openers or REFUSAL_OPENERS))
+        if count:
+            self.tokens_generated += int(all_sum(self.acc)(ro.completion_mask.sum().to(self.device)))
+        return ro
+
+    def score(self, ro) -> torch.Tensor:
+        """Rewards [B_local, G, K] of a rollout (NaN = not applicable)."""
+        with self.timer("scoring"):
+            return self.scorer.score(ro.prompts, ro.kinds, ro.completions, ro.group_size)
+
+    def logprobs(self, model, ids, attn, L: int, chunk: int = 0, temperature: float | None = None) -> torch.Tensor:
+        """Token log-probs [N, L] without gradients, `chunk` rows per forward (0 = all), at
+        the sampling temperature unless `temperature` is given."""
+        from mogrpo.rollout import completion_logprobs
+
+        chunk = chunk or len(ids)
+        temperature = self.cfg.temperature if temperature is None else temperature
+        with torch.no_grad(), self.amp_ctx():
+            return torch.cat([completion_logprobs(model, ids[s:s + chunk], attn[s:s + chunk], L,
+                                                  temperature=temperature)[0] for s in range(0, len(ids), chunk)])
+
+    def ref_logprobs(self, ids, attn, L: int, chunk: int = 0, temperature: float | None = None) -> torch.Tensor:
+        """The reference policy's token log-probs [N, L] (no gradients): the same model with
+        the LoRA adapters off, or the frozen copy. The one way every algorithm gets them."""
+        net, ctx = self.reference_net()
+        with self.timer("reference"), ctx:
+            return self.logprobs(net, ids, attn, L, chunk, temperature)
+
+    def reference_net(self):
+        """(model, context) to run the reference policy with, e.g. for sampling from it."""
+        if self.ref_model is None:
+            return self.policy, self.policy.disable_adapter()
+        return self.ref_model, nullcontext()
+
+    def no_sync(self, sync: bool):
+        """Gradient accumulation: skip DDP's all-reduce except on the micro-batch that syncs."""
+        return nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
+
+    def optimizer_step(self, *param_sets) -> list[float]:
+        """Clip each parameter set's (all-reduced) gradients to cfg.grad_clip on its own (0 =
+        only measure), step the optimiser and the schedule; returns the pre-clip norms."""
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norms = [float(self.acc.clip_grad_norm_(ps, clip)) for ps in (param_sets or (self.trainable,))]
+        self.opt.step()
+        self.sched.step()
+        return norms
+
+    def policy_update(self, ro, adv: torch.Tensor, *, beta: float, aggregation: str, micro_batch_size: int,
+                      ref_logp: torch.Tensor | None = None, old_logp: torch.Tensor | None = None) -> dict:
+        """cfg.num_iterations passes of the clipped surrogate (+ beta * k3 KL to `ref_logp`)
+        over this process's rollout with advantages `adv` [N], each pass one optimiser step
+        with gradient accumulation over micro-batches, weighted by their share so that the
+        accumulated gradient is the full batch's (1 x 8 == 8 x 1). Behaviour log-probs:
+        `old_logp`, else one no-grad pass when there are several passes, else the training
+        forward's own, detached (with one pass they are equal). Returns the step's stats."""
+        from mogrpo.rl.losses import grpo_loss
+        from mogrpo.rollout import completion_logprobs
+
+        cfg = self.cfg
+        ids, attn = ro.input_ids.to(self.device), ro.attention_mask.to(self.device)  # [N, P + L]
+        cmask = ro.completion_mask.to(self.device)  # [N, L]
+        N, L = cmask.shape
+        micro = [slice(s, min(s + micro_batch_size, N)) for s in range(0, N, micro_batch_size)]
+        if old_logp is None and cfg.num_iterations > 1:
+            with self.timer("policy_forward_backward"):
+                old_logp = self.logprobs(self.policy, ids, attn, L, chunk=micro_batch_size)
+        n_tok = float(cmask.sum().clamp(min=1))
+        stats, norm = [], 0.0
+        with self.timer("policy_forward_backward"):
+            for _ in range(cfg.num_iterations):
+                self.opt.zero_grad(set_to_none=True)
+                for j, sl in enumerate(micro):
+                    with self.no_sync(j == len(micro) - 1):
+                        with self.amp_ctx():
+                            logp, ent = completion_logprobs(self.model, ids[sl], attn[sl], L,
+                                                            temperature=cfg.temperature, with_entropy=cfg.log_entropy)
+                        old = old_logp[sl] if old_logp is not None else logp.detach()
+                        loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[sl], adv[sl],
+                                             cmask[sl], eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=beta,
+                                             aggregation=aggregation, max_tokens=cfg.max_new_tokens, entropy=ent)
+                        share = float(cmask[sl].sum()) / n_tok if aggregation == "dapo" else (sl.stop - sl.start) / N
+                        self.acc.backward(loss * share)
+                        stats.append({**st, "share": share})
+                norm = self.optimizer_step()[0]
+        rec = {key: sum(s[key] * s["share"] for s in stats) / cfg.num_iterations
+               for key in ("loss", "policy_loss", "kl", "clip_fraction", "entropy")}
+        return {**rec, "ratio/min": min(s["ratio/min"] for s in stats),
+                "ratio/max": max(s["ratio/max"] for s in stats), "grad_norm": norm}
+
+    def rollout_record(self, ro, rewards: torch.Tensor) -> dict:
+        """What every rollout-based step logs: reward means/stds per column and combined (global),
+        completion length and finished share, and the independent judges' refusal rates."""
+        all_rewards = self.acc.gather(rewards.to(self.device)).cpu()  # [B, G, K]
+        lengths = self.acc.gather(ro.completion_mask.sum(1).float().to(self.device))
+        finished = self.acc.gather(ro.finished.float().to(self.device))
+        return {**reward_record(all_rewards, self.scorer.columns, self.weights),
+                "completion_length": float(lengths.mean()), "finished_fraction": float(finished.mean()),
+                **judge_rates(self.acc, ro)}
+
+    def log_samples(self, step: int, ro, rewards: torch.Tensor) -> None:
+        """Every sample of this rollout with its rewards to samples.jsonl, one per group to the logger."""
+        if not self.main:
+            return
+        G, cols = ro.group_size, self.scorer.columns
+        self.logger.text("samples", "\n\n".join(f"[{ro.kinds[i // G]}] {ro.prompts[i // G]}\n-> {ro.completions[i]}"
+                                                for i in range(0, len(ro.completions), G)), step)
+        flat = rewards.reshape(-1, len(cols))
+        with (self.out / "samples.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "samples": [
+                {"prompt": ro.prompts[i // G], "completion": ro.completions[i], "rewards": dict(zip(cols, flat[i].tolist()))}
+                for i in range(len(ro.completions))]}) + "\n")
+
+    def evaluate(self, tag: str) -> dict:
+        """The one evaluator (greedy, training RM + refusal judge) on the evaluation prompts."""
+        from mogrpo.eval.harness import evaluate_loaded
+
+        if not self.eval_prompts:
+            return {}
+        with self.timer("evaluation"), self.amp_ctx():
+            model = self.merged.sync() if self.merged else self.policy
+            return evaluate_loaded(model, self.tok, self.eval_prompts, rm=self.scorer.rm, weights=self.cfg.weights,
+                                   not_applicable=self.cfg.not_applicable,
+                                   max_new_tokens=self.cfg.eval_max_new_tokens, amp_ctx=self.amp_ctx, acc=self.acc,
+                                   out_file=self.out / f"eval_{tag}_generations.jsonl")
+
+    # ---- the loop
+
+    def train(self, steps: int, step_fn: Callable[[int], dict], *, state: Callable[[], dict] = dict,
+              load_state: Callable[[dict], None] = lambda s: None, postfix: tuple[str, ...] = (),
+              **cost_extra) -> dict:
+        """Resume (if asked and a checkpoint exists), evaluate before, then for each step:
+        rec = step_fn(step) -> log (+ lr, timing, memory) -> checkpoint every cfg.save_every
+        steps; then evaluate after and write final/, eval.json, cost.json. `state()` is the
+        algorithm's own checkpointed state, `load_state(s)` restores it. Returns
+        {eval_before, eval_after} (+ cost on the main process)."""
+        from tqdm import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        ckpt_root = self.out / "checkpoints"
+        start, eval_before = 0, None
+        saved = self._load_checkpoint(ckpt_root) if self.resume else None
+        if saved is not None:
+            start, eval_before = saved["step"], saved["eval_before"]
+            self.timer.seconds, self.tokens_generated = saved["cost_seconds"], saved["tokens_generated"]
+            torch.set_rng_state(saved["torch_rng"])
+            random.setstate(saved["py_rng"])
+            np.random.set_state(saved["np_rng"])
+            load_state(saved["algorithm"])
+            if self.main:
+                print(f"resumed from {saved['folder']} at step {start}", file=sys.stderr)
+        elif self.resume and self.main:
+            print(f"no checkpoint under {ckpt_root}; starting from scratch", file=sys.stderr)
+        if eval_before is None:
+            eval_before = self.evaluate("before")
+        self.logger = MetricsLogger(self.out, cfg, main=self.main, resume_step=start if saved else None)
+        bar = tqdm(range(start, steps), desc=self.name, disable=not (self.show_progress and self.main), unit="step",
+                   initial=start, total=steps)
+        for step in bar:
+            t0, tokens0 = time.perf_counter(), self.tokens_generated
+            rec = step_fn(step)
+            seconds = time.perf_counter() - t0
+            rec = {"step": step + 1, **rec, "lr": self.sched.get_last_lr()[0], "step_seconds": round(seconds, 3),
+                   "peak_memory_mb": round(peak_memory_mb(self.device), 1)}
+            if self.tokens_generated > tokens0:  # a step that sampled
+                rec["tokens_per_s"] = round((self.tokens_generated - tokens0) / max(seconds, 1e-9), 2)
+            self.logger.log(rec)
+            bar.set_postfix({k: f"{rec[k]:.4f}" for k in postfix if isinstance(rec.get(k), float)})
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+                acc.wait_for_everyone()
+                if self.main:
+                    save_checkpoint(ckpt_root / f"step-{step + 1:06d}", self.policy, self.tok, {
+                        "step": step + 1, "trainable": trainable_state(self.policy),
+                        "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
+                        "np_rng": np.random.get_state(), "cost_seconds": dict(self.timer.seconds),
+                        "tokens_generated": self.tokens_generated, "eval_before": eval_before,
+                        "algorithm": state()}, cfg.keep_checkpoints)
+                acc.wait_for_everyone()
+        bar.close()
+        eval_after = self.evaluate("after")
+        acc.wait_for_everyone()
+        result = {"eval_before": eval_before, "eval_after": eval_after}
+        if self.main:
+            self.logger.close()
+            result = self._finish(result, steps=steps, **cost_extra)
+        return result
+
+    def _load_checkpoint(self, ckpt_root: Path) -> dict | None:
+        latest = ckpt_root / "latest"
+        if not latest.is_file():
+            return None
+        folder = ckpt_root / latest.read_text().strip()
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        loaded = self.policy.load_state_dict(state["trainable"], strict=False)
+        if loaded.unexpected_keys:
+            raise ValueError(f"{folder}: checkpoint does not fit this model ({loaded.unexpected_keys[:3]} ...)")
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        state["folder"] = folder
+        return state
+
+    def _finish(self, result: dict, **extra) -> dict:
+        """final/ (adapter or model + tokenizer), eval.json, cost.json (wall and phase seconds,
+        peak memory, tokens, processes, + `extra`). Returns `result` with the cost added."""
+        with atomic_folder(self.out / "final") as tmp:
+            self.policy.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
+        atomic_write_text(self.out / "eval.json", json.dumps(result, indent=2))
+        cost = {"wall_seconds": round(time.time() - self.t_start, 1),
+                "phase_seconds": {k: round(v, 2) for k, v in self.timer.seconds.items()},
+                "peak_memory_mb": round(peak_memory_mb(self.device), 1), "tokens_generated": self.tokens_generated,
+                **extra, "processes": self.world, "device": str(self.device), "precision": str(self.amp or "fp32")}
+        atomic_write_text(self.out / "cost.json", json.dumps(cost, indent=2))
+        return {**result, "cost": cost}
+
+
+def check_batch_splits(batch_size: int, group: int) -> Callable[[int], None]:
+    """A `check_world` for rollout algorithms: the batch must split into whole groups per process."""
+    def check(world: int) -> None:
+        if batch_size % (group * world):
+            raise ValueError(f"batch_size = {batch_size} must split into whole prompt groups over {world} processes: "
+                             f"use a multiple of group_size * processes = {group * world}")
+    return check
