@@ -17,6 +17,7 @@ prompt, N = B*G sequences, L completion tokens, K reward columns.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -384,7 +385,6 @@ class Run:
         self.merged = MergedGenerationCopy(model, self.amp) if (cfg.merged_generation and is_peft(model)) else None
         self.eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
             load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
-        self._train_prompts = None
         self.timer = PhaseTimer()
         self.tokens_generated = 0
         self.opt = self.sched = None
@@ -394,13 +394,12 @@ class Run:
     def amp_ctx(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
 
-    @property
+    @functools.cached_property
     def train_prompts(self):
-        if self._train_prompts is None:
-            from mogrpo.data.prompts import load_prompt_set
+        """The training prompts, read on first use (DPO with its own pairs never needs them)."""
+        from mogrpo.data.prompts import load_prompt_set
 
-            self._train_prompts = load_prompt_set(self.cfg.train_prompts, self.cfg.cache_dir, "train")
-        return self._train_prompts
+        return load_prompt_set(self.cfg.train_prompts, self.cfg.cache_dir, "train")
 
     def setup_optimizer(self, total_updates: int, groups: list[dict] | None = None, modules: tuple = ()):
         """AdamW (cfg.lr, cfg.weight_decay; `groups` may set their own lr) and cfg.lr_schedule
@@ -545,8 +544,10 @@ class Run:
                 **judge_rates(self.acc, ro)}
 
     def log_samples(self, step: int, ro, rewards: torch.Tensor) -> None:
-        """Every sample of this rollout with its rewards to samples.jsonl, one per group to the logger."""
-        if not self.main:
+        """Every cfg.sample_every steps: every sample of this rollout with its rewards to
+        samples.jsonl, one per group to the logger (main process)."""
+        every = self.cfg.sample_every
+        if not (self.main and every and step % every == 0):
             return
         G, cols = ro.group_size, self.scorer.columns
         self.logger.text("samples", "\n\n".join(f"[{ro.kinds[i // G]}] {ro.prompts[i // G]}\n-> {ro.completions[i]}"

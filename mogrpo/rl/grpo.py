@@ -106,15 +106,13 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
                                         ro.completion_mask.shape[1], chunk=cfg.micro_batch_size)
         rec = run.policy_update(ro, adv.reshape(-1).to(run.device), ref_logp=ref_logp, beta=cfg.beta,
                                 aggregation=cfg.loss_aggregation, micro_batch_size=cfg.micro_batch_size)
-        all_rewards = run.acc.gather(rewards.to(run.device)).cpu()  # [B, G, K]
-        if cfg.advantage_mode == "lagrangian":  # dual ascent on the whole batch's rewards
-            lag["multipliers"] = update_multipliers(lag["multipliers"], all_rewards, thresholds, constrained,
-                                                    cfg.multiplier_lr)
+        if cfg.advantage_mode == "lagrangian":  # dual ascent on the whole batch's rewards [B, G, K]
+            lag["multipliers"] = update_multipliers(lag["multipliers"], run.acc.gather(rewards.to(run.device)).cpu(),
+                                                    thresholds, constrained, cfg.multiplier_lr)
         rec.update(run.rollout_record(ro, rewards))
         rec.update({k: v for k, v in adv_stats.items() if not k.startswith("combined")})
         rec.update({f"multiplier/{c}": float(lag["multipliers"][j]) for j, c in enumerate(cols) if constrained[j]})
-        if cfg.sample_every and (t + 1) % cfg.sample_every == 0:
-            run.log_samples(t + 1, ro, rewards)
+        run.log_samples(t + 1, ro, rewards)
         return rec
 
     return run.train(cfg.steps, step, state=lambda: dict(lag), load_state=lag.update,

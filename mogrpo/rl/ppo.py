@@ -191,8 +191,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                "advantage/std": max(adv_var, 0.0) ** 0.5, "value/mean": float(sums[4]) / n_tok,
                "grad_norm": float(norms[:, 0].mean()), "critic_grad_norm": float(norms[:, 1].mean())}
         rec.update({key: float(stats[:, j].mean()) for j, key in enumerate(STAT_KEYS)})
-        if cfg.sample_every and (t + 1) % cfg.sample_every == 0:
-            run.log_samples(t + 1, ro, rewards)
+        run.log_samples(t + 1, ro, rewards)
         return rec
 
     return run.train(cfg.steps, step, state=lambda: {"critic": value_net.state_dict()},

@@ -80,8 +80,7 @@ def train_rloo(cfg: RLOOConfig, output: str | os.PathLike, *, resume: bool = Fal
         sums = all_sum(run.acc)(torch.stack([kl.sum(), adv.abs().sum(), torch.tensor(float(len(kl)))
                                              .to(run.device)]).double())  # global: KL, |A|, samples
         rec.update({"kl": float(sums[0] / sums[2]), "advantage/abs_mean": float(sums[1] / sums[2])})
-        if cfg.sample_every and (t + 1) % cfg.sample_every == 0:
-            run.log_samples(t + 1, ro, rewards)
+        run.log_samples(t + 1, ro, rewards)
         return rec
 
     return run.train(cfg.steps, step, postfix=("reward/combined/mean", "kl"))
