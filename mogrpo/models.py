@@ -67,6 +67,73 @@ def resolve_policy_path(ref: str, cache: str | os.PathLike | None = None) -> str
     return ref
 
 
+class ModelLoadError(ValueError):
+    """A model or tokenizer cannot be loaded; the message names it, what was wrong and the fix."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+def check_model_ref(ref: str, what: str, *, need_weights: bool = True, need_tokenizer: bool = True) -> None:
+    """Before loading: a reference meant as a path (runfolder.looks_local) must exist, and a
+    folder must hold a config, weights (every safetensors file whole: its header must cover
+    the file) and tokenizer files. Hub ids pass through to the hub."""
+    from safetensors import SafetensorError, safe_open
+
+    from mogrpo.runfolder import looks_local
+
+    if ref.startswith("builtin:"):
+        return  # the asset cache checks its own
+    p = Path(ref).expanduser()
+    if not p.exists():
+        if looks_local(ref):
+            raise ModelLoadError(f"{what} {ref}: no such file or folder (a local path was meant; a hub id looks like "
+                                 f"org/name)")
+        return
+    if not p.is_dir():
+        return  # a .gguf file: the converter checks it
+    found = sorted(f.name for f in p.iterdir())
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{what} {p}: not a model folder (no config.json; found {found[:8]})")
+    if need_weights and not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise ModelLoadError(f"{what} {p}: no weights (expected one of {', '.join(WEIGHT_FILES[:3])}; found "
+                             f"{found[:8]}); copy the weight files into it, or save the model again")
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{what} {f}: damaged weights file ({exc}; truncated by a copy or a full "
+                                 f"disk?); copy or save it again") from None
+    if need_tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{what} {p}: no tokenizer files (expected tokenizer.json or tokenizer_config.json); "
+                             f"save the tokenizer into the folder (tokenizer.save_pretrained)")
+
+
+def loading(ref: str, what: str):
+    """Context: any error of transformers/peft/safetensors while loading `ref` becomes one
+    ModelLoadError line that names it (hub ids: the network or the id is the likely cause)."""
+    import contextlib
+
+    from safetensors import SafetensorError
+
+    @contextlib.contextmanager
+    def ctx():
+        try:
+            yield
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            hint = ("" if Path(ref).expanduser().exists() else
+                    " (not a local path, so it was looked up on the Hugging Face hub: check the id and the network, "
+                    "or give a local folder)")
+            raise ModelLoadError(f"{what} {ref}: could not be loaded: {first}{hint}") from None
+    return ctx()
+
+
 def load_tokenizer(path: str):
     """The policy's tokenizer, left-padded for batched generation, with a pad token."""
     from transformers import AutoTokenizer
@@ -90,9 +157,11 @@ def load_policy(ref: str, *, lora_r: int = 0, lora_alpha: int = 32, lora_dropout
     """
     from transformers import AutoModelForCausalLM
 
+    check_model_ref(ref, "policy")
     path = resolve_policy_path(ref, cache)
-    tok = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with loading(ref, "policy"):
+        tok = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if lora_r > 0:
@@ -217,6 +286,7 @@ def resolve_model(ref: str, cache=None, base_override: str | None = None):
     if p.exists() and not (p / "config.json").is_file() and p.suffix != ".gguf":
         raise FileNotFoundError(f"{p}: not a run folder (config.yaml + final/), an adapter folder "
                                 "(adapter_config.json) or a model folder (config.json)")
+    check_model_ref(ref, "model")
     model, tok = load_policy(ref, cache=cache)
     base = None
     if base_override and resolve_policy_path(base_override, cache) != resolve_policy_path(ref, cache):
@@ -229,7 +299,9 @@ def _load_trained(folder: Path, base_ref: str, cache):
         from peft import PeftModel
 
         base, tok = load_policy(base_ref, cache=cache)
-        model = PeftModel.from_pretrained(base, str(folder))
+        check_model_ref(str(folder), "adapter", need_tokenizer=False)
+        with loading(str(folder), "adapter"):
+            model = PeftModel.from_pretrained(base, str(folder))
         return model.eval(), tok, "adapter"
     model, tok = load_policy(str(folder), cache=cache)
     return model, tok, base_ref

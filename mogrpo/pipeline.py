@@ -188,6 +188,14 @@ def _fmt(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def check_stage_folder(folder: Path, out: Path) -> None:
+    """A stage folder that exists must be one `mogrpo run` made (.stage-hash): a stale one is
+    replaced, and mogrpo never deletes a folder it did not make."""
+    if folder.exists() and not (folder / ".stage-hash").is_file():
+        raise ConfigError(f"{folder} exists but is not a stage folder of `mogrpo run` (no .stage-hash): mogrpo "
+                          f"only replaces folders it made. Move it out of {out}, or choose another --output")
+
+
 def run_stages(stages: list[Stage], out: Path, *, log=print, only_report: bool = False,
                t0: float | None = None) -> dict[str, dict]:
     """Run each stage whose folder does not hold a finished run with the same hash (the stage
@@ -212,6 +220,7 @@ def run_stages(stages: list[Stage], out: Path, *, log=print, only_report: bool =
             raise ConfigError(f"stage {stage.name} is not finished with this config; run without --report-only")
         resume = started_file.is_file() and started_file.read_text().strip() == h and not done
         if folder.exists() and not resume:
+            check_stage_folder(folder, out)
             shutil.rmtree(folder)  # stale: another config or inputs
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(started_file, h)
@@ -233,14 +242,27 @@ def run_stages(stages: list[Stage], out: Path, *, log=print, only_report: bool =
 
 def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_report: bool = False) -> dict:
     """Run every stage not already finished with the same hash, then write the report."""
-    from mogrpo.assets import fetch_all
-    from mogrpo.report import write_report
+
+    from mogrpo.runfolder import claim_output, release_all
 
     t0 = time.time()
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    stages = build_stages(cfg, out)  # every section validated before anything is written
+    lock = claim_output(out, "run")
+    try:
+        return _run(cfg, out, stages, t0, log=log, only_report=only_report)
+    finally:
+        lock.release()
+        release_all()
+
+
+def _run(cfg: RunConfig, out: Path, stages: list[Stage], t0: float, *, log, only_report: bool) -> dict:
+    from mogrpo.assets import fetch_all
+    from mogrpo.report import write_report
+
+    for stage in stages:  # before any work
+        check_stage_folder(out / stage.name, out)
     save_config(cfg, out / "run_config.yaml")
-    stages = build_stages(cfg, out)
     if not only_report:
         log(f"[0/{len(stages)}] assets")
         fetch_all(cfg.cache_dir, log=log)

@@ -72,8 +72,10 @@ def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str]
     from mogrpo.eval.harness import EvalConfig
     from mogrpo.pipeline import Stage, _estimate_eval, _estimate_train, _eval_runner, _train_runner, run_stages
 
+    from mogrpo.runfolder import claim_output
+
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, "sweep")  # released when the command ends (cli.main)
     ev_data = {"reward_model": base_cfg.reward_model, "weights": base_cfg.weights,
                "not_applicable": base_cfg.not_applicable, "max_new_tokens": base_cfg.max_new_tokens,
                "cache_dir": base_cfg.cache_dir, **parse_overrides(eval_overrides or [])}

@@ -30,8 +30,8 @@ def make_data(path, n=60, seed=0):
 
 
 def eval_overrides(rm, tox, **kw):
-    base = {"reward_model": str(rm), "toxicity_model": str(tox), "max_new_tokens": 6, "kl_prompts": 4,
-            "precision": "fp32", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}, **kw}
+    base = {"reward_model": str(rm), "toxicity_model": str(tox), "trust_toxicity_model": True,
+            "max_new_tokens": 6, "kl_prompts": 4, "precision": "fp32", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}, **kw}
     return [f"{k}={json.dumps(v)}" for k, v in base.items()]
 
 
@@ -54,7 +54,8 @@ def pipeline_config(tmp_path, encoder, policy, prompts, tox, algorithms=("grpo",
            "ppo": {"steps": 1, "batch_size": 8, "group_size": 4, "minibatch_size": 4},
            "rloo": {"steps": 1, "batch_size": 8, "group_size": 4},
            "dpo": {"pair_prompts": 4, "group_size": 4, "epochs": 1, "batch_size": 2, "min_margin": 0.0},
-           "eval": {"prompts": str(prompts), "toxicity_model": str(tox), "kl_prompts": 2, "precision": "fp32"}}
+           "eval": {"prompts": str(prompts), "toxicity_model": str(tox), "trust_toxicity_model": True, "kl_prompts": 2,
+                    "precision": "fp32"}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -78,7 +79,6 @@ def kill_and_resume(algo: str, args: list[str], tmp_path, monkeypatch, kill_at: 
     """Run `mogrpo train ALGO` whole, and again killed at the `kill_at`-th scoring call (step
     3 of a run with save_every=2: after the step-2 checkpoint), then resumed; the two final
     adapters must match. Returns (whole run folder, resumed run folder)."""
-    import pytest
     import torch
     from safetensors.torch import load_file
 
@@ -96,8 +96,7 @@ def kill_and_resume(algo: str, args: list[str], tmp_path, monkeypatch, kill_at: 
         return real(self, *a, **k)
 
     monkeypatch.setattr(scoring.Scorer, "score", dying)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", algo, "--output", str(part), "--quiet", *args])
+    assert main(["train", algo, "--output", str(part), "--quiet", *args]) == 130  # Ctrl-C: one line, exit 130
     monkeypatch.setattr(scoring.Scorer, "score", real)
     assert main(["train", algo, "--output", str(part), "--quiet", "--resume", *args]) == 0
     a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (full, part))

@@ -173,7 +173,7 @@ def test_lagrangian_mu2_and_extra_columns_run(tiny_policy_dir, tiny_reward_model
     assert rows[0]["multiplier/safety"] == pytest.approx(0.5 + 1.0 - rows[0]["reward/safety/mean"], abs=1e-4)
     assert rows[1]["multiplier/safety"] > rows[0]["multiplier/safety"]
     assert "reward/concise/mean" in rows[0] and all(r["loss"] == r["loss"] for r in rows)
-    state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)
     assert float(state["algorithm"]["multipliers"][0]) == pytest.approx(rows[0]["multiplier/safety"], abs=1e-5)
 
 

@@ -17,7 +17,7 @@ def judge(tmp_path_factory):
     clf = LogisticRegression(C=100.0).fit(vec.transform(texts), labels)
     joblib.dump(vec, folder / "vectorizer.joblib")
     joblib.dump(clf, folder / "model.joblib")
-    return ToxicityJudge(folder)
+    return ToxicityJudge(folder, trusted=True)
 
 
 def test_one_insult_in_a_long_civil_text_is_not_diluted(judge):
@@ -38,6 +38,10 @@ def test_max_sentence_is_the_max_over_sentences(judge):
     assert np.all((judge.politeness(["a", "you idiot"]) >= 0) & (judge.politeness(["a", "you idiot"]) <= 1))
 
 
-def test_missing_files_say_what_to_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mogrpo assets"):
-        ToxicityJudge(tmp_path)
+def test_missing_files_say_what_to_do(tmp_path):
+    from mogrpo.reward.judges import ASSET_SHA256
+
+    with pytest.raises(FileNotFoundError, match="mogrpo assets"):  # the default asset
+        ToxicityJudge(tmp_path, sha256=ASSET_SHA256)
+    with pytest.raises(FileNotFoundError, match="point toxicity_model at a folder"):  # a folder the user named
+        ToxicityJudge(tmp_path, trusted=True)

@@ -123,7 +123,8 @@ def test_sweep_front(tiny_policy_dir, tiny_reward_model_dir, prompt_file, toy_to
     out = tmp_path / "sweep"
     args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
                          {"steps": 1, "batch_size": 8, "group_size": 4})
-    ev = [f"prompts={prompt_file}", f"toxicity_model={toy_toxicity_dir}", "kl_prompts=0", "max_new_tokens=6"]
+    ev = [f"prompts={prompt_file}", f"toxicity_model={toy_toxicity_dir}", "trust_toxicity_model=true", "kl_prompts=0",
+          "max_new_tokens=6"]
     assert main(["sweep", "--output", str(out), "--weights", "safety=2,actionability=0.5",
                  "--weights", "safety=0.5,actionability=2", *sum((["--eval", e] for e in ev), []), *args]) == 0
     res = json.loads((out / "sweep.json").read_text())

@@ -38,7 +38,7 @@ def test_ppo_end_to_end_actor_and_critic_change(tiny_policy_dir, tiny_reward_mod
     b = {n: p for n, p in before.named_parameters() if p.requires_grad}
     assert b and [n for n in b if torch.equal(b[n], a[n])] == []
     # The critic's head and adapters trained too (saved in the checkpoint after step 1).
-    state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)
     assert state["algorithm"]["critic"]["head.weight"].abs().sum() > 0  # initialised at zero
 
 
@@ -153,7 +153,7 @@ def test_ppo_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
-    s1, s2 = (torch.load(d / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    s1, s2 = (torch.load(d / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)
               for d in (one, two))
     cr1, cr2 = s1["algorithm"]["critic"], s2["algorithm"]["critic"]
     assert cr1.keys() == cr2.keys()

@@ -46,20 +46,43 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """Yield (where, object) for every non-blank line; `where` is 'file:line'."""
-    path = Path(path)
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a .jsonl or .csv file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: cannot be read (permission denied)")
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                        f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """Yield (where, object) for every non-blank line; `where` is 'file:line'. A file with
+    no row at all is an error (an empty file is a mistake, never a data set)."""
+    path = Path(path)
+    _check_readable(path)
+    n = 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                yield where, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            n += 1
+            yield where, row
+    if n == 0:
+        raise DataError(f"{path}: the file is empty (no JSON lines)")
 
 
 
@@ -69,10 +92,17 @@ def iter_csv(path: str | os.PathLike, *, comment_prefix: str = "#") -> Iterator[
     `where` is 'file:line' with the physical line on which the record starts (records may
     span lines inside quoted fields).
     """
+    import io
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with path.open("r", encoding="utf-8", newline="") as fh:
+    _check_readable(path)
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start, lineno = raw.rfind(b"\n", 0, exc.start) + 1, raw.count(b"\n", 0, exc.start) + 1
+        _decode(raw[line_start:exc.end], f"{path}:{lineno}")
+    with io.StringIO(raw.decode("utf-8"), newline="") as fh:
         header_offset = 0
         pos = fh.tell()
         line = fh.readline()
@@ -100,6 +130,7 @@ def iter_csv(path: str | os.PathLike, *, comment_prefix: str = "#") -> Iterator[
 
 
 def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    _check_readable(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return iter_jsonl(path)

@@ -54,7 +54,9 @@ class EvalConfig:
     not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
                                                  help="prompt kind -> aspects not scored (both RMs)")
     toxicity_model: str | None = field(None, help="folder with vectorizer.joblib + model.joblib "
-                                       "(default: the cached alt-profanity-check asset)")
+                                       "(default: the cached alt-profanity-check asset, verified by sha256)")
+    trust_toxicity_model: bool = field(False, help="load toxicity_model's pickles (they can run code): "
+                                                   "only for a folder you made or trust")
     seed: int = field(0, help="seed (prompt subset, sampling)")
     precision: str = field("auto", help="auto | bf16 | fp32")
     num_threads: int = field(0, help="torch CPU threads (0 = all cores)")
@@ -198,8 +200,11 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     from mogrpo.reward.model import MultiAspectRewardModel, require_reward_model
     from mogrpo.rollout import completion_logprobs, generate_rollout
 
+    from mogrpo.runfolder import claim_output
+
     t0 = time.time()
     out = Path(output)
+    lock = claim_output(out, "eval")  # before any work: a bad --output fails now, not after generating
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = autocast_dtype(device, cfg.precision)
@@ -216,7 +221,8 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
         if m is not None:
             m.autocast_dtype = amp
         rms.append(m)
-    tox_judge = ToxicityJudge(cfg.toxicity_model) if cfg.toxicity_model else ToxicityJudge.from_cache(cfg.cache_dir)
+    tox_judge = (ToxicityJudge(cfg.toxicity_model, trusted=cfg.trust_toxicity_model) if cfg.toxicity_model
+                 else ToxicityJudge.from_cache(cfg.cache_dir))
 
     model, tok, base = resolve_model(model_ref, cfg.cache_dir, cfg.base_policy)
     model.to(device).eval()
@@ -275,9 +281,9 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
                         "kl_to_base": "Monte-Carlo KL(model || base) in nats per completion, "
                                       f"{cfg.kl_prompts} sampled completions"},
                     **summary, "n": len(records), "kl_to_base": kl, "seconds": round(time.time() - t0, 1)}
-    out.mkdir(parents=True, exist_ok=True)
     write_generations(out / "generations.jsonl", rows)
     atomic_write_text(out / "eval.json", json.dumps(_round(result), indent=2))
+    lock.release()
     return result
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 POOLINGS = ("mean", "cls", "last")
+CHARS_PER_TOKEN = 32  # an upper bound on characters per token, for the cut before tokenising
 CONFIG_NAME = "reward_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -117,10 +118,14 @@ class MultiAspectRewardModel(nn.Module):
         """A fresh reward model on a pretrained backbone (hub id or folder); the head is new."""
         from transformers import AutoModel, AutoTokenizer
 
+        from mogrpo.models import check_model_ref, loading
+
         spec = RewardModelSpec(aspects=list(aspects), backbone=str(backbone), pooling=pooling,
                                max_length=max_length, output=output)
-        tok = AutoTokenizer.from_pretrained(backbone)
-        bb = AutoModel.from_pretrained(backbone, dtype=torch.float32)
+        check_model_ref(str(backbone), "backbone")
+        with loading(str(backbone), "backbone"):
+            tok = AutoTokenizer.from_pretrained(backbone)
+            bb = AutoModel.from_pretrained(backbone, dtype=torch.float32)
         _drop_unused_pooler(bb)
         if dropout is not None:
             set_dropout(bb, dropout)
@@ -137,6 +142,11 @@ class MultiAspectRewardModel(nn.Module):
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         tok = self.tokenizer
+        # No token covers more than a few dozen characters, so cutting each text to
+        # CHARS_PER_TOKEN * max_length characters changes no kept token, and a 10 MB text costs
+        # no more to tokenise than a long one (truncation below keeps the first tokens).
+        cut = CHARS_PER_TOKEN * self.spec.max_length
+        prompts, responses = [p[:cut] for p in prompts], [r[:cut] for r in responses]
         n_special = tok.num_special_tokens_to_add(pair=True)
         lp = tok(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
         lr = tok(list(responses), add_special_tokens=False, verbose=False)["input_ids"]
@@ -184,6 +194,9 @@ class MultiAspectRewardModel(nn.Module):
             out[idx] = self(**batch).float().cpu()
         if was_training:
             self.train()
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"the reward model produced NaN/inf scores for {int((~torch.isfinite(out)).any(1).sum())} "
+                             f"of {len(out)} pairs; its weights are broken (retrain it, e.g. with a lower lr)")
         return (out, n_trunc) if return_truncated else out
 
     # ---- persistence -----------------------------------------------------------------
@@ -194,7 +207,8 @@ class MultiAspectRewardModel(nn.Module):
         folder = Path(folder)
         with atomic_folder(folder) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            # the aspect names travel with the head's weights: a renamed reward_config.json is caught at load
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "aspects": json.dumps(self.aspects)})
             (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.spec), indent=2))
             self.backbone.config.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -202,7 +216,13 @@ class MultiAspectRewardModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> "MultiAspectRewardModel":
+        """Load a saved reward model. Every way a folder can be wrong (missing or damaged files, a
+        head that does not fit reward_config.json, aspect names changed since training,
+        non-finite weights) is a ModelLoadError naming the file and the fix."""
+        from safetensors import safe_open
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from mogrpo.models import ModelLoadError, check_model_ref, loading
 
         folder = Path(folder)
         cfg_path = folder / CONFIG_NAME
@@ -210,18 +230,43 @@ class MultiAspectRewardModel(nn.Module):
             raise FileNotFoundError(
                 f"{folder} is not a mogrpo reward model folder (no {CONFIG_NAME}); "
                 "train one with `mogrpo reward train --output DIR` and pass DIR/model")
-        spec = RewardModelSpec(**json.loads(cfg_path.read_text()))
-        config = AutoConfig.from_pretrained(folder)
-        backbone = AutoModel.from_config(config)
+        try:
+            spec = RewardModelSpec(**json.loads(cfg_path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{cfg_path}: not a valid reward model config ({exc}); save the model again "
+                                 f"or restore the file") from None
+        check_model_ref(str(folder), "reward model")
+        with loading(str(folder), "reward model"):
+            config = AutoConfig.from_pretrained(folder)
+            backbone = AutoModel.from_config(config)
+            tok = AutoTokenizer.from_pretrained(folder)
+            with safe_open(str(folder / WEIGHTS_NAME), "pt") as fh:
+                saved_aspects = (fh.metadata() or {}).get("aspects")
+            state = load_file(str(folder / WEIGHTS_NAME))
         _drop_unused_pooler(backbone)
-        tok = AutoTokenizer.from_pretrained(folder)
+        if saved_aspects is not None and json.loads(saved_aspects) != spec.aspects:
+            raise ModelLoadError(f"{cfg_path} names the aspects {spec.aspects}, but the head in {WEIGHTS_NAME} was "
+                                 f"trained for {json.loads(saved_aspects)} (in that order); scores would go under "
+                                 f"the wrong names. Restore the aspects in {CONFIG_NAME}")
+        head = state.get("head.weight")
+        if head is not None and head.shape[0] != len(spec.aspects):
+            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: the head has {head.shape[0]} outputs but {CONFIG_NAME} "
+                                 f"names {len(spec.aspects)} aspects {spec.aspects}; the two files are from "
+                                 f"different models")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: non-finite (NaN/inf) values in {bad[:3]}; the model "
+                                 f"diverged or the file is damaged: retrain it (e.g. with a lower lr)")
         model = cls(backbone, tok, spec)
-        state = load_file(str(folder / WEIGHTS_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: the weights do not fit the backbone in config.json "
+                                 f"({str(exc).splitlines()[-1].strip()[:200]})") from None
         # Some backbones register non-persistent buffers (e.g. position ids); weights must all match.
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-            raise ValueError(f"{folder}: weights do not match the model (missing {missing}, "
-                             f"unexpected {unexpected})")
+            raise ModelLoadError(f"{folder}: weights do not match the model (missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]})")
         return model.to(device).eval()
 
 

@@ -70,8 +70,19 @@ class RewardTrainConfig:
     device: str = field("auto", help="auto | cpu | cuda")
     num_threads: int = field(0, help="torch CPU threads (0 = all cores)")
     cache_dir: str | None = field(None, help="asset cache (default $MOGRPO_CACHE or ~/.cache/mogrpo)")
+    keep_state: bool = field(False, help="keep checkpoint/ (optimiser and RNG state, about 3x the model) "
+                                         "after a successful run; by default it is removed then")
 
     def __post_init__(self) -> None:
+        for name in ("lr", "head_lr"):
+            if not getattr(self, name) > 0:  # also rejects NaN
+                raise ValueError(f"{name} = {getattr(self, name)} must be > 0 (e.g. lr=5e-5, head_lr=1e-3)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio = {self.warmup_ratio} must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
+        if self.patience < 1 or self.max_length < 8:
+            raise ValueError("patience must be >= 1 and max_length >= 8")
         if not self.aspects or len(set(self.aspects)) != len(self.aspects):
             raise ValueError(f"aspects must be a non-empty list of unique names, got {self.aspects}")
         unknown = sorted(set(self.aspect_weights) - set(self.aspects))
@@ -163,6 +174,14 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
     if cfg.max_train_rows and len(train) > cfg.max_train_rows:
         rng = random.Random(cfg.seed)
         train = rng.sample(train, cfg.max_train_rows)
+    if not train:
+        raise DataError(f"the data sources {cfg.data} gave no training rows; check that the files have rows "
+                        f"for the aspects {cfg.aspects}")
+    for name, rows in (("validation", val), ("test", test)):
+        if not rows:
+            raise DataError(f"the {name} split is empty ({len(train)} training rows, split by prompt with splits "
+                            f"{cfg.splits}): early stopping and the test metrics need it. Add rows with more "
+                            f"distinct prompts, or raise the {name} fraction in 'splits'")
     for a in cfg.aspects:
         if not any(not math.isnan(r.labels.get(a, math.nan)) for r in train):
             raise DataError(f"aspect {a!r} has no label in the training data; drop it from "
@@ -316,25 +335,77 @@ def _param_groups(model: MultiAspectRewardModel, cfg: RewardTrainConfig) -> list
     ]
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+# Keys a resumed run takes from the new command; any other changed key keeps the run's value.
+RESUME_MAY_CHANGE = {"epochs", "patience", "eval_batch_size", "num_threads", "cache_dir", "device", "keep_state"}
+KEEP_STATES = 2  # the newest epoch states kept: the previous one is the fallback if the newest is damaged
+
+
+def _save_checkpoint(folder: Path, epoch: int, state: dict) -> None:
+    """checkpoint/epoch-NNN.pt, written to a temp name and renamed (atomic); older ones pruned."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"epoch-{epoch + 1:03d}.pt"
+    tmp = folder / f".{path.name}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+    for old in sorted(folder.glob("epoch-*.pt"))[:-KEEP_STATES]:
+        old.unlink()
+    legacy = folder / "state.pt"
+    if legacy.is_file():
+        legacy.unlink()
+
+
+def _load_checkpoint(folder: Path, model, opt, sched) -> dict | None:
+    """The newest epoch state that loads (weights_only), restored into model/opt/sched; a
+    damaged newer one is skipped with a warning."""
+    from mogrpo.runfolder import CheckpointError, load_state
+
+    files = sorted(folder.glob("epoch-*.pt"), reverse=True) + [p for p in [folder / "state.pt"] if p.is_file()]
+    problems = []
+    for path in files:
+        try:
+            state = load_state(path, "the reward trainer's state")
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            state["rng"]
+        except (CheckpointError, KeyError, RuntimeError, ValueError) as exc:
+            problems.append(f"{path.name}: {exc}")
+            print(f"warning: skipping {path}: {exc}")
+            continue
+        state["path"] = path
+        return state
+    if problems:
+        raise CheckpointError(f"no state under {folder} loads ({'; '.join(problems)}); move it away to start again")
+    return None
 
 
 def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, resume: bool = False,
                        show_progress: bool = True) -> dict:
     """Train, validate, early-stop, test and save. Returns the metrics dict (also metrics.json)."""
+    from mogrpo.config import reconcile_resume
+    from mogrpo.runfolder import claim_output, release_all
+
+    t0 = time.time()
+    out = Path(output)
+    lock = claim_output(out, "reward train")
+    try:
+        if resume and (out / "config.yaml").is_file() and any((out / "checkpoint").glob("*.pt")):
+            cfg, notes = reconcile_resume(cfg, out / "config.yaml", RESUME_MAY_CHANGE)
+            if notes:
+                print("resume: the config differs from the run's config.yaml:\n  " + "\n  ".join(notes))
+        return _train(cfg, out, t0, resume=resume, show_progress=show_progress)
+    finally:
+        lock.release()
+        release_all()
+
+
+def _train(cfg: RewardTrainConfig, out: Path, t0: float, *, resume: bool, show_progress: bool) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from transformers import get_linear_schedule_with_warmup
 
     from mogrpo.assets import resolve_model_ref
+    from mogrpo.runfolder import restore_rng, rng_state, trim_jsonl
 
-    t0 = time.time()
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -362,28 +433,29 @@ def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, res
     opt = torch.optim.AdamW(_param_groups(model, cfg))
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
 
-    ckpt_path = out / "checkpoint" / "state.pt"
+    ckpt_dir = out / "checkpoint"
     start_epoch, best_loss, best_epoch, stale, best_state = 0, math.inf, -1, 0, None
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    state = _load_checkpoint(ckpt_dir, model, opt, sched) if resume else None
+    if state is not None:
         start_epoch, best_loss, best_epoch, stale = (state["epoch"] + 1, state["best_loss"],
                                                      state["best_epoch"], state["stale"])
         best_state = state["best_state"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["py_rng"])
-        print(f"resumed from {ckpt_path} after epoch {state['epoch'] + 1}")
+        restore_rng(state["rng"])
+        print(f"resumed from {state['path']} after epoch {state['epoch'] + 1}")
     elif resume:
-        print(f"no checkpoint at {ckpt_path}; starting from scratch")
+        print(f"no checkpoint in {ckpt_dir}; starting from scratch")
+    save_config(cfg, out / "config.yaml")  # after the data, the backbone and any checkpoint loaded
 
-    writer = SummaryWriter(log_dir=str(out / "tensorboard"))
     log_path = out / "train_log.jsonl"
-    log_mode = "a" if resume else "w"
+    if state is not None:  # the rows of the epochs after the checkpoint are written again
+        trim_jsonl(log_path, "epoch", start_epoch)
+    else:
+        log_path.write_text("")
+    writer = SummaryWriter(log_dir=str(out / "tensorboard"),
+                           purge_step=start_epoch * steps_per_epoch + 1 if state is not None else None)
     step = start_epoch * steps_per_epoch
     n_trunc_train = 0
-    with log_path.open(log_mode, encoding="utf-8") as log:
+    with log_path.open("a", encoding="utf-8") as log:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
@@ -434,11 +506,10 @@ def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, res
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             else:
                 stale += 1
-            _save_checkpoint(ckpt_path, {
+            _save_checkpoint(ckpt_dir, epoch, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch, "best_loss": best_loss,
-                "best_epoch": best_epoch, "stale": stale, "best_state": best_state,
-                "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()})
+                "best_epoch": best_epoch, "stale": stale, "best_state": best_state, "rng": rng_state()})
             if stale >= cfg.patience:
                 print(f"early stop: no validation improvement for {stale} epoch(s)")
                 break
@@ -465,4 +536,8 @@ def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, res
         metrics["on_policy"] = on_policy_validation(model, data.test, cfg.seed)
     model.save(out / "model")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    if not cfg.keep_state:  # the model is saved: the optimiser/RNG state only served a resume
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from mogrpo.config import atomic_folder, atomic_write_text, field, save_config, to_dict
+from mogrpo.runfolder import CheckpointError, claim_output, restore_rng, rng_state, trim_jsonl
+from mogrpo.runfolder import load_state as load_checkpoint_state
 
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
@@ -123,6 +125,12 @@ class PolicyRunConfig:
             raise ValueError(f"report_to names {bad}; choose from {list(REPORT_TO)} (metrics.jsonl is always written)")
         if any(w < 0 for w in self.weights.values()):
             raise ValueError(f"weights must be >= 0, got {self.weights}")
+        if not self.lr > 0:  # also rejects NaN
+            raise ValueError(f"lr = {self.lr} must be > 0 (e.g. lr=4e-4)")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.beta < 0 or self.warmup_steps < 0:
+            raise ValueError("weight_decay, grad_clip, beta and warmup_steps must be >= 0")
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
         for name in ("max_new_tokens", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -256,15 +264,17 @@ class MetricsLogger:
         self.path, self.main, self.tb, self.wandb = out / "metrics.jsonl", main, None, None
         if not main:
             return
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.is_file():
-            keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= resume_step]
-            atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+        for path in (self.path, out / "samples.jsonl"):  # per-step logs: rows up to the checkpoint's step
+            if resume_step is None:
+                path.write_text("")
+            else:
+                trim_jsonl(path, "step", resume_step)
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+            # purge_step: TensorBoard hides the events a killed run wrote after the checkpoint
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
         if "wandb" in cfg.report_to:
             try:
                 import wandb
@@ -349,9 +359,8 @@ class Run:
         if check_world is not None:
             check_world(self.world)  # before anything is loaded or written
         torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // self.world))
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+        if self.main:  # refuses a file, an unwritable path, a folder mogrpo did not make, a folder in use
+            self.lock = claim_output(self.out, f"train {name}")
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -385,9 +394,13 @@ class Run:
         self.merged = MergedGenerationCopy(model, self.amp) if (cfg.merged_generation and is_peft(model)) else None
         self.eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
             load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
+        if cfg.train_prompts != "default":
+            self.train_prompts  # a user's file is read now: a bad one fails before any work  # noqa: B018
         self.timer = PhaseTimer()
         self.tokens_generated = 0
         self.opt = self.sched = None
+        if self.main:  # only now: every input has been read, so a config.yaml never describes a failed start
+            save_config(cfg, self.out / "config.yaml")
 
     # ---- pieces an algorithm calls
 
@@ -590,9 +603,7 @@ class Run:
         if saved is not None:
             start, eval_before = saved["step"], saved["eval_before"]
             self.timer.seconds, self.tokens_generated = saved["cost_seconds"], saved["tokens_generated"]
-            torch.set_rng_state(saved["torch_rng"])
-            random.setstate(saved["py_rng"])
-            np.random.set_state(saved["np_rng"])
+            restore_rng(saved["rng"])
             load_state(saved["algorithm"])
             if self.main:
                 print(f"resumed from {saved['folder']} at step {start}", file=sys.stderr)
@@ -619,8 +630,7 @@ class Run:
                     save_checkpoint(ckpt_root / f"step-{step + 1:06d}", self.policy, self.tok, {
                         "step": step + 1, "trainable": trainable_state(self.policy),
                         "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
-                        "np_rng": np.random.get_state(), "cost_seconds": dict(self.timer.seconds),
+                        "rng": rng_state(), "cost_seconds": dict(self.timer.seconds),
                         "tokens_generated": self.tokens_generated, "eval_before": eval_before,
                         "algorithm": state()}, cfg.keep_checkpoints)
                 acc.wait_for_everyone()
@@ -631,21 +641,43 @@ class Run:
         if self.main:
             self.logger.close()
             result = self._finish(result, steps=steps, **cost_extra)
+            self.lock.release()
         return result
 
     def _load_checkpoint(self, ckpt_root: Path) -> dict | None:
+        """The newest checkpoint that loads, its weights, optimiser and schedule restored. A
+        newer one that does not load (a kill, a full disk, a damaged file) is skipped with a
+        warning; when none loads, the error names them all."""
+        folders = sorted(ckpt_root.glob("step-*"), reverse=True) if ckpt_root.is_dir() else []
         latest = ckpt_root / "latest"
-        if not latest.is_file():
-            return None
-        folder = ckpt_root / latest.read_text().strip()
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
-        loaded = self.policy.load_state_dict(state["trainable"], strict=False)
-        if loaded.unexpected_keys:
-            raise ValueError(f"{folder}: checkpoint does not fit this model ({loaded.unexpected_keys[:3]} ...)")
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        state["folder"] = folder
-        return state
+        if latest.is_file() and (ckpt_root / latest.read_text().strip()) in folders:
+            folders.remove(ckpt_root / latest.read_text().strip())
+            folders.insert(0, ckpt_root / latest.read_text().strip())
+        problems = []
+        for folder in folders:
+            try:
+                state = load_checkpoint_state(folder / "trainer_state.pt", "the trainer state")
+                for key in ("step", "trainable", "optimizer", "scheduler", "rng", "algorithm"):
+                    if key not in state:
+                        raise CheckpointError(f"{folder}/trainer_state.pt has no {key!r} (written by another "
+                                              f"mogrpo version or program)")
+                loaded = self.policy.load_state_dict(state["trainable"], strict=False)
+                if loaded.unexpected_keys:
+                    raise CheckpointError(f"{folder}: checkpoint does not fit this model "
+                                          f"({loaded.unexpected_keys[:3]} ...)")
+                self.opt.load_state_dict(state["optimizer"])
+                self.sched.load_state_dict(state["scheduler"])
+            except (CheckpointError, ValueError, KeyError, RuntimeError) as exc:
+                problems.append(str(exc))
+                if self.main:
+                    print(f"warning: skipping checkpoint {folder.name}: {exc}", file=sys.stderr)
+                continue
+            state["folder"] = folder
+            return state
+        if problems:
+            raise CheckpointError(f"no checkpoint under {ckpt_root} loads ({'; '.join(problems)}); move the folder "
+                                  f"away to start again, or resume from a copy")
+        return None
 
     def _finish(self, result: dict, **extra) -> dict:
         """final/ (adapter or model + tokenizer), eval.json, cost.json (wall and phase seconds,

@@ -36,8 +36,30 @@ def algorithm_of(cfg) -> str:
     raise TypeError(f"{type(cfg).__name__} is not the config of a known algorithm ({', '.join(TRAINERS)})")
 
 
+# Keys a resumed run takes from the new command: how long, how often to save/log/evaluate,
+# threads. Any other changed key keeps the run's own value (config.reconcile_resume).
+RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "report_to", "sample_every", "log_entropy",
+                     "num_threads", "cache_dir", "eval_prompts", "eval_max_prompts", "eval_max_new_tokens"}
+
+
 def train(cfg, output, *, resume: bool = False, show_progress: bool = True) -> dict:
     """Train the algorithm `cfg` configures (a GRPOConfig, PPOConfig, DPOConfig or RLOOConfig)
     into the run folder `output`; returns {eval_before, eval_after, cost}. The CLI's
-    `mogrpo train <algo>` calls this."""
-    return trainer(algorithm_of(cfg))[1](cfg, output, resume=resume, show_progress=show_progress)
+    `mogrpo train <algo>` calls this. With `resume`, keys changed since the run started are
+    reported, and only those in RESUME_MAY_CHANGE take the new value."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from mogrpo.config import reconcile_resume
+    from mogrpo.runfolder import release_all
+
+    saved = Path(output) / "config.yaml"
+    if resume and saved.is_file() and (Path(output) / "checkpoints" / "latest").is_file():
+        cfg, notes = reconcile_resume(cfg, saved, RESUME_MAY_CHANGE)
+        if notes and os.environ.get("RANK", "0") == "0":
+            print("resume: the config differs from the run's config.yaml:\n  " + "\n  ".join(notes), file=sys.stderr)
+    try:
+        return trainer(algorithm_of(cfg))[1](cfg, output, resume=resume, show_progress=show_progress)
+    finally:
+        release_all()

@@ -1,0 +1,241 @@
+"""Output folders and the files mogrpo reads back: nothing a user does wrong loses a file,
+runs code from a file, or ends in a traceback.
+
+- `claim_output(folder, command)`: before any work, check that --output is a folder (or
+  can become one) that this user can write; refuse a non-empty folder that mogrpo did not
+  create (no `.mogrpo` marker); take the folder's lock (one run per folder; the lock of a
+  killed process is released with it, so a stale lock file is simply taken over); remove
+  the temp files and folders a killed write left behind.
+- `check_output_file(path)`: the same for a command that writes one file.
+- `load_state(path, what)`: `torch.load(weights_only=True)`: tensors, numbers, strings and
+  containers only, never code; a truncated or foreign file is a clear error.
+- `looks_local(ref)`: whether a model reference is meant as a path (so a missing one is
+  "no such folder", not a hub error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+MARKER = ".mogrpo"  # written into every folder mogrpo creates as an output
+LOCK = ".mogrpo.lock"
+# Temp names of config.atomic_write_text / atomic_folder (".NAME.tmp-XXXX") and the legacy ones.
+_TEMP = re.compile(r"^\..+(\.tmp-[A-Za-z0-9_]+|\.tmp)$")
+
+
+class OutputError(ValueError):
+    """An output path cannot be used; the message says why and what to do."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or state file cannot be read; the message names it and the fix."""
+
+
+def _first_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """`path` (a folder that exists or will be created) can be written by this user."""
+    base = _first_existing(path)
+    if base.exists() and not base.is_dir():
+        raise OutputError(f"{what} {path}: {base} is a file, not a folder; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: cannot write in {base} (permission denied); choose a folder you "
+                          f"can write, e.g. under your home")
+
+
+def made_by_mogrpo(folder: Path) -> bool:
+    """True when `folder` carries mogrpo's marker (or is a `mogrpo run` stage or run folder of a
+    version before the marker: `.stage-hash`, or run_config.yaml beside such stages)."""
+    if (folder / MARKER).is_file() or (folder / ".stage-hash").is_file():
+        return True
+    return (folder / "run_config.yaml").is_file() and any(
+        (c / ".stage-hash").is_file() for c in folder.iterdir() if c.is_dir())
+
+
+def claim_output(folder: str | os.PathLike, command: str, *, what: str = "--output") -> "FolderLock":
+    """Check, create, mark and lock an output folder; return the held lock (see module doc)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{what} {folder} is an existing file; give a folder path (mogrpo writes several "
+                          f"files into it)")
+    _check_writable(folder, what)
+    if folder.is_dir() and any(folder.iterdir()) and not made_by_mogrpo(folder):
+        raise OutputError(f"{what} {folder} is not empty and was not created by mogrpo (no {MARKER} marker): "
+                          f"mogrpo never writes into or replaces a folder it did not make. Choose a new or empty "
+                          f"folder (if it is a run folder of an older mogrpo, `touch {folder / MARKER}`)")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock.take(folder)
+    marker = folder / MARKER
+    if not marker.is_file():
+        from mogrpo._version import __version__
+
+        marker.write_text(json.dumps({"command": command, "mogrpo": __version__,
+                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    clean_stale_temps(folder)
+    return lock
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--output") -> Path:
+    """A file output: not a folder, and its folder writable (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file path, e.g. {path / 'out.jsonl'}")
+    _check_writable(path.parent, what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{what} {path}: the file exists and cannot be written (permission denied)")
+    return path
+
+
+def clean_stale_temps(folder: Path) -> list[str]:
+    """Remove the temp files/folders of writes that a killed process left in `folder` and its
+    checkpoint folders (only ever called with the folder's lock held). Returns their names."""
+    removed = []
+    for d in (folder, folder / "checkpoints", folder / "checkpoint"):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if _TEMP.match(p.name):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(str(p.relative_to(folder)))
+    return removed
+
+
+class FolderLock:
+    """An exclusive `flock` on FOLDER/.mogrpo.lock until `release()` (or `release_all()`, which
+    the CLI calls when a command ends, however it ends).
+
+    The kernel drops the lock when its process dies, however it dies, so a lock file left
+    by a killed run is taken over by the next one; a live holder makes this an error that
+    names its pid. A process asking again for a folder it holds gets its own lock back."""
+
+    held: dict[str, "FolderLock"] = {}
+
+    @classmethod
+    def take(cls, folder: Path) -> "FolderLock":
+        key = str(folder.resolve())
+        lock = cls.held.get(key)
+        if lock is None or lock.fh.closed:
+            lock = cls.held[key] = cls(folder)
+        return lock
+
+    def __init__(self, folder: Path):
+        import fcntl
+
+        self.path = folder / LOCK
+        self.fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "unknown"
+            self.fh.close()
+            raise OutputError(f"{folder} is in use by another mogrpo process ({holder}); wait for it to finish, "
+                              f"or choose another --output") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        self.fh.flush()
+
+    def release(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()  # closing drops the flock
+
+
+def release_all() -> None:
+    """Drop every folder lock this process holds."""
+    for lock in FolderLock.held.values():
+        lock.release()
+    FolderLock.held.clear()
+
+
+def load_state(path: str | os.PathLike, what: str):
+    """A checkpoint's state (tensors, numbers, strings, containers) without unpickling code."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise CheckpointError(f"{path}: {what} holds objects other than tensors and plain values"
+                              f"{f' ({found.group(1)})' if found else ''}, which mogrpo never writes and will not "
+                              f"load: a crafted or foreign file? Use the run's own checkpoints") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {what} is unreadable (truncated or corrupt: "
+                              f"{_first_line(exc)[:160]})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def looks_local(ref: str) -> bool:
+    """True when `ref` can only be meant as a local path: absolute, ./ ../ ~, a Windows-style
+    or more-than-one-slash path, a file suffix a hub id never has, or a first component that
+    exists here. Hub ids are `name` or `org/name`."""
+    if ref.startswith(("/", "./", "../", "~", ".\\")) or "\\" in ref or ref.endswith((".gguf", ".safetensors")):
+        return True
+    if not _HUB_ID.match(ref):
+        return True
+    return "/" in ref and Path(ref.split("/", 1)[0]).is_dir()
+
+
+def rng_state() -> dict:
+    """Every RNG state (torch CPU, Python, NumPy) as tensors and plain values, so that a
+    checkpoint holding it loads with weights_only=True."""
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+
+
+def restore_rng(state: dict) -> None:
+    """Set every RNG from `rng_state()`'s dict."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def trim_jsonl(path: Path, key: str, last: int) -> None:
+    """Keep the rows of a JSONL log whose `key` is <= `last` (and drop a half-written last line)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a kill cut short
+        if isinstance(row, dict) and isinstance(row.get(key), (int, float)) and row[key] <= last:
+            keep.append(line)
+    from mogrpo.config import atomic_write_text
+
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
