@@ -6,6 +6,7 @@ that every later load uses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -112,26 +113,23 @@ def check_model_ref(ref: str, what: str, *, need_weights: bool = True, need_toke
                              f"save the tokenizer into the folder (tokenizer.save_pretrained)")
 
 
+@contextlib.contextmanager
 def loading(ref: str, what: str):
     """Context: any error of transformers/peft/safetensors while loading `ref` becomes one
     ModelLoadError line that names it (hub ids: the network or the id is the likely cause)."""
-    import contextlib
-
     from safetensors import SafetensorError
 
-    @contextlib.contextmanager
-    def ctx():
-        try:
-            yield
-        except ModelLoadError:
-            raise
-        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            hint = ("" if Path(ref).expanduser().exists() else
-                    " (not a local path, so it was looked up on the Hugging Face hub: check the id and the network, "
-                    "or give a local folder)")
-            raise ModelLoadError(f"{what} {ref}: could not be loaded: {first}{hint}") from None
-    return ctx()
+    from mogrpo.runfolder import first_line
+
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        hint = ("" if Path(ref).expanduser().exists() else
+                " (not a local path, so it was looked up on the Hugging Face hub: check the id and the network, "
+                "or give a local folder)")
+        raise ModelLoadError(f"{what} {ref}: could not be loaded: {first_line(exc)[:300]}{hint}") from None
 
 
 def load_tokenizer(path: str):

@@ -242,8 +242,7 @@ def run_stages(stages: list[Stage], out: Path, *, log=print, only_report: bool =
 
 def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_report: bool = False) -> dict:
     """Run every stage not already finished with the same hash, then write the report."""
-
-    from mogrpo.runfolder import claim_output, release_all
+    from mogrpo.runfolder import claim_output
 
     t0 = time.time()
     out = Path(output)
@@ -253,7 +252,6 @@ def run_pipeline(cfg: RunConfig, output: str | os.PathLike, *, log=print, only_r
         return _run(cfg, out, stages, t0, log=log, only_report=only_report)
     finally:
         lock.release()
-        release_all()
 
 
 def _run(cfg: RunConfig, out: Path, stages: list[Stage], t0: float, *, log, only_report: bool) -> dict:

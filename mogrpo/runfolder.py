@@ -176,10 +176,34 @@ def load_state(path: str | os.PathLike, what: str):
                               f"load: a crafted or foreign file? Use the run's own checkpoints") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: {what} is unreadable (truncated or corrupt: "
-                              f"{_first_line(exc)[:160]})") from None
+                              f"{first_line(exc)[:160]})") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def load_newest(files: list[Path], what: str, restore, *, where: str, label=str,
+                warn=print) -> tuple[Path, dict] | None:
+    """The first of `files` (newest first) whose state loads (`load_state`) and that
+    `restore(state)` accepts (it raises when the state does not fit), as (path, state). One
+    that fails is skipped with a warning (`label(path)` names it), so a damaged newest
+    checkpoint falls back to the previous one; when every one fails, the CheckpointError
+    ("no WHERE loads") lists them all; None when there is none."""
+    problems = []
+    for path in files:
+        try:
+            state = load_state(path, what)
+            restore(state)
+        except (CheckpointError, KeyError, RuntimeError, ValueError) as exc:
+            problems.append(f"{label(path)}: {exc}")
+            warn(f"warning: skipping {label(path)}: {exc}")
+            continue
+        return path, state
+    if problems:
+        raise CheckpointError(f"no {where} loads ({'; '.join(problems)}); move it away to start again, or resume "
+                              f"from a copy")
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 

@@ -98,11 +98,12 @@ def iter_csv(path: str | os.PathLike, *, comment_prefix: str = "#") -> Iterator[
     _check_readable(path)
     raw = path.read_bytes()
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # raises the message of the line the bad byte is on
         line_start, lineno = raw.rfind(b"\n", 0, exc.start) + 1, raw.count(b"\n", 0, exc.start) + 1
         _decode(raw[line_start:exc.end], f"{path}:{lineno}")
-    with io.StringIO(raw.decode("utf-8"), newline="") as fh:
+        raise
+    with io.StringIO(text, newline="") as fh:
         header_offset = 0
         pos = fh.tell()
         line = fh.readline()

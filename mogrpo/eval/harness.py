@@ -199,7 +199,6 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     from mogrpo.reward.judges import ToxicityJudge
     from mogrpo.reward.model import MultiAspectRewardModel, require_reward_model
     from mogrpo.rollout import completion_logprobs, generate_rollout
-
     from mogrpo.runfolder import claim_output
 
     t0 = time.time()

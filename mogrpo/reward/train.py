@@ -357,33 +357,28 @@ def _save_checkpoint(folder: Path, epoch: int, state: dict) -> None:
 def _load_checkpoint(folder: Path, model, opt, sched) -> dict | None:
     """The newest epoch state that loads (weights_only), restored into model/opt/sched; a
     damaged newer one is skipped with a warning."""
-    from mogrpo.runfolder import CheckpointError, load_state
+    from mogrpo.runfolder import load_newest
+
+    def restore(state: dict) -> None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        state["rng"]  # noqa: B018  (a state without it raises KeyError and is skipped)
 
     files = sorted(folder.glob("epoch-*.pt"), reverse=True) + [p for p in [folder / "state.pt"] if p.is_file()]
-    problems = []
-    for path in files:
-        try:
-            state = load_state(path, "the reward trainer's state")
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            state["rng"]
-        except (CheckpointError, KeyError, RuntimeError, ValueError) as exc:
-            problems.append(f"{path.name}: {exc}")
-            print(f"warning: skipping {path}: {exc}")
-            continue
-        state["path"] = path
-        return state
-    if problems:
-        raise CheckpointError(f"no state under {folder} loads ({'; '.join(problems)}); move it away to start again")
-    return None
+    found = load_newest(files, "the reward trainer's state", restore, where=f"state under {folder}")
+    if found is None:
+        return None
+    path, state = found
+    state["path"] = path
+    return state
 
 
 def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, resume: bool = False,
                        show_progress: bool = True) -> dict:
     """Train, validate, early-stop, test and save. Returns the metrics dict (also metrics.json)."""
     from mogrpo.config import reconcile_resume
-    from mogrpo.runfolder import claim_output, release_all
+    from mogrpo.runfolder import claim_output
 
     t0 = time.time()
     out = Path(output)
@@ -396,7 +391,6 @@ def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, res
         return _train(cfg, out, t0, resume=resume, show_progress=show_progress)
     finally:
         lock.release()
-        release_all()
 
 
 def _train(cfg: RewardTrainConfig, out: Path, t0: float, *, resume: bool, show_progress: bool) -> dict:

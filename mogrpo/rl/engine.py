@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from mogrpo.config import atomic_folder, atomic_write_text, field, save_config, to_dict
-from mogrpo.runfolder import CheckpointError, claim_output, restore_rng, rng_state, trim_jsonl
-from mogrpo.runfolder import load_state as load_checkpoint_state
+from mogrpo.runfolder import CheckpointError, claim_output, load_newest, restore_rng, rng_state, trim_jsonl
 
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
@@ -648,36 +647,29 @@ class Run:
         """The newest checkpoint that loads, its weights, optimiser and schedule restored. A
         newer one that does not load (a kill, a full disk, a damaged file) is skipped with a
         warning; when none loads, the error names them all."""
-        folders = sorted(ckpt_root.glob("step-*"), reverse=True) if ckpt_root.is_dir() else []
-        latest = ckpt_root / "latest"
-        if latest.is_file() and (ckpt_root / latest.read_text().strip()) in folders:
-            folders.remove(ckpt_root / latest.read_text().strip())
-            folders.insert(0, ckpt_root / latest.read_text().strip())
-        problems = []
-        for folder in folders:
-            try:
-                state = load_checkpoint_state(folder / "trainer_state.pt", "the trainer state")
-                for key in ("step", "trainable", "optimizer", "scheduler", "rng", "algorithm"):
-                    if key not in state:
-                        raise CheckpointError(f"{folder}/trainer_state.pt has no {key!r} (written by another "
-                                              f"mogrpo version or program)")
-                loaded = self.policy.load_state_dict(state["trainable"], strict=False)
-                if loaded.unexpected_keys:
-                    raise CheckpointError(f"{folder}: checkpoint does not fit this model "
-                                          f"({loaded.unexpected_keys[:3]} ...)")
-                self.opt.load_state_dict(state["optimizer"])
-                self.sched.load_state_dict(state["scheduler"])
-            except (CheckpointError, ValueError, KeyError, RuntimeError) as exc:
-                problems.append(str(exc))
-                if self.main:
-                    print(f"warning: skipping checkpoint {folder.name}: {exc}", file=sys.stderr)
-                continue
-            state["folder"] = folder
-            return state
-        if problems:
-            raise CheckpointError(f"no checkpoint under {ckpt_root} loads ({'; '.join(problems)}); move the folder "
-                                  f"away to start again, or resume from a copy")
-        return None
+        # Newest first by name: a checkpoint folder appears whole (atomic rename) before `latest`
+        # moves to it, so the newest folder is the newest complete checkpoint.
+        files = [f / "trainer_state.pt" for f in sorted(ckpt_root.glob("step-*"), reverse=True)]
+
+        def restore(state: dict) -> None:
+            for key in ("step", "trainable", "optimizer", "scheduler", "rng", "algorithm"):
+                if key not in state:
+                    raise CheckpointError(f"trainer_state.pt has no {key!r} (written by another mogrpo version "
+                                          f"or program)")
+            loaded = self.policy.load_state_dict(state["trainable"], strict=False)
+            if loaded.unexpected_keys:
+                raise CheckpointError(f"checkpoint does not fit this model ({loaded.unexpected_keys[:3]} ...)")
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+
+        found = load_newest(files, "the trainer state", restore, where=f"checkpoint under {ckpt_root}",
+                            label=lambda p: f"checkpoint {p.parent.name}",
+                            warn=lambda m: print(m, file=sys.stderr) if self.main else None)
+        if found is None:
+            return None
+        path, state = found
+        state["folder"] = path.parent
+        return state
 
     def _finish(self, result: dict, **extra) -> dict:
         """final/ (adapter or model + tokenizer), eval.json, cost.json (wall and phase seconds,
