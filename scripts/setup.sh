@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create/refresh the project's virtual environment (.venv) and install mogrpo with its
-# test extras. Re-installs only when pyproject.toml changed. Sourced by main.sh and test.sh.
+# test extras, at the exact versions of constraints.txt (pyproject.toml holds ranges).
+# Re-installs only when pyproject.toml or constraints.txt changed. Sourced by main.sh and test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MOGRPO_VENV:-$ROOT/.venv}"
@@ -14,13 +15,13 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.mogrpo-installed"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-    echo "installing mogrpo and its pinned dependencies into $VENV (first run takes a few minutes)"
+    echo "installing mogrpo and the dependency versions of constraints.txt into $VENV (first run takes a few minutes)"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     # torch first and pinned: on a CPU machine this takes the local CPU wheel, not CUDA packages.
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$ROOT/constraints.txt" torch
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[test]"
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
