@@ -125,3 +125,92 @@ def toy_toxicity_dir(tmp_path_factory) -> Path:
     joblib.dump(vec, folder / "vectorizer.joblib")
     joblib.dump(clf, folder / "model.joblib")
     return folder
+
+
+# ----------------------------------------------------------------------------- the paper's architectures, tiny
+
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _write_bpe_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer with Qwen2.5's special tokens and chat format (trained on
+    WORDS: the hub's own needs a download), saved as a Qwen2 tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS)] * 3 + ["How do I bake bread? I'm sorry, but I can't help."], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=QWEN_CHAT_TEMPLATE)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_qwen2_config(vocab_size: int, **kw):
+    """Qwen2.5's architecture (grouped-query attention, q/k/v biases, tied embeddings as in
+    0.5B), 2 layers, 32 wide."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """A random Qwen2ForCausalLM (Qwen2.5-Instruct's architecture) with a chat-format BPE tokenizer."""
+    from transformers import Qwen2ForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_qwen2")
+    tok = _write_bpe_tokenizer(folder)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_qwen2_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                       bos_token_id=None)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory) -> dict[str, Path]:
+    """Random encoders of the reward configs' architectures (DeBERTa-v2/v3, ModernBERT, Qwen2),
+    2 layers, 32 wide, each with a tokenizer (the tiny WordPiece one; Qwen2: the BPE one)."""
+    from transformers import DebertaV2Config, DebertaV2Model, ModernBertConfig, ModernBertModel, Qwen2Model
+
+    out = {}
+    for name in ("deberta-v2", "modernbert", "qwen2"):
+        folder = tmp_path_factory.mktemp(f"tiny_{name}")
+        tok = _write_bpe_tokenizer(folder) if name == "qwen2" else _write_tokenizer(folder)
+        torch.manual_seed(0)
+        if name == "deberta-v2":
+            model = DebertaV2Model(DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=64,
+                                                   max_position_embeddings=1024, relative_attention=True,
+                                                   position_biased_input=False, pos_att_type=["p2c", "c2p"]))
+        elif name == "modernbert":
+            model = ModernBertModel(ModernBertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                                                     cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                                                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                                                     global_attn_every_n_layers=2, local_attention=16))
+        else:
+            model = Qwen2Model(tiny_qwen2_config(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None,
+                                                 eos_token_id=tok.eos_token_id))
+        model.save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason, on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

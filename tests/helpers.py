@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import yaml
 
@@ -61,16 +62,19 @@ def pipeline_config(tmp_path, encoder, policy, prompts, tox, algorithms=("grpo",
     return path
 
 
+DDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
+
+
 def launch_two_processes(algo: str, out, args: list[str]) -> None:
-    """`accelerate launch --multi_gpu --num_processes 2` on this machine (gloo on CPU)."""
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml` (2 processes): the
+    multi-GPU file users run, which starts CPU processes with gloo on this machine."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "mogrpo.cli", "train", algo, "--output", str(out), "--quiet", *args]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+           "--num_processes", "2", "-m", "mogrpo.cli", "train", algo, "--output", str(out), "--quiet", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

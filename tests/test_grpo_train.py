@@ -120,20 +120,13 @@ def test_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_dir,
     """Same global batch and seed: `accelerate launch --num_processes 2` (gloo, CPU) makes the
     same first update as one process. Generation is seeded per prompt (generation_chunk=1),
     so both runs sample the same completions."""
-    import os
-    import subprocess
-    import sys
+    from helpers import launch_two_processes
 
     args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=1, eval_prompts="none",
                      generation_chunk=1, lr=1e-2, micro_batch_size=4)
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", "grpo", "--output", str(one), "--quiet", *args]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "mogrpo.cli", "train", "grpo", "--output", str(two), "--quiet", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes("grpo", two, args)  # configs/accelerate/ddp.yaml
     assert json.loads((two / "cost.json").read_text())["processes"] == 2
     a, b = _adapter(one), _adapter(two)
     assert a.keys() == b.keys()

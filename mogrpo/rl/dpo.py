@@ -223,8 +223,8 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
             run.opt.zero_grad(set_to_none=True)
             acc.backward(loss * weight)
             grad_norm = run.optimizer_step()[0]  # after backward: the global norm
-        st = all_sum(acc)(torch.tensor([st[key] * weight / run.world for key in DPO_STATS], dtype=torch.float64,
-                                       device=run.device)).cpu()
-        return {"epoch": epoch + 1, **dict(zip(DPO_STATS, st.tolist())), "grad_norm": grad_norm}
+        st = all_sum(acc)(torch.stack([st[key].double() * weight / run.world for key in DPO_STATS] +
+                                      [grad_norm.double().to(run.device)])).tolist()  # one transfer per step
+        return {"epoch": epoch + 1, **dict(zip(DPO_STATS, st[:-1])), "grad_norm": st[-1] / run.world}
 
     return run.train(steps_per_epoch * cfg.epochs, step, postfix=("loss", "reward_accuracy"), pairs=len(pairs))

@@ -25,7 +25,7 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -38,6 +38,7 @@ from mogrpo.runfolder import CheckpointError, claim_output, load_newest, restore
 
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
+POLICY_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -103,6 +104,10 @@ class PolicyRunConfig:
     # run
     seed: int = field(0, help="seed")
     precision: str = field("auto", help="auto (bf16 autocast where supported) | bf16 | fp32")
+    policy_dtype: str = field("fp32", help="dtype the policy's (and PPO critic's) weights are loaded and kept in: "
+                                           "fp32 (master weights; bf16 compute under autocast) | bf16 (half the "
+                                           "weight memory, for 7B+ models; LoRA adapters stay fp32; needs bf16 "
+                                           "precision)")
     num_threads: int = field(0, help="torch CPU threads per process (0 = cores / processes)")
     save_every: int = field(10, help="checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = field(2, help="keep the newest N checkpoints (0 = keep all)")
@@ -133,6 +138,10 @@ class PolicyRunConfig:
         for name in ("max_new_tokens", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.policy_dtype not in POLICY_DTYPES:
+            raise ValueError(f"policy_dtype must be one of {sorted(POLICY_DTYPES)}, got {self.policy_dtype!r}")
+        if self.policy_dtype == "bf16" and self.precision == "fp32":
+            raise ValueError("policy_dtype=bf16 computes in bf16: use precision=bf16 (or auto on a GPU)")
 
 
 @dataclass
@@ -189,11 +198,69 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _norm_tensor(norm, device: torch.device) -> torch.Tensor:
+    """A gradient norm as a plain 0-dim float tensor: FSDP2 returns a DTensor (its full value
+    is taken), DeepSpeed None (it clips inside its own step; the norm is then NaN)."""
+    if norm is None:
+        return torch.full((), float("nan"), device=device)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return torch.as_tensor(norm, device=device).detach().float()
+
+
 def all_sum(acc):
     """x -> the elementwise sum of x over the processes (identity for one process)."""
     if acc.num_processes == 1:
         return lambda x: x
     return lambda x: acc.reduce(x, reduction="sum")  # a new tensor; x is left as it is
+
+
+def sharding(acc) -> str | None:
+    """'fsdp' or 'deepspeed' when the processes shard the weights (accelerate's FSDP or
+    DeepSpeed plugin), else None (one process, DDP)."""
+    from accelerate.utils import DistributedType
+
+    return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(acc.distributed_type)
+
+
+@contextmanager
+def full_weights(model: torch.nn.Module, acc):
+    """Every weight of `model` whole on this process inside the context, for what bypasses
+    the sharded forward (sampling with `generate`, reading LoRA weights to merge): FSDP2
+    all-gathers its modules once (and keeps them gathered through the forwards inside),
+    DeepSpeed ZeRO-3 gathers its partitions. A no-op without sharding. Collective: every
+    process must enter it. Costs one full copy of the weights per process while inside."""
+    kind = sharding(acc)
+    if kind == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        reshard = getattr(acc.state.fsdp_plugin, "reshard_after_forward", True) is not False
+        for m in units:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(reshard, recurse=False)
+    elif kind == "deepspeed" and getattr(acc.state.deepspeed_plugin, "zero_stage", 0) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield
+    else:
+        yield
+
+
+@contextmanager
+def _deepspeed_boundary(acc, sync: bool):
+    acc.gradient_state._set_sync_gradients(sync)
+    try:
+        yield
+    finally:
+        acc.gradient_state._set_sync_gradients(True)
 
 
 def owned_share(members: list[int], n_local: int, rank: int, sizes: torch.Tensor
@@ -309,17 +376,20 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that train (LoRA adapters, or every weight), on the CPU, for a checkpoint."""
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: torch.nn.Module, full: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that train (LoRA adapters, or every weight), on the CPU, for a checkpoint;
+    taken from `full` (a gathered state dict) when the weights are sharded."""
+    return {n: (full[n] if full is not None else p.detach()).cpu() for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: int) -> None:
-    """Atomic: the folder appears complete or not at all, and `latest` moves only after it."""
+def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: int, state_dict: dict | None = None) -> None:
+    """Atomic: the folder appears complete or not at all, and `latest` moves only after it.
+    `state_dict`: the model's gathered weights when they are sharded over processes."""
     import shutil
 
     with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / "trainer_state.pt")
     atomic_write_text(folder.parent / "latest", folder.name)
@@ -367,6 +437,10 @@ class Run:
         rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=self.device)
         self.amp = autocast_dtype(self.device, cfg.precision)
         rm.autocast_dtype = self.amp
+        self.policy_dtype = POLICY_DTYPES[cfg.policy_dtype]
+        if self.policy_dtype != torch.float32 and self.amp is None:
+            raise ValueError(f"policy_dtype={cfg.policy_dtype} needs bf16 compute, which precision={cfg.precision} "
+                             f"does not give on {self.device}: set precision=bf16 or policy_dtype=fp32")
         self.scorer = Scorer(rm, extra_rewards or {}, cfg.not_applicable)
         unknown = sorted(set(cfg.weights) - set(self.scorer.columns))
         if unknown:
@@ -379,7 +453,7 @@ class Run:
         torch.manual_seed(cfg.seed)  # LoRA's initial A matrices depend on it
         model, self.tok = load_policy(cfg.policy, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                       lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
-                                      cache=cfg.cache_dir)
+                                      cache=cfg.cache_dir, dtype=self.policy_dtype)
         model.to(self.device)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -398,6 +472,14 @@ class Run:
         self.timer = PhaseTimer()
         self.tokens_generated = 0
         self.opt = self.sched = None
+        self.modules: list = []  # modules prepared besides the policy (PPO's critic)
+        if sharding(acc) == "deepspeed" and cfg.save_every:
+            raise ValueError("resumable checkpoints are not written under DeepSpeed: set save_every=0 (final/ is "
+                             "still saved), or shard with FSDP (configs/accelerate/fsdp.yaml)")
+        if sharding(acc) == "deepspeed" and self.ref_model is not None:
+            raise ValueError("full fine-tuning (lora_r=0) keeps a separate reference model, which mogrpo does not "
+                             "shard under DeepSpeed: use LoRA (lora_r>0; the reference is the adapter-off policy) "
+                             "or FSDP (configs/accelerate/fsdp.yaml)")
         if self.main:  # only now: every input has been read, so a config.yaml never describes a failed start
             save_config(cfg, self.out / "config.yaml")
 
@@ -424,10 +506,18 @@ class Run:
                                 weight_decay=self.cfg.weight_decay)
         sched = get_scheduler(self.cfg.lr_schedule, opt, num_warmup_steps=self.cfg.warmup_steps,
                               num_training_steps=total_updates)
+        if sharding(self.acc) == "deepspeed":  # mogrpo batches by itself; DeepSpeed's config still needs a number
+            self.acc.state.deepspeed_plugin.deepspeed_config.setdefault("train_micro_batch_size_per_gpu", 1)
+            if self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto":
+                self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         prepared = self.acc.prepare(self.model, *modules, opt, sched)
         self.model, self.opt, self.sched = prepared[0], prepared[-2], prepared[-1]
         self.policy = self.acc.unwrap_model(self.model)
-        return tuple(prepared[1:-2])
+        self.modules = list(prepared[1:-2])
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # FSDP replaces the parameters
+        # A full fine-tuning run's frozen reference copy stays whole on every process (its Linear
+        # weights in the compute dtype): accelerate's FSDP2 prepares only models with an optimiser.
+        return tuple(self.modules)
 
     def prompts_per_process(self) -> int:
         """B_local: prompts each process samples per step (whole groups; checked at start)."""
@@ -449,7 +539,8 @@ class Run:
             batch = [pool[i] for i in step_prompt_indices([p.kind for p in pool], B_local * self.world, step,
                                                           cfg.seed, cfg.balance_kinds)]
             prompts, first_index = batch[self.rank * B_local:(self.rank + 1) * B_local], self.rank * B_local
-        with self.timer("generation"), self.amp_ctx():
+        with self.timer("generation"), self.amp_ctx(), full_weights(model if model is not None else self.policy,
+                                                                    self.acc):
             gen = model if model is not None else (self.merged.sync() if self.merged else self.policy)
             ro = generate_rollout(gen, self.tok, [p.text for p in prompts], [p.kind for p in prompts],
                                   group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
@@ -491,14 +582,74 @@ class Run:
         return self.ref_model, nullcontext()
 
     def no_sync(self, sync: bool):
-        """Gradient accumulation: skip DDP's all-reduce except on the micro-batch that syncs."""
+        """Gradient accumulation: skip DDP's all-reduce except on the micro-batch that syncs.
+        Under DeepSpeed the engine steps inside `backward` at an accumulation boundary, so
+        only the micro-batch that syncs may be one (the engine's own accumulation is 1)."""
+        if sharding(self.acc) == "deepspeed":
+            return _deepspeed_boundary(self.acc, sync)
         return nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
 
-    def optimizer_step(self, *param_sets) -> list[float]:
+    # ---- state that may be sharded over processes (FSDP, DeepSpeed): gathered whole to save,
+    # scattered back to load. Without sharding these are the modules' and optimiser's own.
+
+    def gathered_state(self, module=None) -> dict | None:
+        """The whole state dict of `module` (default: the policy) on the main process when the
+        weights are sharded (a collective: every process calls it), else None."""
+        if sharding(self.acc) is None:
+            return None
+        module = module if module is not None else self.model
+        full = self.acc.get_state_dict(module)
+        # A tied weight (an output head sharing the embedding) is gathered under both names; keep
+        # one, as an unsharded save does.
+        inner = self.acc.unwrap_model(module)
+        names = {n for n, _ in inner.named_parameters()} | {n for n, _ in inner.named_buffers()}
+        return {k: v for k, v in full.items() if k in names}
+
+    def module_state(self, module) -> dict:
+        """A module's state dict for a checkpoint (e.g. PPO's critic), gathered when sharded."""
+        full = self.gathered_state(module)
+        return full if full is not None else self.acc.unwrap_model(module).state_dict()
+
+    def load_module_state(self, module, state: dict, strict: bool = True) -> None:
+        """Load whole tensors into a module, sharding them as the module is sharded."""
+        if sharding(self.acc) == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+        else:
+            self.acc.unwrap_model(module).load_state_dict(state, strict=strict)
+
+    def _state_root(self) -> torch.nn.Module:
+        return torch.nn.ModuleList([self.model, *self.modules]) if self.modules else self.model
+
+    def optimizer_state(self) -> dict:
+        """The optimiser's state, whole (keyed by parameter names when sharded: a collective)."""
+        kind = sharding(self.acc)
+        if kind is None:
+            return self.opt.state_dict()
+        if kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self._state_root(), self.opt.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        raise ValueError("resumable checkpoints are not written under DeepSpeed: set save_every=0 (final/ is "
+                         "still saved), or shard with FSDP (configs/accelerate/fsdp.yaml)")
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if sharding(self.acc) == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self._state_root(), self.opt.optimizer, state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.opt.load_state_dict(state)
+
+    def optimizer_step(self, *param_sets) -> list[torch.Tensor]:
         """Clip each parameter set's (all-reduced) gradients to cfg.grad_clip on its own (0 =
-        only measure), step the optimiser and the schedule; returns the pre-clip norms."""
+        only measure), step the optimiser and the schedule; returns the pre-clip norms (0-dim
+        tensors on the device: read them once per step, not per optimiser step)."""
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norms = [float(self.acc.clip_grad_norm_(ps, clip)) for ps in (param_sets or (self.trainable,))]
+        norms = [_norm_tensor(self.acc.clip_grad_norm_(ps, clip), self.device) for ps in (param_sets or (self.trainable,))]
         self.opt.step()
         self.sched.step()
         return norms
@@ -522,8 +673,11 @@ class Run:
         if old_logp is None and cfg.num_iterations > 1:
             with self.timer("policy_forward_backward"):
                 old_logp = self.logprobs(self.policy, ids, attn, L, chunk=micro_batch_size)
-        n_tok = float(cmask.sum().clamp(min=1))
-        stats, norm = [], 0.0
+        counts = ro.completion_mask.sum(1)  # [N] on the CPU: the micro-batches' shares without device syncs
+        n_tok = float(counts.sum().clamp(min=1))
+        shares = [float(counts[sl].sum()) / n_tok if aggregation == "dapo" else (sl.stop - sl.start) / N
+                  for sl in micro]
+        stats, norm = [], torch.zeros(())
         with self.timer("policy_forward_backward"):
             for _ in range(cfg.num_iterations):
                 self.opt.zero_grad(set_to_none=True)
@@ -536,14 +690,16 @@ class Run:
                         loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[sl], adv[sl],
                                              cmask[sl], eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=beta,
                                              aggregation=aggregation, max_tokens=cfg.max_new_tokens, entropy=ent)
-                        share = float(cmask[sl].sum()) / n_tok if aggregation == "dapo" else (sl.stop - sl.start) / N
-                        self.acc.backward(loss * share)
-                        stats.append({**st, "share": share})
+                        self.acc.backward(loss * shares[j])
+                        stats.append((shares[j], st))  # tensors on the device: read once, below
                 norm = self.optimizer_step()[0]
-        rec = {key: sum(s[key] * s["share"] for s in stats) / cfg.num_iterations
-               for key in ("loss", "policy_loss", "kl", "clip_fraction", "entropy")}
-        return {**rec, "ratio/min": min(s["ratio/min"] for s in stats),
-                "ratio/max": max(s["ratio/max"] for s in stats), "grad_norm": norm}
+        # One device-to-host transfer per step for every statistic (not one per micro-batch).
+        mean_keys = ("loss", "policy_loss", "kl", "clip_fraction", "entropy")
+        means = torch.stack([sum(st[k].float() * w for w, st in stats) / cfg.num_iterations for k in mean_keys])
+        lo = torch.stack([st["ratio/min"].float() for _, st in stats]).min()
+        hi = torch.stack([st["ratio/max"].float() for _, st in stats]).max()
+        values = torch.cat([means, torch.stack([lo, hi, norm.to(means.device)])]).tolist()
+        return dict(zip((*mean_keys, "ratio/min", "ratio/max", "grad_norm"), values))
 
     def rollout_record(self, ro, rewards: torch.Tensor) -> dict:
         """What every rollout-based step logs: reward means/stds per column and combined (global),
@@ -576,7 +732,7 @@ class Run:
 
         if not self.eval_prompts:
             return {}
-        with self.timer("evaluation"), self.amp_ctx():
+        with self.timer("evaluation"), self.amp_ctx(), full_weights(self.policy, self.acc):
             model = self.merged.sync() if self.merged else self.policy
             return evaluate_loaded(model, self.tok, self.eval_prompts, rm=self.scorer.rm, weights=self.cfg.weights,
                                    not_applicable=self.cfg.not_applicable,
@@ -625,21 +781,23 @@ class Run:
             bar.set_postfix({k: f"{rec[k]:.4f}" for k in postfix if isinstance(rec.get(k), float)})
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
                 acc.wait_for_everyone()
+                full, optim, algo = self.gathered_state(), self.optimizer_state(), state()  # collectives when sharded
                 if self.main:
                     save_checkpoint(ckpt_root / f"step-{step + 1:06d}", self.policy, self.tok, {
-                        "step": step + 1, "trainable": trainable_state(self.policy),
-                        "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                        "step": step + 1, "trainable": trainable_state(self.policy, full),
+                        "optimizer": optim, "scheduler": self.sched.state_dict(),
                         "rng": rng_state(), "cost_seconds": dict(self.timer.seconds),
                         "tokens_generated": self.tokens_generated, "eval_before": eval_before,
-                        "algorithm": state()}, cfg.keep_checkpoints)
+                        "algorithm": algo}, cfg.keep_checkpoints, state_dict=full)
                 acc.wait_for_everyone()
         bar.close()
         eval_after = self.evaluate("after")
         acc.wait_for_everyone()
+        full = self.gathered_state()  # a collective when sharded
         result = {"eval_before": eval_before, "eval_after": eval_after}
         if self.main:
             self.logger.close()
-            result = self._finish(result, steps=steps, **cost_extra)
+            result = self._finish(result, full, steps=steps, **cost_extra)
             self.lock.release()
         return result
 
@@ -656,10 +814,11 @@ class Run:
                 if key not in state:
                     raise CheckpointError(f"trainer_state.pt has no {key!r} (written by another mogrpo version "
                                           f"or program)")
-            loaded = self.policy.load_state_dict(state["trainable"], strict=False)
-            if loaded.unexpected_keys:
-                raise CheckpointError(f"checkpoint does not fit this model ({loaded.unexpected_keys[:3]} ...)")
-            self.opt.load_state_dict(state["optimizer"])
+            unexpected = sorted(set(state["trainable"]) - {n for n, _ in self.policy.named_parameters()})
+            if unexpected:
+                raise CheckpointError(f"checkpoint does not fit this model ({unexpected[:3]} ...)")
+            self.load_module_state(self.model, state["trainable"], strict=False)
+            self.load_optimizer_state(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
 
         found = load_newest(files, "the trainer state", restore, where=f"checkpoint under {ckpt_root}",
@@ -671,17 +830,19 @@ class Run:
         state["folder"] = path.parent
         return state
 
-    def _finish(self, result: dict, **extra) -> dict:
-        """final/ (adapter or model + tokenizer), eval.json, cost.json (wall and phase seconds,
-        peak memory, tokens, processes, + `extra`). Returns `result` with the cost added."""
+    def _finish(self, result: dict, full: dict | None, **extra) -> dict:
+        """final/ (adapter or model + tokenizer; `full`: the gathered weights when sharded),
+        eval.json, cost.json (wall and phase seconds, peak memory, tokens, processes, +
+        `extra`). Returns `result` with the cost added."""
         with atomic_folder(self.out / "final") as tmp:
-            self.policy.save_pretrained(tmp)
+            self.policy.save_pretrained(tmp, state_dict=full)
             self.tok.save_pretrained(tmp)
         atomic_write_text(self.out / "eval.json", json.dumps(result, indent=2))
         cost = {"wall_seconds": round(time.time() - self.t_start, 1),
                 "phase_seconds": {k: round(v, 2) for k, v in self.timer.seconds.items()},
                 "peak_memory_mb": round(peak_memory_mb(self.device), 1), "tokens_generated": self.tokens_generated,
-                **extra, "processes": self.world, "device": str(self.device), "precision": str(self.amp or "fp32")}
+                **extra, "processes": self.world, "sharding": sharding(self.acc) or "none", "device": str(self.device),
+                "precision": str(self.amp or "fp32"), "weights_dtype": str(self.policy_dtype).replace("torch.", "")}
         atomic_write_text(self.out / "cost.json", json.dumps(cost, indent=2))
         return {**result, "cost": cost}
 

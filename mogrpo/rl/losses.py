@@ -52,8 +52,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float = 0.2,
               eps_high: float = 0.2, beta: float = 0.04, aggregation: str = "grpo",
               max_tokens: int | None = None, entropy: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate + beta * k3 KL, aggregated; returns (loss, detached stats).
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + beta * k3 KL, aggregated; returns (loss, detached stats as 0-dim
+    tensors on the loss's device, so a training loop reads them once per step).
 
     logp, old_logp, ref_logp, mask, entropy: [N, L]; advantages: [N]. `ref_logp` may be
     None when beta == 0. `max_tokens` is the dr_grpo constant (default: L).
@@ -81,20 +82,21 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, aggregation, max_tokens)
 
-    with torch.no_grad():
+    with torch.no_grad():  # 0-dim tensors on the loss's device: no device sync here (the caller reduces once a step)
         n_tok = m.sum().clamp(min=1.0)
         is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
         big = torch.finfo(ratio.dtype).max
+        one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+        live = mask.bool()
+        any_live = live.any()  # no tokens: the ratios are reported as 1
         stats = {
-            "loss": float(loss),
-            "policy_loss": float(aggregate(-surrogate, mask, aggregation, max_tokens)),
-            "kl": float((kl * m).sum() / n_tok) if kl is not None else 0.0,
-            "clip_fraction": float((is_clipped.to(m.dtype) * m).sum() / n_tok),
-            "ratio/min": float(torch.where(mask.bool(), ratio, torch.full_like(ratio, big)).min())
-            if mask.any() else 1.0,
-            "ratio/max": float(torch.where(mask.bool(), ratio, torch.full_like(ratio, -big)).max())
-            if mask.any() else 1.0,
-            "entropy": float((entropy * m).sum() / n_tok) if entropy is not None else float("nan"),
+            "loss": loss.detach(),
+            "policy_loss": aggregate(-surrogate, mask, aggregation, max_tokens),
+            "kl": (kl * m).sum() / n_tok if kl is not None else torch.zeros_like(n_tok),
+            "clip_fraction": (is_clipped.to(m.dtype) * m).sum() / n_tok,
+            "ratio/min": torch.where(any_live, torch.where(live, ratio, big).min(), one),
+            "ratio/max": torch.where(any_live, torch.where(live, ratio, -big).max(), one),
+            "entropy": (entropy * m).sum() / n_tok if entropy is not None else torch.full_like(n_tok, float("nan")),
         }
     return loss, stats
 
@@ -135,7 +137,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+               clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (PPO2): 0.5 * mean over tokens of max((V - R)^2, (V_clip - R)^2),
     V_clip = old_V + clip(V - old_V, -clip, clip). All [N, L]."""
     m = mask.to(values.dtype)
@@ -145,7 +147,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss = 0.5 * (err * m).sum() / n
     with torch.no_grad():
         frac = (((values - returns) ** 2 < (clipped - returns) ** 2).to(m.dtype) * m).sum() / n
-    return loss, {"value_loss": float(loss), "value_clip_fraction": float(frac)}
+    return loss, {"value_loss": loss.detach(), "value_clip_fraction": frac}
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -154,7 +156,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
              chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (Rafailov et al., arXiv 2305.18290) or IPO (Azar et al., arXiv 2310.12036).
 
     Inputs are summed sequence log-probs [P] of the chosen and rejected responses under
@@ -180,8 +182,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         raise ValueError(f"loss_type must be 'sigmoid' (DPO) or 'ipo', got {loss_type!r}")
     loss = losses.mean()
     with torch.no_grad():
-        stats = {"loss": float(loss), "reward_margin": float((beta * h).mean()),
-                 "reward_accuracy": float((h > 0).float().mean()),
-                 "chosen_reward": float((beta * (policy_chosen - ref_chosen)).mean()),
-                 "rejected_reward": float((beta * (policy_rejected - ref_rejected)).mean())}
+        stats = {"loss": loss.detach(), "reward_margin": (beta * h).mean(),
+                 "reward_accuracy": (h > 0).float().mean(),
+                 "chosen_reward": (beta * (policy_chosen - ref_chosen)).mean(),
+                 "rejected_reward": (beta * (policy_rejected - ref_rejected)).mean()}
     return loss, stats

@@ -27,7 +27,7 @@ from torch import nn
 
 from mogrpo.config import field
 from mogrpo.reward.scoring import weighted_sum
-from mogrpo.rl.engine import OnlineConfig, Run, all_sum, check_batch_splits, owned_share
+from mogrpo.rl.engine import OnlineConfig, Run, all_sum, check_batch_splits, owned_share, sharding
 from mogrpo.rl.losses import gae, grpo_loss, value_loss
 
 
@@ -74,10 +74,11 @@ class ValueModel(nn.Module):
         return self.head(h.float()).squeeze(-1)  # [N, L]
 
 
-def load_critic(policy_path: str, lora_r: int, lora_alpha: int, target_modules) -> ValueModel:
+def load_critic(policy_path: str, lora_r: int, lora_alpha: int, target_modules,
+                dtype: torch.dtype = torch.float32) -> ValueModel:
     from transformers import AutoModel
 
-    backbone = AutoModel.from_pretrained(policy_path, dtype=torch.float32)
+    backbone = AutoModel.from_pretrained(policy_path, dtype=dtype)
     if lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -118,20 +119,25 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     run = Run(cfg, output, name="ppo", resume=resume, show_progress=show_progress,
               check_world=check_batch_splits(cfg.batch_size, cfg.group_size))
     acc, sum_ = run.acc, all_sum(run.acc)
+    if sharding(acc) == "fsdp":
+        raise ValueError("PPO trains two models (actor and critic) and accelerate's FSDP2 prepares one per run: "
+                         "run PPO with DDP (configs/accelerate/ddp.yaml) or DeepSpeed "
+                         "(configs/accelerate/deepspeed-zero3.yaml); GRPO, RLOO and DPO run under FSDP")
     critic = load_critic(resolve_policy_path(cfg.policy, cfg.cache_dir), cfg.lora_r, cfg.lora_alpha,
-                         cfg.lora_target_modules)
+                         cfg.lora_target_modules, run.policy_dtype)
     cast_frozen_linears(critic, run.amp)  # its frozen backbone too (models.cast_frozen_linears)
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     n_mb = cfg.batch_size // cfg.minibatch_size
     (critic,) = run.setup_optimizer(cfg.steps * cfg.num_iterations * n_mb, modules=(critic,), groups=[
         {"params": run.trainable, "lr": cfg.lr}, {"params": critic_params, "lr": cfg.critic_lr}])
+    critic_params = [p for p in critic.parameters() if p.requires_grad]  # FSDP replaces the parameters
     value_net = acc.unwrap_model(critic)  # no-grad passes, saving
     N_local = run.prompts_per_process() * cfg.group_size
 
     def step(t: int) -> dict:
         ro = run.rollout(t)
         rewards = run.score(ro)  # [B_local, G, K]
-        score = torch.nan_to_num(weighted_sum(rewards, run.weights)).reshape(-1)  # [N_local]
+        score = torch.nan_to_num(weighted_sum(rewards, run.weights)).reshape(-1).to(run.device)  # [N_local]
         ids, attn = ro.input_ids.to(run.device), ro.attention_mask.to(run.device)
         mask = ro.completion_mask.to(run.device).float()  # [N_local, L]
         L = mask.shape[1]
@@ -146,7 +152,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
             kl = (old_logp - ref_logp) * mask
             tok_rewards = -cfg.beta * kl
             last = (mask.sum(1) - 1).clamp(min=0).long()
-            tok_rewards[torch.arange(len(last)), last] += score.to(tok_rewards.dtype)
+            tok_rewards[torch.arange(len(last), device=last.device), last] += score.to(tok_rewards.dtype)
             adv, returns = gae(tok_rewards, old_values, mask, cfg.gamma, cfg.lam)  # per sequence: local
             if cfg.whiten_advantages:
                 adv = global_whiten(adv, mask, sum_)  # over the global batch
@@ -154,8 +160,9 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
         # permutation on every process; each process takes the members it holds, its loss
         # weighted by its token share (x world, as DDP averages): the 1-process update.
         perm_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t)
-        stats = torch.zeros(cfg.num_iterations * n_mb, len(STAT_KEYS), dtype=torch.float64)
-        norms = torch.zeros(cfg.num_iterations * n_mb, 2)  # pre-clip gradient norms: actor, critic
+        # per minibatch, on the device (read once per step): statistics, pre-clip norms (actor, critic)
+        stats = torch.zeros(cfg.num_iterations * n_mb, len(STAT_KEYS), dtype=torch.float64, device=run.device)
+        norms = torch.zeros(cfg.num_iterations * n_mb, 2, device=run.device)
         critic.train()
         k = 0
         for _ in range(cfg.num_iterations):
@@ -177,12 +184,13 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                     run.opt.zero_grad(set_to_none=True)
                     acc.backward((pg + cfg.vf_coef * vf) * weight)
                     # after backward, so on the all-reduced gradients: global norms, clipped apart
-                    norms[k] = torch.tensor(run.optimizer_step(run.trainable, critic_params))
+                    norms[k] = torch.stack(run.optimizer_step(run.trainable, critic_params))
                 st = {**st, **vst}
-                stats[k] = torch.tensor([st[key] * weight / run.world for key in STAT_KEYS], dtype=torch.float64)
+                stats[k] = torch.stack([st[key].double() for key in STAT_KEYS]) * (weight / run.world)
                 k += 1
         # ---- log: global figures (sums over processes)
-        stats = sum_(stats.to(run.device)).cpu()  # per minibatch: token means over the whole minibatch
+        stats = sum_(stats).cpu()  # per minibatch: token means over the whole minibatch
+        norms = norms.cpu()
         sums = sum_(torch.stack([kl.sum(), mask.sum(), (adv * mask).sum(), (adv ** 2 * mask).sum(),
                                  old_values.sum()]).to(torch.float64)).cpu()
         n_tok = float(sums[1].clamp(min=1))
@@ -194,5 +202,6 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
         run.log_samples(t + 1, ro, rewards)
         return rec
 
-    return run.train(cfg.steps, step, state=lambda: {"critic": value_net.state_dict()},
-                     load_state=lambda s: value_net.load_state_dict(s["critic"]), postfix=("reward/combined/mean", "kl"))
+    return run.train(cfg.steps, step, state=lambda: {"critic": run.module_state(critic)},
+                     load_state=lambda s: run.load_module_state(critic, s["critic"]),
+                     postfix=("reward/combined/mean", "kl"))
