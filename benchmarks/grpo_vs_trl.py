@@ -1,7 +1,7 @@
 """One GRPO step: mogrpo's `train_grpo` against Hugging Face TRL's `GRPOTrainer`, same work.
 
     python benchmarks/grpo_vs_trl.py [--mode lora|full|both] [--steps 4] [--repeats 2]
-                                     [--policy builtin:smollm2-135m-instruct]
+                                     [--policy builtin:smollm2-135m-instruct | random:qwen2.5-7b]
                                      [--reward-model runs/reward-default/model] [--device cpu|cuda]
 
 TRL is a benchmark-only dependency (`pip install trl`, tested with 1.16.0). The policy,
@@ -458,7 +458,9 @@ def main() -> None:
     ap.add_argument("--mode", default="both", choices=["lora", "full", "both"])
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run (after 1 warm-up step)")
     ap.add_argument("--repeats", type=int, default=2, help="mogrpo/TRL pairs per mode")
-    ap.add_argument("--policy", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--policy", default="builtin:smollm2-135m-instruct",
+                    help="a policy (builtin:, hub id, folder) or random:qwen2.5-0.5b|7b|14b (Qwen2.5's shape, random "
+                         "weights, no download: benchmarks/random_models.py)")
     ap.add_argument("--reward-model", default=str(ROOT / "runs" / "reward-default" / "model"))
     ap.add_argument("--prompts", default="default", help="'default' (mogrpo's training prompts) or a prompt file")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (B * G)")
@@ -495,7 +497,9 @@ def main() -> None:
     if a.micro_batch and (a.batch_size % a.micro_batch or a.micro_batch % a.group_size):
         raise SystemExit("--micro-batch must divide --batch-size and be a multiple of --group-size")
     from mogrpo.models import autocast_dtype
+    from random_models import resolve
 
+    a.policy = resolve(a.policy, os.environ.get("MOGRPO_CACHE"))  # random:qwen2.5-7b -> a folder, built once
     amp = autocast_dtype(torch.device(a.device), a.precision)
     workdir = Path(tempfile.mkdtemp(prefix="grpo_vs_trl-"))
     prompt_file, order_file, per_step = write_prompts(a, workdir)

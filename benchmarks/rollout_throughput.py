@@ -8,6 +8,7 @@ and returns raw ids. Alternates the two (A B A B ...) after a warm-up; reports m
 tokens per second (generated positions, B*G*L) and their ratio.
 
     python benchmarks/rollout_throughput.py [--prompts 4] [--group-size 4] [--max-new-tokens 48]
+                                            [--policy random:qwen2.5-7b] [--device cuda]
 
 Writes benchmarks/results/rollout_throughput.json.
 """
@@ -28,7 +29,9 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--policy", default="builtin:smollm2-135m-instruct",
+                    help="a policy or random:qwen2.5-0.5b|7b|14b (benchmarks/random_models.py)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--prompts", type=int, default=4, help="B prompts (the first training prompts)")
     ap.add_argument("--group-size", type=int, default=4, help="G samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -43,8 +46,15 @@ def main() -> None:
     from mogrpo.data.prompts import load_prompt_set
     from mogrpo.rollout import _eos_ids, chat_texts, generate_rollout
 
+    from random_models import resolve
+
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    device = torch.device(args.device)
+    args.policy = resolve(args.policy, os.environ.get("MOGRPO_CACHE"))
     amp = autocast_dtype(device, args.precision)
     torch.manual_seed(0)
     model, tok = load_policy(args.policy, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)

@@ -66,10 +66,11 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
         rows.append(row)
         prompts.append(row["prompt"])
         responses.append(row["response"])
-    model = MultiAspectRewardModel.load(args.model, device=args.device)
-    if args.threads:
-        import torch
+    import torch
 
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = MultiAspectRewardModel.load(args.model, device=device)
+    if args.threads:
         torch.set_num_threads(args.threads)
     scores, n_trunc = model.score(prompts, responses, batch_size=args.batch_size, return_truncated=True)
     lines = []
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--input", required=True, help="JSONL with prompt and response fields")
     rs.add_argument("--output", required=True, help="JSONL to write")
     rs.add_argument("--batch-size", type=int, default=64)
-    rs.add_argument("--device", default="cpu")
+    rs.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     rs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     rs.set_defaults(func=_cmd_reward_score)
 

@@ -43,6 +43,7 @@ def _check_run(out: Path, changed_from: dict | None = None) -> dict:
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
     cost = json.loads((out / "cost.json").read_text())
     assert cost["device"].startswith("cuda") and cost["precision"] == "torch.bfloat16"
+    assert cost["peak_memory_of"] == "torch.cuda.max_memory_allocated"
     assert 0 < cost["peak_memory_mb"] < torch.cuda.get_device_properties(0).total_memory / 2 ** 20
     final = _weights(out / "final")
     if changed_from is not None:

@@ -840,7 +840,9 @@ class Run:
         atomic_write_text(self.out / "eval.json", json.dumps(result, indent=2))
         cost = {"wall_seconds": round(time.time() - self.t_start, 1),
                 "phase_seconds": {k: round(v, 2) for k, v in self.timer.seconds.items()},
-                "peak_memory_mb": round(peak_memory_mb(self.device), 1), "tokens_generated": self.tokens_generated,
+                "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+                "peak_memory_of": "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "process max RSS",
+                "tokens_generated": self.tokens_generated,
                 **extra, "processes": self.world, "sharding": sharding(self.acc) or "none", "device": str(self.device),
                 "precision": str(self.amp or "fp32"), "weights_dtype": str(self.policy_dtype).replace("torch.", "")}
         atomic_write_text(self.out / "cost.json", json.dumps(cost, indent=2))
