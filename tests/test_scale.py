@@ -177,10 +177,10 @@ def test_fsdp_two_processes_equal_one_process(variant, tiny_qwen2_dir, tiny_rewa
 
 
 @pytest.mark.slow
-def test_fsdp_resume_equals_uninterrupted(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_fsdp_resume_dpo_rloo(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
     """A sharded run stopped after its step-1 checkpoint and resumed under FSDP2 (weights and
     the optimiser state scattered back from the gathered checkpoint) ends where an
-    uninterrupted one-process run ends; DPO under FSDP2 equals one process too."""
+    uninterrupted one-process run ends; DPO and RLOO under FSDP2 equal one process too."""
     from mogrpo.cli import main
 
     kw = {**TINY, "policy": str(tiny_qwen2_dir), "reward_model": str(tiny_reward_model_dir),
@@ -202,6 +202,12 @@ def test_fsdp_resume_equals_uninterrupted(tiny_qwen2_dir, tiny_reward_model_dir,
     proc = launch_fsdp(tmp_path / "dpo2", ["train", "dpo", *_overrides(dpo)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(_weights(tmp_path / "dpo1" / "final"), _weights(tmp_path / "dpo2" / "final"), atol=1e-5)
+
+    rloo = {**kw, "steps": 2}
+    assert main(["train", "rloo", "--output", str(tmp_path / "rloo1"), "--quiet", *_overrides(rloo)]) == 0
+    proc = launch_fsdp(tmp_path / "rloo2", ["train", "rloo", *_overrides(rloo)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same(_weights(tmp_path / "rloo1" / "final"), _weights(tmp_path / "rloo2" / "final"), atol=1e-5)
 
 
 def test_ppo_under_fsdp_is_refused_with_the_way_out(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
