@@ -74,15 +74,15 @@ def child(a) -> None:
     grpo.train_grpo(cfg, out, show_progress=False)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shape = QWEN25[a.policy_size]
-    ro_prompt = json.loads((out / "cost.json").read_text())
-    setting = Setting(lora_r=cfg.lora_r, policy_dtype=cfg.policy_dtype, amp=ro_prompt["precision"] != "fp32",
+    cost = json.loads((out / "cost.json").read_text())
+    setting = Setting(lora_r=cfg.lora_r, policy_dtype=cfg.policy_dtype, amp=cost["precision"] != "fp32",
                       gradient_checkpointing=cfg.gradient_checkpointing, micro_batch_size=cfg.micro_batch_size,
                       prompt_tokens=a.prompt_tokens, completion_tokens=cfg.max_new_tokens,
                       sequences_sampled=cfg.batch_size)
     parts = plan(shape, setting)
     res = {"measured_mb": round(peak_rss - marks["rss_before_mb"], 1), "rss_before_mb": marks["rss_before_mb"],
            "peak_rss_mb": peak_rss, "predicted_mb": round(parts["total"] / 2 ** 20, 1),
-           "parts_mb": {k: round(v / 2 ** 20, 1) for k, v in parts.items()}, "precision": ro_prompt["precision"]}
+           "parts_mb": {k: round(v / 2 ** 20, 1) for k, v in parts.items()}, "precision": cost["precision"]}
     if torch.cuda.is_available():
         res["measured_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20 - marks["cuda_before_mb"], 1)
     Path(a.result).write_text(json.dumps(res))

@@ -62,21 +62,37 @@ def pipeline_config(tmp_path, encoder, policy, prompts, tox, algorithms=("grpo",
     return path
 
 
-DDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
-def launch_two_processes(algo: str, out, args: list[str]) -> None:
-    """`accelerate launch --config_file configs/accelerate/ddp.yaml` (2 processes): the
-    multi-GPU file users run, which starts CPU processes with gloo on this machine."""
+def accelerate_launch(config: str, args: list[str], *, script: str | None = None):
+    """`accelerate launch --config_file configs/accelerate/<config>.yaml --num_processes 2`
+    of `mogrpo.cli` (or of `script`, e.g. tests/fsdp_cpu_launch.py) with `args`; returns the
+    finished process. On a machine without GPUs the processes are CPU ones with gloo."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
-           "--num_processes", "2", "-m", "mogrpo.cli", "train", algo, "--output", str(out), "--quiet", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    target = [script] if script else ["-m", "mogrpo.cli"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", "2", *target, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def launch_two_processes(algo: str, out, args: list[str]) -> None:
+    """`mogrpo train ALGO` under configs/accelerate/ddp.yaml (2 processes): the multi-GPU file
+    users run, which starts CPU processes with gloo on this machine."""
+    proc = accelerate_launch("ddp", ["train", algo, "--output", str(out), "--quiet", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def final_weights(folder) -> dict:
+    """The tensors of a saved adapter, or of a saved full model, in `folder`."""
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (Path(folder) / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(str(Path(folder) / name))
 
 
 def kill_and_resume(algo: str, args: list[str], tmp_path, monkeypatch, kill_at: int = 3):

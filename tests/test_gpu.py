@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import kill_and_resume
+from helpers import accelerate_launch, final_weights, kill_and_resume
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}
 
 
@@ -33,11 +29,6 @@ def _args(policy, rm, prompts, **kw) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in base.items()]
 
 
-def _weights(folder: Path) -> dict:
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
-    return load_file(str(folder / name))
-
-
 def _check_run(out: Path, changed_from: dict | None = None) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
@@ -45,7 +36,7 @@ def _check_run(out: Path, changed_from: dict | None = None) -> dict:
     assert cost["device"].startswith("cuda") and cost["precision"] == "torch.bfloat16"
     assert cost["peak_memory_of"] == "torch.cuda.max_memory_allocated"
     assert 0 < cost["peak_memory_mb"] < torch.cuda.get_device_properties(0).total_memory / 2 ** 20
-    final = _weights(out / "final")
+    final = final_weights(out / "final")
     if changed_from is not None:
         same = [k for k in changed_from if k in final and torch.equal(changed_from[k].float(), final[k].float())]
         assert same == [], f"trainable tensors that did not change: {same[:5]}"
@@ -148,12 +139,9 @@ def test_fsdp_on_two_gpus_equals_one(tiny_qwen2_dir, tiny_reward_model_dir, prom
                  generation_chunk=1, precision="fp32")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", "grpo", "--output", str(one), "--quiet", *args]) == 0
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "-m", "mogrpo.cli", "train",
-           "grpo", "--output", str(two), "--quiet", *args]
-    proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = accelerate_launch("fsdp", ["train", "grpo", "--output", str(two), "--quiet", *args])  # real FSDP on GPUs
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((two / "cost.json").read_text())["sharding"] == "fsdp"
-    a, b = _weights(one / "final"), _weights(two / "final")
+    a, b = final_weights(one / "final"), final_weights(two / "final")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k

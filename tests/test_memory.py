@@ -52,6 +52,13 @@ def test_plan_by_hand():
                            sequences_sampled=1, world=2, sharded=True))
     assert lora["weights"] == (656 * 2 + 104 * 2) / 2 and lora["optimizer (AdamW)"] == 8 * 256 / 2
     assert lora["merged generation copy"] == 656 * 2 + 104 * 2  # whole on every process
+    # PPO's critic: the backbone without the output head (576 Linear + 104 other parameters)
+    ppo_full = plan(s, Setting(lora_r=0, critic=True, micro_batch_size=1, prompt_tokens=1, completion_tokens=1,
+                               sequences_sampled=1))
+    assert ppo_full["critic"] == 4 * 680 * 4  # weights, gradients, two AdamW moments, fp32
+    ppo_lora = plan(s, Setting(lora_r=2, policy_dtype="bf16", critic=True, micro_batch_size=1, prompt_tokens=1,
+                               completion_tokens=1, sequences_sampled=1, world=2, sharded=True))
+    assert ppo_lora["critic"] == (576 * 2 + 104 * 2) / 2 + 16 * 256 / 2
 
 
 def test_sizes_of_the_scale_configs():

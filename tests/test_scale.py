@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from helpers import make_data
+from helpers import accelerate_launch, final_weights, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = ROOT / "configs" / "scale"
@@ -131,19 +128,10 @@ def test_accelerate_config_is_read_by_accelerate(path):
         assert plugin.zero_stage == 3
 
 
-def launch_fsdp(out, args: list[str], *, config=ACCELERATE / "fsdp.yaml") -> subprocess.CompletedProcess:
+def launch_fsdp(out, args: list[str]):
     """configs/accelerate/fsdp.yaml with 2 CPU processes (gloo), through tests/fsdp_cpu_launch.py."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-           str(Path(__file__).parent / "fsdp_cpu_launch.py"), *args[:2], "--output", str(out), "--quiet", *args[2:]]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
-    return load_file(str(folder / name))
+    return accelerate_launch("fsdp", [*args[:2], "--output", str(out), "--quiet", *args[2:]],
+                             script=str(Path(__file__).parent / "fsdp_cpu_launch.py"))
 
 
 def _assert_same(a: dict, b: dict, atol: float):
@@ -172,7 +160,7 @@ def test_fsdp_two_processes_equal_one_process(variant, tiny_qwen2_dir, tiny_rewa
     assert proc.returncode == 0, proc.stderr[-3000:]
     cost = json.loads((two / "cost.json").read_text())
     assert (cost["processes"], cost["sharding"]) == (2, "fsdp")
-    _assert_same(_weights(one / "final"), _weights(two / "final"), atol=1e-5)
+    _assert_same(final_weights(one / "final"), final_weights(two / "final"), atol=1e-5)
     assert (two / "checkpoints" / "step-000001" / "trainer_state.pt").is_file()
 
 
@@ -193,7 +181,7 @@ def test_fsdp_resume_dpo_rloo(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file
     proc = launch_fsdp(part, ["train", "grpo", "--resume", *_overrides({**kw, "steps": 3, "save_every": 1})])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
-    _assert_same(_weights(whole / "final"), _weights(part / "final"), atol=1e-5)
+    _assert_same(final_weights(whole / "final"), final_weights(part / "final"), atol=1e-5)
     steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
@@ -201,13 +189,13 @@ def test_fsdp_resume_dpo_rloo(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file
     assert main(["train", "dpo", "--output", str(tmp_path / "dpo1"), "--quiet", *_overrides(dpo)]) == 0
     proc = launch_fsdp(tmp_path / "dpo2", ["train", "dpo", *_overrides(dpo)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same(_weights(tmp_path / "dpo1" / "final"), _weights(tmp_path / "dpo2" / "final"), atol=1e-5)
+    _assert_same(final_weights(tmp_path / "dpo1" / "final"), final_weights(tmp_path / "dpo2" / "final"), atol=1e-5)
 
     rloo = {**kw, "steps": 2}
     assert main(["train", "rloo", "--output", str(tmp_path / "rloo1"), "--quiet", *_overrides(rloo)]) == 0
     proc = launch_fsdp(tmp_path / "rloo2", ["train", "rloo", *_overrides(rloo)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same(_weights(tmp_path / "rloo1" / "final"), _weights(tmp_path / "rloo2" / "final"), atol=1e-5)
+    _assert_same(final_weights(tmp_path / "rloo1" / "final"), final_weights(tmp_path / "rloo2" / "final"), atol=1e-5)
 
 
 def test_ppo_under_fsdp_is_refused_with_the_way_out(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):

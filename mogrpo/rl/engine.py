@@ -39,6 +39,8 @@ from mogrpo.runfolder import CheckpointError, claim_output, load_newest, restore
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
 POLICY_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NO_DEEPSPEED_CHECKPOINTS = ("resumable checkpoints are not written under DeepSpeed: set save_every=0 (final/ is still "
+                            "saved), or shard with FSDP (configs/accelerate/fsdp.yaml)")
 
 
 @dataclass
@@ -474,8 +476,7 @@ class Run:
         self.opt = self.sched = None
         self.modules: list = []  # modules prepared besides the policy (PPO's critic)
         if sharding(acc) == "deepspeed" and cfg.save_every:
-            raise ValueError("resumable checkpoints are not written under DeepSpeed: set save_every=0 (final/ is "
-                             "still saved), or shard with FSDP (configs/accelerate/fsdp.yaml)")
+            raise ValueError(NO_DEEPSPEED_CHECKPOINTS)
         if sharding(acc) == "deepspeed" and self.ref_model is not None:
             raise ValueError("full fine-tuning (lora_r=0) keeps a separate reference model, which mogrpo does not "
                              "shard under DeepSpeed: use LoRA (lora_r>0; the reference is the adapter-off policy) "
@@ -507,9 +508,9 @@ class Run:
         sched = get_scheduler(self.cfg.lr_schedule, opt, num_warmup_steps=self.cfg.warmup_steps,
                               num_training_steps=total_updates)
         if sharding(self.acc) == "deepspeed":  # mogrpo batches by itself; DeepSpeed's config still needs a number
-            self.acc.state.deepspeed_plugin.deepspeed_config.setdefault("train_micro_batch_size_per_gpu", 1)
-            if self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto":
-                self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds["train_micro_batch_size_per_gpu"] = 1
         prepared = self.acc.prepare(self.model, *modules, opt, sched)
         self.model, self.opt, self.sched = prepared[0], prepared[-2], prepared[-1]
         self.policy = self.acc.unwrap_model(self.model)
@@ -632,8 +633,7 @@ class Run:
 
             return get_optimizer_state_dict(self._state_root(), self.opt.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        raise ValueError("resumable checkpoints are not written under DeepSpeed: set save_every=0 (final/ is "
-                         "still saved), or shard with FSDP (configs/accelerate/fsdp.yaml)")
+        raise ValueError(NO_DEEPSPEED_CHECKPOINTS)
 
     def load_optimizer_state(self, state: dict) -> None:
         if sharding(self.acc) == "fsdp":
