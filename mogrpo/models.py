@@ -249,12 +249,10 @@ class MergedGenerationCopy:
     @torch.no_grad()
     def sync(self) -> "torch.nn.Module":
         """Write the current merged weights into the copy; return the copy."""
+        from mogrpo.generation import write_linear
+
         for module, target in self._targets.values():
-            w = module.base_layer.weight.float()
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    w = w + module.get_delta_weight(adapter).float()
-            target.weight.copy_(w.to(target.weight.dtype))
+            write_linear(module, target.weight)
         return self.model
 
 

@@ -100,18 +100,71 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+ENGINES = ("auto", "mogrpo", "generate")
+
+
+class _Sampler:
+    """Draws completions for left-padded prompts with mogrpo's engine (mogrpo/generation.py:
+    shared prefill per group, static KV cache, fused step) or transformers' `generate`.
+    Both sample softmax(logits / temperature) with top-p and nothing else: `generate` gets
+    every other logits processor switched off explicitly, so a checkpoint's own
+    generation_config (Qwen2.5: repetition_penalty 1.05, top_k 20) never changes the
+    behaviour distribution the loss assumes."""
+
+    def __init__(self, model, engine: str, *, greedy: bool, temperature: float, top_p: float, eos: set[int],
+                 pad: int):
+        from mogrpo import generation
+
+        if engine not in ENGINES:
+            raise ValueError(f"rollout engine {engine!r}: use one of {', '.join(ENGINES)}")
+        why = None if engine == "generate" else generation.unsupported(model)
+        if engine == "mogrpo" and why is not None:
+            raise ValueError(f"the mogrpo rollout engine cannot sample from this policy ({why}); "
+                             "use rollout_engine=auto or generate")
+        self.model, self.eos, self.pad = model, eos, pad
+        self.sampling = dict(greedy=greedy, temperature=temperature, top_p=top_p)
+        self.weights = None
+        if engine != "generate" and why is None:
+            self.weights = generation.snapshot(model, generation.compute_dtype(model))
+        self.engine = "mogrpo" if self.weights is not None else "generate"
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int,
+                 max_new_tokens: int) -> torch.Tensor:
+        """New tokens [R * repeat, L'] (CPU) for prompts [R, P]: row r * repeat + j is sample j of
+        prompt r; pad after a row's first EOS; L' <= max_new_tokens."""
+        from mogrpo.generation import sample
+
+        device = next(self.model.parameters()).device
+        ids, mask = input_ids.to(device), attention_mask.to(device)
+        if self.weights is not None:
+            return sample(self.weights, ids, mask, repeat=repeat, max_new_tokens=max_new_tokens, eos_ids=self.eos,
+                          pad_id=self.pad, **self.sampling).cpu()
+        greedy = self.sampling["greedy"]
+        extra = {} if greedy else {"temperature": self.sampling["temperature"], "top_p": self.sampling["top_p"],
+                                   "top_k": 0}
+        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=not greedy, **extra,
+                                  repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                                  max_new_tokens=max_new_tokens, num_return_sequences=repeat,
+                                  pad_token_id=self.pad, eos_token_id=sorted(self.eos))
+        return out[:, ids.shape[1]:].cpu()
+
+
 @torch.no_grad()
 def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, group_size: int,
                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      seed: int = 0, step: int = 0, first_index: int = 0,
                      chunk_prompts: int | None = None, greedy: bool = False, guided: int = 0,
-                     openers: tuple[str, ...] | list[str] = REFUSAL_OPENERS) -> Rollout:
+                     openers: tuple[str, ...] | list[str] = REFUSAL_OPENERS, engine: str = "auto") -> Rollout:
     """Sample `group_size` completions for each prompt with the KV cache, in chunks
     (`greedy`: the single most likely completion instead; group_size must be 1).
 
     `first_index` is the position of prompts[0] in the global batch (for seeding).
     `guided`: the last `guided` samples of each group start from one of `openers` (the
     opener's tokens are the first completion tokens; see the module docstring).
+    `engine`: "mogrpo" (mogrpo/generation.py: each prompt prefilled once for its group, a
+    static KV cache, fused weights; Llama, Mistral and Qwen2 policies), "generate"
+    (transformers' `model.generate`, any causal LM), or "auto" (mogrpo's where it applies).
+    The two sample the same distribution; their random draws differ (see generation.py).
     """
     if greedy and group_size != 1:
         raise ValueError("greedy decoding gives one completion per prompt: use group_size=1")
@@ -120,8 +173,6 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
                          "(at least one sample per group must be the policy's own)")
     if guided and not openers:
         raise ValueError("guided samples need at least one opener")
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-    device = next(model.parameters()).device
     texts = chat_texts(tokenizer, prompts)
     chunk = chunk_prompts or len(prompts)
     eos = _eos_ids(model, tokenizer)
@@ -134,25 +185,21 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     if any(len(o) >= max_new_tokens for o in opener_ids):
         raise ValueError(f"an opener is {max(map(len, opener_ids))} tokens, not shorter than "
                          f"max_new_tokens = {max_new_tokens}; use shorter openers or more tokens")
+    draw = _Sampler(model, engine, greedy=greedy, temperature=temperature, top_p=top_p, eos=eos, pad=pad)
     guided_flags = []
     for start in range(0, len(prompts), chunk):
         enc = tokenizer(texts[start:start + chunk], return_tensors="pt", padding=True,
                         add_special_tokens=False)
         n = enc["input_ids"].shape[0]
-        P = enc["input_ids"].shape[1]
         torch.manual_seed(hash((seed, step, first_index + start)) % (2 ** 31))
-        out = model.generate(input_ids=enc["input_ids"].to(device),
-                             attention_mask=enc["attention_mask"].to(device),
-                             do_sample=not greedy, **sampling, max_new_tokens=max_new_tokens,
-                             num_return_sequences=own,
-                             pad_token_id=pad, eos_token_id=sorted(eos))
-        comp = out[:, P:].cpu()  # [n * own, L']
+        comp = draw(enc["input_ids"], enc["attention_mask"], own, max_new_tokens)  # [n * own, L']
         if guided:
-            comp = _with_guided(model, enc, comp, n, own, guided, opener_ids, first_index + start, step, seed,
-                                max_new_tokens, sampling, greedy, pad, eos, device)
+            comp = _with_guided(draw, enc, comp, n, own, guided, opener_ids, first_index + start, step, seed,
+                                max_new_tokens, pad)
         guided_flags.append(torch.tensor(([False] * own + [True] * guided) * n))
         parts.append((enc["input_ids"].repeat_interleave(group_size, 0),
                       enc["attention_mask"].repeat_interleave(group_size, 0), comp))
+    del draw  # the engine's weight snapshot and cache go before anything else runs
     if was_training:
         model.train()
     # Pad chunks to common prompt (left) and completion (right) lengths.
@@ -174,8 +221,7 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
                    finished=finished, guided=torch.cat(guided_flags))
 
 
-def _with_guided(model, enc, comp, n, own, guided, opener_ids, first, step, seed, max_new_tokens,
-                 sampling, greedy, pad, eos, device) -> torch.Tensor:
+def _with_guided(draw, enc, comp, n, own, guided, opener_ids, first, step, seed, max_new_tokens, pad) -> torch.Tensor:
     """Generate the `guided` opener-started samples of each of the chunk's n prompts and
     interleave them after its `own` samples: completions [n * G, L'] (G = own + guided)."""
     rows, which = [], []
@@ -190,9 +236,7 @@ def _with_guided(model, enc, comp, n, own, guided, opener_ids, first, step, seed
     g_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     torch.manual_seed(hash((seed, step, first, 1)) % (2 ** 31))
     shortest = min(len(o) for o in opener_ids)
-    out = model.generate(input_ids=g_ids.to(device), attention_mask=g_mask.to(device), do_sample=not greedy,
-                         **sampling, max_new_tokens=max_new_tokens - shortest, pad_token_id=pad,
-                         eos_token_id=sorted(eos)).cpu()[:, width:]
+    out = draw(g_ids, g_mask, 1, max_new_tokens - shortest)
     # opener + continuation, cut at max_new_tokens (a row that reaches it stays unfinished)
     g_comp = [(opener_ids[k] + out[r].tolist())[:max_new_tokens] for r, k in enumerate(which)]
     L = max(comp.shape[1], max(map(len, g_comp)))
@@ -206,14 +250,52 @@ def _with_guided(model, enc, comp, n, own, guided, opener_ids, first, step, seed
     return merged
 
 
+class _TokenLogProbs(torch.autograd.Function):
+    """log softmax(logits / T) at the target tokens, chunk by chunk of rows, with a hand-written
+    backward. Autograd through `log_softmax(logits.float())` keeps every chunk's fp32 [rows, L, V]
+    output for the backward (2 x 154 MB for 16 x 49 x 49k); this keeps only the logits the head
+    already produced and recomputes one chunk's softmax at a time in the backward:
+    d logp_t / d logits = (onehot(target) - softmax) / T."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, chunk_rows: int, with_entropy: bool):
+        # logits [N, L, V] (any float dtype), targets [N, L] -> logp [N, L] fp32 (and entropy [N, L])
+        logp = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        ent = torch.empty(targets.shape, dtype=torch.float32, device=logits.device) if with_entropy else None
+        for s in range(0, logits.shape[0], chunk_rows):
+            lsm = torch.log_softmax(logits[s:s + chunk_rows].float() / temperature, dim=-1)
+            logp[s:s + chunk_rows] = lsm.gather(-1, targets[s:s + chunk_rows, :, None]).squeeze(-1)
+            if with_entropy:
+                ent[s:s + chunk_rows] = -(lsm.exp() * lsm).sum(-1)
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        if with_entropy:
+            ctx.mark_non_differentiable(ent)
+            return logp, ent
+        return logp, None
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        logits, targets = ctx.saved_tensors
+        T, c = ctx.temperature, ctx.chunk_rows
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], c):
+            g = grad_logp[s:s + c, :, None].float()  # [n, L, 1]
+            d = torch.softmax(logits[s:s + c].float() / T, dim=-1).mul_(-g)
+            d.scatter_add_(-1, targets[s:s + c, :, None], g)
+            grad[s:s + c] = d.div_(T)
+        return grad, None, None, None, None
+
+
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                         *, temperature: float = 1.0, with_entropy: bool = False,
                         chunk_rows: int = 8) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [N, L] of the last `n_completion` tokens (and their entropies [N, L]).
 
     Only the completion positions get logits (`logits_to_keep`), and the log-softmax runs
-    in chunks of rows, so no [N, P+L, V] tensor is ever built. Position ids follow the
-    attention mask, as in generation with left padding. Logits are divided by the sampling
+    in chunks of rows in forward and backward (`_TokenLogProbs`), so no [N, P+L, V] tensor
+    and no fp32 [N, L, V] tensor is ever built or kept. Position ids follow the attention
+    mask, as in generation with left padding. Logits are divided by the sampling
     temperature so the log-probs are those of the behaviour distribution.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -221,12 +303,4 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
                 logits_to_keep=n_completion + 1, use_cache=False)
     logits = out.logits[:, :-1]  # [N, L, V]: position t predicts completion token t
     targets = input_ids[:, -n_completion:]
-    logps, ents = [], []
-    for s in range(0, logits.shape[0], chunk_rows):
-        lg = logits[s:s + chunk_rows].float() / temperature
-        lsm = torch.log_softmax(lg, dim=-1)
-        logps.append(lsm.gather(-1, targets[s:s + chunk_rows, :, None]).squeeze(-1))
-        if with_entropy:
-            with torch.no_grad():
-                ents.append(-(lsm.exp() * lsm).sum(-1))
-    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+    return _TokenLogProbs.apply(logits, targets, temperature, chunk_rows, with_entropy)

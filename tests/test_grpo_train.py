@@ -34,6 +34,7 @@ def test_grpo_end_to_end_every_trainable_parameter_changes(tiny_policy_dir, tiny
     cost = json.loads((out / "cost.json").read_text())
     assert set(cost["phase_seconds"]) >= {"generation", "scoring", "policy_forward_backward", "reference"}
     assert cost["tokens_generated"] > 0
+    assert cost["rollout_engine"] == "mogrpo"  # a Llama policy: mogrpo's engine, no merged copy
     assert (out / "config.yaml").is_file() and json.loads((out / "eval.json").read_text())["eval_after"]
     # The adapter saved in final/ differs from the initial one in every LoRA tensor.
     from peft import PeftModel
@@ -78,6 +79,7 @@ def test_resume_gives_the_same_weights(tiny_policy_dir, tiny_reward_model_dir, p
     (["advantage_mode=lagrangian"], "needs thresholds"),
     (["thresholds={safety: 0.9}"], "only apply with advantage_mode=lagrangian"),
     (["loss_aggregation=mean"], "loss_aggregation must be one of"),
+    (["rollout_engine=vllm"], "rollout_engine must be one of auto, mogrpo, generate"),
 ])
 def test_bad_config_says_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -151,7 +151,7 @@ def test_fsdp_two_processes_equal_one_process(variant, tiny_qwen2_dir, tiny_rewa
 
     kw = {**TINY, "policy": str(tiny_qwen2_dir), "reward_model": str(tiny_reward_model_dir),
           "train_prompts": str(prompt_file), "precision": "fp32", "steps": 2, "batch_size": 8, "group_size": 4,
-          "generation_chunk": 1, "micro_batch_size": 2,
+          "generation_chunk": 1, "micro_batch_size": 2, "rollout_engine": "generate",  # what FSDP samples with
           **({"lora_r": 4, "lora_alpha": 8, "lr": 5e-2, "gradient_checkpointing": True} if variant != "full"
              else {"lora_r": 0, "lr": 1e-3})}
     one, two = tmp_path / "one", tmp_path / "two"
@@ -159,7 +159,7 @@ def test_fsdp_two_processes_equal_one_process(variant, tiny_qwen2_dir, tiny_rewa
     proc = launch_fsdp(two, ["train", "grpo", *_overrides({**kw, "save_every": 1})])
     assert proc.returncode == 0, proc.stderr[-3000:]
     cost = json.loads((two / "cost.json").read_text())
-    assert (cost["processes"], cost["sharding"]) == (2, "fsdp")
+    assert (cost["processes"], cost["sharding"], cost["rollout_engine"]) == (2, "fsdp", "generate")
     _assert_same(final_weights(one / "final"), final_weights(two / "final"), atol=1e-5)
     assert (two / "checkpoints" / "step-000001" / "trainer_state.pt").is_file()
 
@@ -173,7 +173,7 @@ def test_fsdp_resume_dpo_rloo(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file
 
     kw = {**TINY, "policy": str(tiny_qwen2_dir), "reward_model": str(tiny_reward_model_dir),
           "train_prompts": str(prompt_file), "precision": "fp32", "batch_size": 8, "group_size": 4,
-          "generation_chunk": 1, "lora_r": 4, "lora_alpha": 8, "lr": 5e-2}
+          "generation_chunk": 1, "lora_r": 4, "lora_alpha": 8, "lr": 5e-2, "rollout_engine": "generate"}
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main(["train", "grpo", "--output", str(whole), "--quiet", *_overrides({**kw, "steps": 3})]) == 0
     proc = launch_fsdp(part, ["train", "grpo", *_overrides({**kw, "steps": 2, "save_every": 1})])

@@ -76,30 +76,34 @@ class EvalConfig:
 
 def generate_completions(model, tokenizer, records, *, max_new_tokens: int, greedy: bool = True, n: int = 1,
                          temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
-                         amp_ctx=nullcontext, acc=None, show_progress: bool = False):
+                         amp_ctx=nullcontext, acc=None, show_progress: bool = False, engine: str = "auto"):
     """n completions per prompt record: prompts sorted by length (less padding) in batches of
     `batch_size`; under several processes (`acc`) the batches go round-robin and are
     gathered back. Each batch is seeded by its position, so the result does not depend on
     the number of processes. Returns (completions, token counts (EOS excluded), finished),
-    each a list of R lists of n."""
+    each a list of R lists of n. `engine`: rollout.generate_rollout's; mogrpo's engine builds
+    its weight snapshot once for all batches (generation.keep_weights)."""
     from tqdm import tqdm
 
+    from mogrpo.generation import keep_weights
     from mogrpo.rollout import generate_rollout
 
     order = sorted(range(len(records)), key=lambda i: len(records[i].text))
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     starts = list(range(0, len(order), batch_size))[rank::world]
     mine = []  # (record index, completions, tokens, finished)
-    for s in tqdm(starts, desc="eval generate", disable=not show_progress):
-        idx = order[s:s + batch_size]
-        with amp_ctx():
-            ro = generate_rollout(model, tokenizer, [records[i].text for i in idx], [records[i].kind for i in idx],
-                                  group_size=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, seed=seed, first_index=s, greedy=greedy)
-        lengths = (ro.completion_mask.sum(1) - ro.finished.long()).tolist()  # EOS not counted
-        for j, i in enumerate(idx):
-            g = slice(j * n, (j + 1) * n)
-            mine.append((i, ro.completions[g], [int(x) for x in lengths[g]], [bool(x) for x in ro.finished[g]]))
+    with keep_weights(model):
+        for s in tqdm(starts, desc="eval generate", disable=not show_progress):
+            idx = order[s:s + batch_size]
+            with amp_ctx():
+                ro = generate_rollout(model, tokenizer, [records[i].text for i in idx],
+                                      [records[i].kind for i in idx], group_size=n, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, seed=seed, first_index=s, greedy=greedy,
+                                      engine=engine)
+            lengths = (ro.completion_mask.sum(1) - ro.finished.long()).tolist()  # EOS not counted
+            for j, i in enumerate(idx):
+                g = slice(j * n, (j + 1) * n)
+                mine.append((i, ro.completions[g], [int(x) for x in lengths[g]], [bool(x) for x in ro.finished[g]]))
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -173,7 +177,7 @@ def write_generations(path, rows: list[dict]) -> None:
 
 def evaluate_loaded(model, tokenizer, records, *, rm, weights: dict[str, float],
                     not_applicable: dict[str, list[str]], max_new_tokens: int, amp_ctx=nullcontext, acc=None,
-                    out_file=None) -> dict:
+                    out_file=None, engine: str = "auto") -> dict:
     """The trainers' before/after evaluation with the policy they hold: greedy completions
     of `records` (shared out over the processes), judged by the training RM and the refusal
     patterns; the main process writes `out_file`. Returns the summary (`mogrpo eval`'s
@@ -181,7 +185,7 @@ def evaluate_loaded(model, tokenizer, records, *, rm, weights: dict[str, float],
     if not records:
         return {}
     comps, ntok, fin = generate_completions(model, tokenizer, records, max_new_tokens=max_new_tokens,
-                                            amp_ctx=amp_ctx, acc=acc)
+                                            amp_ctx=amp_ctx, acc=acc, engine=engine)
     summary, rows = judge_completions(records, comps, ntok, fin, weights=weights, not_applicable=not_applicable,
                                       rm=rm)
     if out_file is not None and (acc is None or acc.is_main_process):
@@ -194,6 +198,7 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     """`mogrpo eval`: evaluate one model with every judge; write OUTPUT/eval.json and
     OUTPUT/generations.jsonl; return eval.json."""
     from mogrpo.data.prompts import balanced_subset, load_prompt_set
+    from mogrpo.generation import unsupported
     from mogrpo.models import (MergedGenerationCopy, autocast_dtype, cast_frozen_linears, is_peft, load_policy,
                                resolve_model)
     from mogrpo.reward.judges import ToxicityJudge
@@ -228,8 +233,9 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *, show
     for p in model.parameters():  # evaluation only: nothing trains, so every Linear can be bf16
         p.requires_grad_(False)
     cast_frozen_linears(model, amp)
-    # decoding from a merged copy: no per-layer adapter dispatch (models.MergedGenerationCopy)
-    gen_model = MergedGenerationCopy(model, amp).sync() if is_peft(model) else model
+    # mogrpo's rollout engine merges adapters into its own snapshot; for transformers' generate,
+    # decode from a merged copy: no per-layer adapter dispatch (models.MergedGenerationCopy)
+    gen_model = MergedGenerationCopy(model, amp).sync() if (is_peft(model) and unsupported(model)) else model
     n = cfg.n if cfg.sample else 1
     comps, ntok, fin = generate_completions(gen_model, tok, records, max_new_tokens=cfg.max_new_tokens,
                                             greedy=not cfg.sample, n=n, temperature=cfg.temperature,

@@ -93,8 +93,14 @@ class PolicyRunConfig:
                                         "mogrpo/rollout.py); 0 = every sample is the policy's own")
     guide_openers: list[str] | None = field(None, help="openers of guided samples (default: "
                                             "rollout.REFUSAL_OPENERS)")
-    merged_generation: bool = field(True, help="LoRA: sample from a copy with the adapters merged in, "
-                                              "re-synced every step (faster decoding; models.MergedGenerationCopy)")
+    rollout_engine: str = field("auto", help="what samples rollouts: mogrpo (mogrpo/generation.py: one prefill "
+                                             "per group, static KV cache, fused weights with LoRA merged in; "
+                                             "Llama, Mistral, Qwen2) | generate (transformers' model.generate, "
+                                             "any causal LM) | auto (mogrpo where it applies; generate under "
+                                             "FSDP/DeepSpeed)")
+    merged_generation: bool = field(True, help="LoRA with rollout_engine=generate: sample from a copy with the "
+                                              "adapters merged in, re-synced every step (faster decoding; "
+                                              "models.MergedGenerationCopy)")
     # optimisation
     beta: float = field(0.04, help="KL coefficient against the reference policy (GRPO: k3 penalty in the loss; "
                                    "PPO, RLOO: per-token penalty in the reward; DPO: implicit KL strength)")
@@ -142,6 +148,10 @@ class PolicyRunConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.policy_dtype not in POLICY_DTYPES:
             raise ValueError(f"policy_dtype must be one of {sorted(POLICY_DTYPES)}, got {self.policy_dtype!r}")
+        from mogrpo.rollout import ENGINES
+
+        if self.rollout_engine not in ENGINES:
+            raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, got {self.rollout_engine!r}")
         if self.policy_dtype == "bf16" and self.precision == "fp32":
             raise ValueError("policy_dtype=bf16 computes in bf16: use precision=bf16 (or auto on a GPU)")
 
@@ -415,6 +425,7 @@ class Run:
         from accelerate import Accelerator
 
         from mogrpo.data.prompts import balanced_subset, load_prompt_set
+        from mogrpo.generation import unsupported
         from mogrpo.models import (MergedGenerationCopy, autocast_dtype, cast_frozen_linears, frozen_copy, is_peft,
                                    load_policy)
         from mogrpo.reward.model import MultiAspectRewardModel, require_reward_model
@@ -466,7 +477,16 @@ class Run:
                 cast_frozen_linears(m, self.amp)
         self.model = self.policy = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.merged = MergedGenerationCopy(model, self.amp) if (cfg.merged_generation and is_peft(model)) else None
+        self.rollout_engine = cfg.rollout_engine
+        if sharding(acc) is not None:  # the engine reads whole weights; sharded runs gather them for generate
+            if cfg.rollout_engine == "mogrpo":
+                raise ValueError(f"rollout_engine=mogrpo does not run under {sharding(acc)}: use auto or generate")
+            self.rollout_engine = "generate"
+        elif self.rollout_engine == "auto":
+            self.rollout_engine = "mogrpo" if unsupported(model) is None else "generate"
+        # mogrpo's engine merges LoRA into its own transient snapshot; generate needs the copy
+        self.merged = MergedGenerationCopy(model, self.amp) if (
+            cfg.merged_generation and is_peft(model) and self.rollout_engine == "generate") else None
         self.eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
             load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
         if cfg.train_prompts != "default":
@@ -548,7 +568,7 @@ class Run:
                                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                                   step=step, first_index=first_index,
                                   chunk_prompts=cfg.generation_chunk or None, guided=cfg.guided_samples,
-                                  openers=tuple(cfg.guide_openers or REFUSAL_OPENERS))
+                                  openers=tuple(cfg.guide_openers or REFUSAL_OPENERS), engine=self.rollout_engine)
         if count:
             self.tokens_generated += int(all_sum(self.acc)(ro.completion_mask.sum().to(self.device)))
         return ro
@@ -737,6 +757,7 @@ class Run:
             return evaluate_loaded(model, self.tok, self.eval_prompts, rm=self.scorer.rm, weights=self.cfg.weights,
                                    not_applicable=self.cfg.not_applicable,
                                    max_new_tokens=self.cfg.eval_max_new_tokens, amp_ctx=self.amp_ctx, acc=self.acc,
+                                   engine=self.rollout_engine,
                                    out_file=self.out / f"eval_{tag}_generations.jsonl")
 
     # ---- the loop
@@ -844,7 +865,8 @@ class Run:
                 "peak_memory_of": "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "process max RSS",
                 "tokens_generated": self.tokens_generated,
                 **extra, "processes": self.world, "sharding": sharding(self.acc) or "none", "device": str(self.device),
-                "precision": str(self.amp or "fp32"), "weights_dtype": str(self.policy_dtype).replace("torch.", "")}
+                "precision": str(self.amp or "fp32"), "weights_dtype": str(self.policy_dtype).replace("torch.", ""),
+                "rollout_engine": self.rollout_engine}
         atomic_write_text(self.out / "cost.json", json.dumps(cost, indent=2))
         return {**result, "cost": cost}
 
