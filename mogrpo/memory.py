@@ -12,8 +12,14 @@ and L completion tokens, r the LoRA rank, world the processes sharding under FSD
   (LoRA adapters stay fp32);
 - the reference: nothing with LoRA (the adapter-off policy), a whole frozen copy with full
   fine-tuning (its Linear weights in bf16 under autocast; not sharded);
-- the merged generation copy (LoRA, merged_generation): the Linear weights in bf16, the
-  embeddings as the policy stores them, and a bf16 output head when it is tied;
+- sampling (`rollout_engine`): mogrpo's engine (mogrpo/generation.py; unsharded runs) builds
+  a snapshot of the decoder layers' Linear weights in the compute dtype (LoRA merged in)
+  for the rollout and drops it before the forward/backward; the output head is used as
+  stored, except a tied head under autocast, whose bf16 cast is built with the snapshot
+  (full fine-tuning) or kept between rollouts (LoRA: the embedding never changes).
+  transformers' `generate` (sharded runs, rollout_engine=generate) samples LoRA from the
+  merged generation copy (merged_generation): the Linear weights in bf16, the embeddings
+  as the policy stores them, and a bf16 output head when it is tied, kept for the run;
 - the KV cache of sampling: 2 (K, V) x layers x KV heads x head size x (P + L) x B*G,
   bf16 under autocast;
 - activations saved for the backward of one micro-batch: per token and layer, the fp32
@@ -101,6 +107,7 @@ class Setting:
     world: int = 1  # processes
     sharded: bool = False  # FSDP / ZeRO-3: weights, gradients, optimiser states split over world
     merged_generation: bool = True
+    rollout_engine: str = "mogrpo"  # mogrpo | generate (sharded runs always sample with generate)
     critic: bool = False  # PPO: a second backbone (same shape) with LoRA or fully trained
 
 
@@ -111,6 +118,9 @@ def plan(shape: Shape, s: Setting) -> dict[str, float]:
     lin, total_p = shape.linear_params(), shape.params()
     other = total_p - lin  # embeddings and norms
     shard = s.world if s.sharded else 1
+    engine = "generate" if s.sharded else s.rollout_engine
+    layer_lin = lin - (0 if shape.tied else shape.vocab * shape.hidden)
+    tied_head_cast = shape.vocab * shape.hidden * 2 if (shape.tied and s.amp) else 0
     out: dict[str, float] = {}
     if s.lora_r > 0:
         t = shape.lora_params(s.lora_r)
@@ -119,8 +129,13 @@ def plan(shape: Shape, s: Setting) -> dict[str, float]:
         out["gradients"] = 4 * t / shard
         out["optimizer (AdamW)"] = 8 * t / shard
         out["reference"] = 0.0
-        head = shape.vocab * shape.hidden * 2 if (shape.tied and s.amp) else 0
-        out["merged generation copy"] = (lin * frozen_linear_b + other * wb + head) if s.merged_generation else 0.0
+        if engine == "mogrpo":
+            out["merged generation copy"] = tied_head_cast  # only the tied head's bf16 cast, kept
+            out["rollout snapshot"] = layer_lin * frozen_linear_b
+        else:
+            out["merged generation copy"] = (lin * frozen_linear_b + other * wb + tied_head_cast
+                                             if s.merged_generation else 0.0)
+            out["rollout snapshot"] = 0.0
         out["autocast weight cache"] = 0.0
         out["optimizer step temporary"] = 4 * t / shard
     else:
@@ -129,6 +144,10 @@ def plan(shape: Shape, s: Setting) -> dict[str, float]:
         out["optimizer (AdamW)"] = 2 * total_p * wb / shard
         out["reference"] = lin * frozen_linear_b + other * wb
         out["merged generation copy"] = 0.0
+        # the engine's snapshot in the compute dtype (fp32 storage under autocast: a bf16 copy
+        # of the layers and of a tied head; bf16 storage: the fused q/k/v and gate/up copies)
+        out["rollout snapshot"] = (layer_lin * 2 + tied_head_cast if (s.amp or wb == 2) else layer_lin * 4) \
+            if engine == "mogrpo" else 0.0
         head = shape.vocab * shape.hidden if shape.tied else 0
         out["autocast weight cache"] = 2 * (lin + head) if (s.amp and wb == 4) else 0.0
         out["optimizer step temporary"] = total_p * wb / shard
@@ -150,12 +169,12 @@ def plan(shape: Shape, s: Setting) -> dict[str, float]:
     else:
         out["activations"] = tokens * shape.layers * per_layer
     out["log-prob head"] = 6 * s.micro_batch_size * (s.completion_tokens + 1) * shape.vocab
-    # Three moments that never overlap: sampling (KV cache), the forward/backward inside autocast
+    # Three moments that never overlap: sampling (KV cache, the engine's snapshot), the forward/backward inside autocast
     # (activations, log-prob head, autocast's weight cache; gradients filling up) and the
     # optimiser step after it (autocast's cache is gone, the step's temporary is there).
     held = sum(out[k] for k in ("weights", "trainable (fp32)", "optimizer (AdamW)", "reference",
                                 "merged generation copy", "critic") if k in out)
-    sampling = held + out["KV cache (sampling)"]
+    sampling = held + out["KV cache (sampling)"] + out["rollout snapshot"]
     backward = held + out["gradients"] + out["activations"] + out["log-prob head"] + out["autocast weight cache"]
     step = held + out["gradients"] + out["optimizer step temporary"]
     out["total"] = max(sampling, backward, step)

@@ -1,5 +1,7 @@
 """The memory plan (mogrpo/memory.py) by hand, and against the model it describes."""
 
+from dataclasses import replace
+
 import pytest
 
 from mogrpo.memory import GiB, QWEN25, Setting, Shape, gpus_needed, largest_micro_batch, plan
@@ -51,7 +53,19 @@ def test_plan_by_hand():
     lora = plan(s, Setting(lora_r=2, policy_dtype="bf16", micro_batch_size=1, prompt_tokens=1, completion_tokens=1,
                            sequences_sampled=1, world=2, sharded=True))
     assert lora["weights"] == (656 * 2 + 104 * 2) / 2 and lora["optimizer (AdamW)"] == 8 * 256 / 2
-    assert lora["merged generation copy"] == 656 * 2 + 104 * 2  # whole on every process
+    assert lora["merged generation copy"] == 656 * 2 + 104 * 2  # sharded: generate samples, whole on every process
+    assert lora["rollout snapshot"] == 0
+    # Unsharded, mogrpo's rollout engine: no merged copy; the layers' Linear weights (576, the
+    # untied head is used as stored) in bf16, during sampling only.
+    one = dict(micro_batch_size=1, prompt_tokens=1, completion_tokens=1, sequences_sampled=1)
+    lora1 = plan(s, Setting(lora_r=2, policy_dtype="bf16", **one))
+    assert lora1["merged generation copy"] == 0 and lora1["rollout snapshot"] == 576 * 2
+    held = lora1["weights"] + lora1["trainable (fp32)"] + lora1["optimizer (AdamW)"]
+    assert lora1["total"] >= held + lora1["KV cache (sampling)"] + lora1["rollout snapshot"]
+    assert full["rollout snapshot"] == 576 * 2  # full fine-tuning: a bf16 copy of the layers for the rollout
+    tied = plan(replace(s, tied=True), Setting(lora_r=2, **one))
+    assert tied["merged generation copy"] == 80 * 2  # the tied head's bf16 cast, kept between rollouts
+    assert plan(s, Setting(lora_r=2, rollout_engine="generate", **one))["merged generation copy"] == 656 * 2 + 104 * 4
     # PPO's critic: the backbone without the output head (576 Linear + 104 other parameters)
     ppo_full = plan(s, Setting(lora_r=0, critic=True, micro_batch_size=1, prompt_tokens=1, completion_tokens=1,
                                sequences_sampled=1))
