@@ -82,7 +82,11 @@ def test_same_ids_as_generate_in_fp32(policy):
 def test_logits_bounded_under_bf16(policy):
     """Under bf16 autocast (fused bf16 matmuls, LoRA merged into bf16 weights) the engine's
     logits along a completion stay within bf16 rounding of the training forward's; fp32:
-    within 1e-4. Teacher-forced, so one rounding difference cannot change what follows."""
+    within 1e-4. Teacher-forced, so one rounding difference cannot change what follows.
+    Measured (max |difference| / max |logit|): fp32 2e-7 to 1.3e-6; bf16 full weights 5e-3,
+    bf16 LoRA 3-4e-2 (the training forward rounds the base output and the adapter's x A B
+    to bf16 separately, the engine rounds W + B A once; these adapters are large,
+    B ~ N(0, 0.5))."""
     model, tok = policy
     enc = _encode(tok)
     G, L = 2, 10

@@ -274,8 +274,8 @@ def test_stale_temp_files_are_removed_when_a_run_takes_its_folder(tmp_path):
 def test_ctrl_c_ends_in_one_line_naming_the_checkpoint(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
                                                        tmp_path):
     args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, {
-        "steps": 400, "batch_size": 4, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4,
-        "save_every": 1, "report_to": []})
+        "steps": 100000, "batch_size": 4, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4,
+        "save_every": 1, "report_to": []})  # never finishes by itself: 400 steps of this tiny run take ~10 s
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mogrpo.cli", "train", "grpo", "--quiet", "--output", str(out),
                              *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
@@ -283,6 +283,7 @@ def test_ctrl_c_ends_in_one_line_naming_the_checkpoint(tiny_policy_dir, tiny_rew
     deadline = time.time() + 120
     while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline:
         time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130, err
