@@ -277,15 +277,25 @@ def test_ctrl_c_ends_in_one_line_naming_the_checkpoint(tiny_policy_dir, tiny_rew
         "steps": 100000, "batch_size": 4, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4,
         "save_every": 1, "report_to": []})  # never finishes by itself: 400 steps of this tiny run take ~10 s
     out = tmp_path / "run"
+    def as_from_a_terminal():  # SIGINT handled and unblocked in the child, whatever this process inherited
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen([sys.executable, "-m", "mogrpo.cli", "train", "grpo", "--quiet", "--output", str(out),
                              *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=as_from_a_terminal)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be interrupted"
+    status = Path(f"/proc/{proc.pid}/status")
+    signals = [x for x in status.read_text().splitlines() if x.startswith("Sig")] if status.is_file() else []
     proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
+    try:
+        err = proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"SIGINT did not end the run within 60 s; the child's signal state: {signals}")
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
