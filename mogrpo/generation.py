@@ -260,10 +260,10 @@ class DecoderWeights:
 def compute_dtype(model) -> torch.dtype:
     """The dtype `generate` would compute matmuls in here: the autocast dtype when autocast
     is on for the model's device, else the model's embedding dtype."""
-    device = _base(model).get_input_embeddings().weight.device
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return _base(model).get_input_embeddings().weight.dtype
+    weight = _base(model).get_input_embeddings().weight
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, cdf: torch.Tensor | None = None) -> torch.Tensor:

@@ -126,7 +126,6 @@ class _Sampler:
         self.weights = None
         if engine != "generate" and why is None:
             self.weights = generation.snapshot(model, generation.compute_dtype(model))
-        self.engine = "mogrpo" if self.weights is not None else "generate"
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int,
                  max_new_tokens: int) -> torch.Tensor:
