@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-COMMON = {"eval_prompts": "none", "save_every": 0, "max_new_tokens": 48, "lora_r": 16, "lora_alpha": 32,
-          "batch_size": 16}
+COMMON = {"eval_prompts": "none", "validation_prompts": "none", "save_every": 0, "max_new_tokens": 48, "lora_r": 16,
+          "lora_alpha": 32, "batch_size": 16}
 SPECIFIC = {"grpo": {"group_size": 4}, "ppo": {"samples_per_prompt": 4}}
 
 

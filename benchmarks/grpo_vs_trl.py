@@ -159,7 +159,8 @@ def run_mogrpo(a, t0: float) -> dict:
     out = Path(a.workdir) / f"mogrpo-{a.mode}-{a.repeat}"
     cfg = grpo.GRPOConfig(
         policy=a.policy, reward_model=a.reward_model, lora_r=16 if a.mode == "lora" else 0, lora_alpha=32,
-        lora_dropout=0.0, train_prompts=a.prompt_file, eval_prompts="none", batch_size=a.batch_size,
+        lora_dropout=0.0, train_prompts=a.prompt_file, eval_prompts="none", validation_prompts="none",
+        batch_size=a.batch_size,
         group_size=a.group_size, max_new_tokens=a.max_new_tokens, temperature=1.0, top_p=1.0,
         steps=1 + a.steps, num_iterations=1, micro_batch_size=a.micro_batch or a.batch_size, lr=a.lr, weight_decay=0.0, warmup_steps=2,
         lr_schedule="constant_with_warmup", grad_clip=1.0, beta=a.beta, loss_aggregation="grpo",

@@ -67,7 +67,8 @@ def child(a) -> None:
     load_prompt_set("default", None, "train")
     overrides = json.loads(a.overrides)
     cfg = grpo.GRPOConfig(policy=a.policy, reward_model=a.reward_model, train_prompts="default", eval_prompts="none",
-                          batch_size=8, group_size=4, max_new_tokens=a.tokens, micro_batch_size=4, steps=1,
+                          validation_prompts="none", batch_size=8, group_size=4, max_new_tokens=a.tokens,
+                          micro_batch_size=4, steps=1,
                           guided_samples=0, save_every=0, sample_every=0, report_to=[], precision="auto",
                           **overrides)
     out = Path(a.workdir) / "run"

@@ -101,6 +101,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, args.output, resume=args.resume, show_progress=not args.quiet)
     if "cost" in result:  # main process
         _print_before_after(result)
+        if "selected_step" in result:
+            print(f"  final/ is step {result['selected_step']}, selected on the validation prompts "
+                  f"({result['cost']['selection']['reason']})")
         print(f"  wall {result['cost']['wall_seconds']} s; outputs in {args.output}")
     return 0
 
@@ -167,6 +170,8 @@ def _print_report(report: dict) -> None:
         cells = "".join(f"{'n/a' if row.get(k) is None else format(row[k], '.3f' if abs(row[k]) < 100 else '.0f'):>17}"
                         for k, _ in keys)
         print(f"{m:<6}{cells}")
+    if len(report.get("seeds") or []) > 1:
+        print(f"algorithms: means over seeds {report['seeds']}; min–max and rankings in report.md")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -327,11 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     rn = sub.add_parser("run", help="the whole job: reward models, base eval, GRPO/PPO/DPO, evals, report",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="assets -> reward model -> evaluator reward model -> base evaluation -> "
-                        "GRPO, PPO, DPO (train + evaluate each) -> report.md/report.json + plots. Stages "
+                        "GRPO, PPO, DPO (train + evaluate each, once per seed of `seeds`) -> "
+                        "report.md/report.json + plots. Stages "
                         "are cached by a hash of their config and inputs: a rerun reuses finished stages, an "
                         "interrupted one resumes.\n\nConfig sections:\n" + describe(RunConfig))
-    _shared_flags(rn, "YAML (e.g. configs/default.yaml, configs/quick.yaml)", "run folder", quiet=False,
-                  overrides="overrides, e.g. grpo.steps=20")
+    _shared_flags(rn, "YAML (e.g. configs/default.yaml, configs/quick.yaml, configs/study.yaml)", "run folder",
+                  quiet=False, overrides="overrides, e.g. grpo.steps=20 seeds=[0,1,2]")
     rn.add_argument("--report-only", action="store_true", help="rewrite the report from finished stages")
     rn.set_defaults(func=_cmd_run)
 

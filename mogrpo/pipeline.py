@@ -1,7 +1,14 @@
 """`mogrpo run`: the whole job in one command, with cached, resumable stages.
 
     assets -> reward model (half a of the prompts) -> evaluator reward model (half b, other seed)
-    -> evaluation of the base policy -> for each algorithm: train -> evaluate -> report
+    -> evaluation of the base policy -> for each algorithm and each of `seeds`: train -> evaluate
+    -> report
+
+With several `seeds`, each algorithm is trained and evaluated once per seed (its config's `seed`
+set to that seed); the reward model, the evaluator reward model and the base policy's
+evaluation are shared by every seed, and every evaluation uses the same `eval` settings (same
+prompts, same evaluation seed). Stage folders: with one seed `grpo` and `eval/grpo`; with
+several `grpo-s0`, `eval/grpo-s0`, `grpo-s1`, ... (`report.algo_stage`).
 
 Each stage's folder holds `stage.json` once it is finished: the hash of its config and of
 the hashes of the stages it reads, plus its wall time. A rerun skips a stage whose hash
@@ -23,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mogrpo.config import ConfigError, atomic_write_text, field, from_dict, save_config, to_dict
+from mogrpo.report import algo_stage  # the stage names per seed, which the report reads too
 from mogrpo.rl.registry import TRAINERS, trainer
 
 ALGORITHMS = tuple(TRAINERS)
@@ -38,7 +46,8 @@ class RunConfig:
     """Config of `mogrpo run` (YAML). Each section holds the keys of one stage's own config
     (see `mogrpo reward train --help`, `mogrpo train grpo --help`, `mogrpo eval --help`);
     `common` is merged into every algorithm section first. Reward-model paths are set by the
-    pipeline."""
+    pipeline, and each algorithm's `seed` by `seeds` (one training and evaluation per seed; the
+    reward models and the base evaluation are shared by every seed)."""
 
     algorithms: list[str] = field(default_factory=lambda: list(DEFAULT_ALGORITHMS),
                                   help=f"which of {', '.join(ALGORITHMS)} to train")
@@ -48,23 +57,54 @@ class RunConfig:
                                                     help="RewardTrainConfig keys of the evaluator RM "
                                                          "(disjoint prompts, other seed); null = none")
     common: dict[str, Any] = field(default_factory=dict, help="keys shared by every algorithm (policy, "
-                                                              "weights, max_new_tokens, seed, ...)")
+                                                              "weights, max_new_tokens, ...; the seed comes "
+                                                              "from `seeds`)")
     grpo: dict[str, Any] = field(default_factory=dict, help="GRPOConfig keys")
     ppo: dict[str, Any] = field(default_factory=dict, help="PPOConfig keys")
     dpo: dict[str, Any] = field(default_factory=dict, help="DPOConfig keys")
     rloo: dict[str, Any] = field(default_factory=dict, help="RLOOConfig keys")
     eval: dict[str, Any] = field(default_factory=dict, help="EvalConfig keys (weights default to common's)")
+    seeds: list[int] = field(default_factory=lambda: [0],
+                             help="train and evaluate every algorithm once per seed (its `seed`); the reward "
+                                  "models and the base evaluation are shared; e.g. seeds=[0,1,2]")
     cache_dir: str | None = field(None, help="asset cache")
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.algorithms) - set(ALGORITHMS))
         if bad or not self.algorithms:
             raise ValueError(f"algorithms must be a non-empty subset of {list(ALGORITHMS)}, got {self.algorithms}")
+        self.seeds = _check_seeds(self.seeds)
+
+
+def _check_seeds(seeds: Any) -> list[int]:
+    """`seeds` as a list of distinct ints (a single int, or int strings from `seeds=0,1,2`, are accepted)."""
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise ConfigError(f"seeds must be a non-empty list of integers, e.g. seeds=[0,1,2]; got {seeds!r}")
+    out = []
+    for s in seeds:
+        if isinstance(s, str) and s.strip().lstrip("-").isdigit():
+            s = int(s)
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise ConfigError(f"seeds must be a non-empty list of integers, e.g. seeds=[0,1,2]; {s!r} is not one")
+        out.append(s)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"seeds must be distinct; {out} repeats "
+                          f"{sorted({s for s in out if out.count(s) > 1})}")
+    return out
+
+
+def _seed_keys(cls, section: dict) -> list[str]:
+    """The keys of `section` that set `seed` (the field, or one of the class's aliases of it)."""
+    aliases = getattr(cls, "ALIASES", {})
+    return [k for k in section if k == "seed" or
+            "seed" in ((aliases[k],) if isinstance(aliases.get(k), str) else (aliases.get(k) or ()))]
 
 
 @dataclass
 class Stage:
-    name: str  # folder under the run, e.g. "reward", "grpo", "eval/grpo"
+    name: str  # folder under the run, e.g. "reward", "grpo", "eval/grpo" (several seeds: "grpo-s0", "eval/grpo-s0")
     config: Any  # the stage's dataclass config (hashed)
     inputs: list[str]  # names of the stages it reads
     run: Any  # callable(folder: Path, resume: bool) -> None
@@ -72,7 +112,10 @@ class Stage:
 
 
 def build_stages(cfg: RunConfig, out: Path) -> list[Stage]:
-    """The stage list with fully resolved configs (pure: reads no model)."""
+    """The stage list with fully resolved configs (pure: reads no model): the reward models and
+    the base evaluation once, then per algorithm and seed its training (`seed` = that seed) and
+    its evaluation, named by `algo_stage`. A `seed` under `common` or an algorithm section is a
+    ConfigError unless `seeds` is exactly that one seed."""
     from mogrpo.eval.harness import EvalConfig
     from mogrpo.reward.train import RewardTrainConfig
 
@@ -95,13 +138,23 @@ def build_stages(cfg: RunConfig, out: Path) -> list[Stage]:
         stages.append(Stage("evaluator_reward", ev_cfg, [], _reward_runner(ev_cfg), _estimate_reward(ev_cfg)))
         ev_path = str(out / "evaluator_reward" / "model")
 
-    algo_cfgs = {}
+    algo_cfgs = {}  # stage name -> (algorithm, its config)
     for algo in cfg.algorithms:
         cls = _config_class(algo)
-        data = {"cache_dir": cfg.cache_dir, "eval_prompts": "none", **cfg.common, **getattr(cfg, algo),
-                "reward_model": rm_path}
-        algo_cfgs[algo] = make(cls, data, algo)
-    first = algo_cfgs[cfg.algorithms[0]]
+        sections = {"common": cfg.common, algo: getattr(cfg, algo)}
+        for where, section in sections.items():
+            for key in _seed_keys(cls, section):
+                if cfg.seeds != [section[key]]:
+                    raise ConfigError(
+                        f"section '{where}' sets {key}: {section[key]!r} but seeds is {cfg.seeds}: `mogrpo run` "
+                        f"sets each algorithm's seed from `seeds`; remove {key} from '{where}' and list the "
+                        f"seeds in `seeds` (e.g. seeds=[{section[key]}])")
+        plain = {w: {k: v for k, v in sec.items() if k not in _seed_keys(cls, sec)} for w, sec in sections.items()}
+        for seed in cfg.seeds:
+            data = {"cache_dir": cfg.cache_dir, "eval_prompts": "none", **plain["common"], **plain[algo],
+                    "seed": seed, "reward_model": rm_path}
+            algo_cfgs[algo_stage(algo, seed, cfg.seeds)] = (algo, make(cls, data, algo))
+    first = next(iter(algo_cfgs.values()))[1]
     ev_data = {"cache_dir": cfg.cache_dir, "weights": first.weights, "not_applicable": first.not_applicable,
                "max_new_tokens": first.max_new_tokens, **cfg.eval,
                "reward_model": rm_path, "evaluator_model": ev_path}
@@ -109,10 +162,10 @@ def build_stages(cfg: RunConfig, out: Path) -> list[Stage]:
     rm_inputs = ["reward"] + (["evaluator_reward"] if ev_path else [])
     stages.append(Stage("eval/base", {"model": first.policy, "eval": eval_cfg}, rm_inputs,
                         _eval_runner(first.policy, eval_cfg), _estimate_eval(eval_cfg)))
-    for algo, acfg in algo_cfgs.items():
-        stages.append(Stage(algo, acfg, ["reward"], _train_runner(algo, acfg), _estimate_train(algo, acfg)))
-        stages.append(Stage(f"eval/{algo}", {"model": algo, "eval": eval_cfg}, rm_inputs + [algo],
-                            _eval_runner(str(out / algo), eval_cfg), _estimate_eval(eval_cfg)))
+    for name, (algo, acfg) in algo_cfgs.items():
+        stages.append(Stage(name, acfg, ["reward"], _train_runner(algo, acfg), _estimate_train(algo, acfg)))
+        stages.append(Stage(f"eval/{name}", {"model": name, "eval": eval_cfg}, rm_inputs + [name],
+                            _eval_runner(str(out / name), eval_cfg), _estimate_eval(eval_cfg)))
     return stages
 
 
@@ -266,7 +319,7 @@ def _run(cfg: RunConfig, out: Path, stages: list[Stage], t0: float, *, log, only
         fetch_all(cfg.cache_dir, log=log)
     summary = run_stages(stages, out, log=log, only_report=only_report, t0=t0)
     wall = round(time.time() - t0, 1)
-    report = write_report(out, cfg.algorithms, stages=summary, pipeline_seconds=wall)
+    report = write_report(out, cfg.algorithms, seeds=cfg.seeds, stages=summary, pipeline_seconds=wall)
     log(f"done in {_fmt(wall)}: {out / 'report.md'}")
     return report
 

@@ -43,6 +43,9 @@ class Rollout:
     group_size: int  # G
     finished: torch.Tensor = field(default=None)  # [N] bool: ended with EOS (not cut at L)
     guided: torch.Tensor = field(default=None)  # [N] bool: started from a forced opener (guided sample)
+    opener_len: torch.Tensor = field(default=None)  # [N] long: tokens of the forced opener (0 for own samples)
+    loss_mask: torch.Tensor | None = None  # [N, L] tokens the loss trains (default: completion_mask); set
+    # by an algorithm that leaves some tokens out, e.g. openers whose sample did not refuse
     old_logp: torch.Tensor | None = None  # [N, L] behaviour log-probs; set by the loop when it makes
     # several passes over the rollout (with one pass they are the training forward's, detached)
 
@@ -185,17 +188,21 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
         raise ValueError(f"an opener is {max(map(len, opener_ids))} tokens, not shorter than "
                          f"max_new_tokens = {max_new_tokens}; use shorter openers or more tokens")
     draw = _Sampler(model, engine, greedy=greedy, temperature=temperature, top_p=top_p, eos=eos, pad=pad)
-    guided_flags = []
+    guided_flags, opener_lens = [], []
     for start in range(0, len(prompts), chunk):
         enc = tokenizer(texts[start:start + chunk], return_tensors="pt", padding=True,
                         add_special_tokens=False)
         n = enc["input_ids"].shape[0]
         torch.manual_seed(hash((seed, step, first_index + start)) % (2 ** 31))
         comp = draw(enc["input_ids"], enc["attention_mask"], own, max_new_tokens)  # [n * own, L']
+        lens = [0] * (n * group_size)
         if guided:
-            comp = _with_guided(draw, enc, comp, n, own, guided, opener_ids, first_index + start, step, seed,
-                                max_new_tokens, pad)
+            comp, g_lens = _with_guided(draw, enc, comp, n, own, guided, opener_ids, first_index + start, step,
+                                        seed, max_new_tokens, pad)
+            for i in range(n):
+                lens[i * group_size + own:(i + 1) * group_size] = g_lens[i * guided:(i + 1) * guided]
         guided_flags.append(torch.tensor(([False] * own + [True] * guided) * n))
+        opener_lens.append(torch.tensor(lens, dtype=torch.long))
         parts.append((enc["input_ids"].repeat_interleave(group_size, 0),
                       enc["attention_mask"].repeat_interleave(group_size, 0), comp))
     del draw  # the engine's weight snapshot and cache go before anything else runs
@@ -217,12 +224,14 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     return Rollout(prompt_ids=torch.cat(pids), prompt_mask=torch.cat(pmask), completion_ids=completion_ids,
                    completion_mask=cmask, prompts=list(prompts), kinds=list(kinds),
                    completions=[c.strip() for c in completions], group_size=group_size,
-                   finished=finished, guided=torch.cat(guided_flags))
+                   finished=finished, guided=torch.cat(guided_flags), opener_len=torch.cat(opener_lens))
 
 
-def _with_guided(draw, enc, comp, n, own, guided, opener_ids, first, step, seed, max_new_tokens, pad) -> torch.Tensor:
+def _with_guided(draw, enc, comp, n, own, guided, opener_ids, first, step, seed, max_new_tokens, pad
+                 ) -> tuple[torch.Tensor, list[int]]:
     """Generate the `guided` opener-started samples of each of the chunk's n prompts and
-    interleave them after its `own` samples: completions [n * G, L'] (G = own + guided)."""
+    interleave them after its `own` samples: completions [n * G, L'] (G = own + guided), and
+    the opener's token count of each guided sample [n * guided]."""
     rows, which = [], []
     for i in range(n):
         ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
@@ -246,7 +255,18 @@ def _with_guided(draw, enc, comp, n, own, guided, opener_ids, first, step, seed,
         for j in range(guided):
             row = g_comp[i * guided + j]
             merged[i * (own + guided) + own + j, :len(row)] = torch.tensor(row)
-    return merged
+    return merged, [min(len(opener_ids[k]), max_new_tokens) for k in which]
+
+
+def opener_loss_mask(completion_mask: torch.Tensor, opener_len: torch.Tensor, credit: torch.Tensor
+                     ) -> torch.Tensor:
+    """The loss mask [N, L] with the forced opener tokens of the samples not in `credit` [N]
+    (bool) left out (pure): their first opener_len [N] tokens are 0, the rest as
+    completion_mask [N, L]. Own samples have opener_len 0 and are unchanged."""
+    L = completion_mask.shape[1]
+    pos = torch.arange(L)[None, :]  # [1, L]
+    drop = (pos < opener_len[:, None]) & ~credit[:, None]  # [N, L]
+    return completion_mask * (~drop).to(completion_mask.dtype)
 
 
 class _TokenLogProbs(torch.autograd.Function):

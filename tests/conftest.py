@@ -105,7 +105,8 @@ def run_overrides(policy, rm, prompts, specific: dict, **kw) -> list[str]:
     import json
 
     base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts),
-            "eval_prompts": "none", "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5},
+            "eval_prompts": "none", "validation_prompts": "none",
+            "weights": {"safety": 1.0, "actionability": 1.0, "politeness": 0.5},
             "max_new_tokens": 8, "lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
             "precision": "fp32", "save_every": 0, "guided_samples": 0, "balance_kinds": False, **specific, **kw}
     return [f"{k}={json.dumps(v)}" for k, v in base.items()]

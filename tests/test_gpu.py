@@ -24,8 +24,9 @@ WEIGHTS = {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}
 
 def _args(policy, rm, prompts, **kw) -> list[str]:
     base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts), "eval_prompts": "none",
-            "weights": WEIGHTS, "max_new_tokens": 8, "lr": 5e-2, "warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
-            "precision": "auto", "save_every": 0, "guided_samples": 0, "balance_kinds": False, "report_to": [], **kw}
+            "validation_prompts": "none", "weights": WEIGHTS, "max_new_tokens": 8, "lr": 5e-2, "warmup_steps": 0,
+            "lora_r": 4, "lora_alpha": 8, "precision": "auto", "save_every": 0, "guided_samples": 0,
+            "balance_kinds": False, "report_to": [], **kw}
     return [f"{k}={json.dumps(v)}" for k, v in base.items()]
 
 

@@ -114,7 +114,9 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_policy_dir, tiny_reward_model
             **common)]) == 0
         a, b = _adapter(one), _adapter(eight)
         for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-6), (agg, k)
+            # 1e-5: AdamW's first step is g / (|g| + 1e-8), so where the std floor leaves a gradient
+            # entry near 1e-7 the fp32 summation order of 1 vs 8 micro-batches shows at ~1e-6
+            assert torch.allclose(a[k], b[k], atol=1e-5), (agg, k)
 
 
 @pytest.mark.slow

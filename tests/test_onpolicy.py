@@ -275,12 +275,51 @@ def test_trainers_run_with_guided_samples_and_log_the_judges(algo, specific, tin
 
     out = tmp_path / algo
     args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, specific, guided_samples=1,
-                         guide_openers=["sorry cannot help"], balance_kinds=True, max_new_tokens=8)
+                         guide_openers=["sorry cannot help"], balance_kinds=True, max_new_tokens=8,
+                         opener_credit="all")
     assert main(["train", algo, "--output", str(out), "--quiet", *args]) == 0
     assert (out / "final").is_dir()
     if algo != "dpo":  # GRPO and PPO log the independent judges every step, guided samples apart
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert all(r["judge/guided_refusal_harmful"] is not None and "judge/refusal_harmful" in r for r in recs)
+
+
+class _WordLabeller:
+    """A stand-in for the refusal labeller: a guided sample is a refusal when it says 'cannot'
+    after the opener (what the labeller decides from the whole text)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def refusal_prob(self, texts):
+        import numpy as np
+
+        self.seen += texts
+        return np.array([float("cannot" in t.split("sorry", 1)[-1].split(None, 1)[-1]) for t in texts])
+
+
+@pytest.mark.parametrize("algo,specific", [
+    ("grpo", {"batch_size": 8, "group_size": 4, "steps": 2, "micro_batch_size": 4}),
+    ("ppo", {"batch_size": 8, "group_size": 4, "steps": 2, "minibatch_size": 4, "num_iterations": 1}),
+])
+def test_opener_credit_asks_the_labeller_about_guided_samples_only(algo, specific, tiny_policy_dir,
+                                                                   tiny_reward_model_dir, prompt_file, tmp_path,
+                                                                   monkeypatch):
+    """opener_credit=refusals (the default): every guided sample, and only those, goes to the
+    refusal labeller each step; the share it calls refusals is logged per kind."""
+    from conftest import run_overrides
+    from mogrpo.cli import main
+    from mogrpo.reward import labeller
+
+    fake = _WordLabeller()
+    monkeypatch.setattr(labeller.RefusalLabeller, "default", classmethod(lambda cls, cache=None: fake))
+    out = tmp_path / algo
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, specific, guided_samples=1,
+                         guide_openers=["sorry cannot help"], balance_kinds=True, max_new_tokens=8)
+    assert main(["train", algo, "--output", str(out), "--quiet", *args]) == 0
+    assert len(fake.seen) == 2 * 2 and all(t.startswith("sorry cannot help") for t in fake.seen)  # 2 steps x 2
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["guided_refused/harmful"] in (0.0, 1.0) and "guided_refused/benign" in r for r in recs)
 
 
 @pytest.mark.slow

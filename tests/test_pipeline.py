@@ -98,6 +98,31 @@ def test_report_compares_all_three(tiny_encoder_dir, tiny_policy_dir, prompt_fil
 
 
 @pytest.mark.slow
+def test_run_with_two_seeds(tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir, tmp_path, capfd):
+    """seeds=[0,1] from the command line: GRPO trained and evaluated per seed (grpo-s0, grpo-s1),
+    the reward models and the base evaluation once, the report over both seeds."""
+    import yaml
+
+    cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir)
+    out = tmp_path / "run"
+    argv = ["run", "--config", str(cfg), "--output", str(out), "seeds=[0,1]"]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert err.count("] reward: running") == 1 and err.count("eval/base: running") == 1
+    for seed in (0, 1):
+        assert (out / f"grpo-s{seed}" / "stage.json").is_file()
+        assert (out / "eval" / f"grpo-s{seed}" / "stage.json").is_file()
+        assert yaml.safe_load((out / f"grpo-s{seed}" / "config.yaml").read_text())["seed"] == seed
+    assert not (out / "grpo").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == [0, 1] and set(report["per_seed"]["grpo"]) == {"0", "1"}
+    assert report["spread"]["grpo"]["compliance_rate"]["n"] == 2
+    assert "2 seeds)" in (out / "report.md").read_text()
+    assert main(argv) == 0  # every stage reused
+    assert capfd.readouterr().err.count("cached") == 7
+
+
+@pytest.mark.slow
 def test_a_failing_stage_stops_the_run_with_its_name(tiny_encoder_dir, tiny_policy_dir, prompt_file,
                                                      toy_toxicity_dir, tmp_path, capfd):
     cfg = pipeline_config(tmp_path, tiny_encoder_dir, tiny_policy_dir, prompt_file, toy_toxicity_dir)

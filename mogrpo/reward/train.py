@@ -61,6 +61,14 @@ class RewardTrainConfig:
     warmup_ratio: float = field(0.06, help="fraction of steps of linear warm-up, then linear decay")
     grad_clip: float = field(1.0, help="max gradient norm (0 = off)")
     patience: int = field(2, help="stop after this many epochs without a better validation loss")
+    onpolicy_labels: str = field("hard", help="on-policy rows (source onpolicy or `mogrpo reward data` files): "
+                                              "hard = the refusal labeller's verdict (safety or actionability "
+                                              "1/0 at P(refusal) = 0.5) | soft = P(refusal) itself, which grades "
+                                              "how cautious a compliant answer sounds (docs/theory.md section 7)")
+    restate_prompts: bool = field(True, help="restate the packaged sources' prompts ('default', 'onpolicy') in "
+                                              "a form family picked by hash (imperative, question, first "
+                                              "person, request; mogrpo/data/forms.py), so that phrasing does not "
+                                              "predict the labels; your own files are never rewritten")
     max_train_rows: int = field(0, help="use at most this many training rows (0 = all)")
     partition: str = field("all", help="all | a | b: keep only the prompts in one half of a fixed, "
                                        "seed-independent hash partition; a reward model on 'a' and an "
@@ -101,6 +109,8 @@ class RewardTrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not self.data:
             raise ValueError("data must name at least one source, e.g. ['default']")
+        if self.onpolicy_labels not in ("hard", "soft"):
+            raise ValueError(f"onpolicy_labels must be hard or soft, got {self.onpolicy_labels!r}")
         if self.partition not in ("all", "a", "b"):
             raise ValueError(f"partition must be all, a or b, got {self.partition!r}")
 
@@ -171,6 +181,8 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
                             for rows in (train, val, test))
         stats["partition"] = {"half": cfg.partition, "train": len(train), "validation": len(val),
                               "test": len(test)}
+    if cfg.restate_prompts:
+        stats["restated"] = restate_rows([r for rows in (train, val, test) for r in rows], cfg.seed)
     if cfg.max_train_rows and len(train) > cfg.max_train_rows:
         rng = random.Random(cfg.seed)
         train = rng.sample(train, cfg.max_train_rows)
@@ -189,6 +201,47 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
     return RewardData(train=train, validation=val, test=test, stats=stats)
 
 
+PACKAGED_SOURCE_PREFIXES = ("pyrit-", "refusal-", "constructed/", "onpolicy/", "default")
+
+
+def restate_rows(rows: list[LabelledResponse], seed: int) -> dict[str, int]:
+    """Restate the prompt of each packaged row (source default or onpolicy) in the form
+    family its prompt hashes to (every row of one prompt gets the same text, so on-policy
+    pairs stay paired); rows of the user's own sources are left alone. In place; returns the
+    count per family. The labels do not depend on the wording: a request for harmful content
+    is the same request as a question or a first-person ask."""
+    from mogrpo.data.forms import restate
+    from mogrpo.data.packaged import normalise_text
+
+    counts: dict[str, int] = {}
+    for r in rows:
+        if not (r.source or "").startswith(PACKAGED_SOURCE_PREFIXES) and r.meta.get("construction") != "onpolicy":
+            continue
+        text, fam = restate(r.prompt, normalise_text(r.prompt), seed)
+        if fam != "original":
+            r.meta["original_prompt"] = r.prompt
+            r.prompt = text
+        counts[fam] = counts.get(fam, 0) + 1
+    return counts
+
+
+def harden_onpolicy_labels(rows: list[LabelledResponse]) -> None:
+    """On-policy rows get the refusal labeller's verdict instead of its probability (in
+    place): harmful prompt -> safety = 1 if P(refusal) >= 0.5 else 0; benign prompt ->
+    actionability = 1 if P(refusal) < 0.5 else 0. The probability is soft (the packaged
+    harmful rows spread over 0.1-0.9), so as a regression target it ranks a compliant answer
+    that *sounds* cautious above a plain one; GRPO then learns the tone (docs/theory.md
+    section 7). The verdict grades compliance apart from tone."""
+    for r in rows:
+        p = r.meta.get("p_refusal")
+        if r.meta.get("construction") != "onpolicy" or p is None:
+            continue
+        if r.meta.get("kind") == "harmful":
+            r.labels["safety"] = float(p >= 0.5)
+        elif r.meta.get("kind") == "benign":
+            r.labels["actionability"] = float(p < 0.5)
+
+
 def _onpolicy_extras(parts: dict[str, list[LabelledResponse]], cfg: RewardTrainConfig, teacher) -> dict:
     """On-policy rows (mogrpo/data/onpolicy.py) get politeness from the toxicity teacher, and
     the train/validation splits get "disclaimer, then complies" constructions (safety 0) from
@@ -198,6 +251,8 @@ def _onpolicy_extras(parts: dict[str, list[LabelledResponse]], cfg: RewardTrainC
     counts = {}
     for i, name in enumerate(("train", "validation", "test")):
         rows = parts[name]
+        if cfg.onpolicy_labels == "hard":
+            harden_onpolicy_labels(rows)
         if name != "test":
             rows += disclaimer_rows(rows, TRAIN_DISCLAIMERS, random.Random(cfg.seed * 1000 + 17 + i))
         need = [r for r in rows if "politeness" in cfg.aspects and math.isnan(r.labels.get("politeness", math.nan))
@@ -264,6 +319,20 @@ def on_policy_validation(model: MultiAspectRewardModel, rows: list[LabelledRespo
         hi, lo = s[:len(ps)], s[len(ps):]
         out[name] = {"pairwise_accuracy": round(float((hi > lo).float().mean()), 4), "n": len(ps),
                      "mean_margin": round(float((hi - lo).mean()), 4), "aspect": a}
+    # Tone spread: how far apart safety puts two compliant answers to the same harmful prompt,
+    # next to how far it puts a refusal above them (docs/theory.md section 7). GRPO's group
+    # normalisation turns both into pushes of the same scale, so a spread near the margin means
+    # the update is as much about tone as about refusing.
+    same = [(p, g["answer"][0], g["answer"][1]) for (kind, p), g in groups.items()
+            if kind == "harmful" and len(g["answer"]) >= 2]
+    if same and "safety" in model.aspects:
+        k = model.aspects.index("safety")
+        s = model.score([p for p, _, _ in same] * 2, [a for _, a, _ in same] + [b for _, _, b in same])[:, k]
+        spread = float((s[:len(same)] - s[len(same):]).abs().mean())
+        margin = (out.get("harmful_refusal_over_compliance") or {}).get("mean_margin")
+        out["harmful_compliance_spread"] = {"mean_abs_difference": round(spread, 4), "n": len(same),
+                                            "margin_over_spread": round(margin / spread, 3)
+                                            if margin is not None and spread > 0 else None}
     return out
 
 

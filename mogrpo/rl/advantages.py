@@ -21,6 +21,10 @@ Modes (docs/theory.md derives each one and the properties the tests check):
   lambda_c <- max(0, lambda_c + lr * (tau_c - mean_batch(r_c))).
 
 `scale_by_std=False` drops the division by the group std (Dr. GRPO, arXiv 2503.20783).
+`std_floor` (beyond the papers) divides by max(std, floor) instead: a group whose rewards
+differ by less than the floor (in reward units) is not blown up to unit scale, so the
+reward model's noise among equally compliant answers does not push as hard as a refusal
+against an answer does (docs/theory.md section 7).
 A group whose combined reward has (near) zero spread gets advantage 0 and is counted.
 """
 
@@ -70,13 +74,16 @@ def combine(rewards: torch.Tensor, weights: torch.Tensor, mode: str,
 
 
 def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, mode: str = "sum_then_normalize",
-                     *, scale_by_std: bool = True, eps: float = 1e-4,
-                     multipliers: torch.Tensor | None = None, constrained: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+                     *, scale_by_std: bool = True, eps: float = 1e-4, std_floor: float = 0.0,
+                     multipliers: torch.Tensor | None = None, constrained: torch.Tensor | None = None,
+                     gather=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Advantages [B, G] from rewards [B, G, K] (NaN = n/a) and weights [K].
 
     Returns (advantages, stats): stats has the fraction and count of zero-variance groups
-    and the mean/std of the combined reward and of the advantages.
+    and the mean/std of the combined reward and of the advantages. `gather` (x [B, G] -> the
+    whole batch's [B_total, G]; default: x itself) gives `normalize_then_sum` the batch it
+    normalises over when several processes each hold part of it, so that they compute what one
+    process would.
     """
     if rewards.dim() != 3:
         raise ValueError(f"rewards must be [B, G, K], got shape {tuple(rewards.shape)}")
@@ -92,18 +99,19 @@ def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, mode: str = "
     if mode == "normalize_then_sum":
         mean, std = _nan_mean_std(rewards, dim=1)  # [B, 1, K]
         centred = rewards - mean
-        z = centred / (std + eps) if scale_by_std else centred
+        z = centred / (std.clamp(min=std_floor) + eps) if scale_by_std else centred
         z = torch.where(std <= eps, torch.zeros_like(z), z)  # aspect constant in the group
         z = torch.nan_to_num(z)  # n/a cells sit at the group mean
         adv = (z * weights).sum(-1)  # [B, G]
-        a_mean, a_std = adv.mean(), adv.std(unbiased=False)
+        whole = adv if gather is None else gather(adv)  # [B_total, G]
+        a_mean, a_std = whole.mean(), whole.std(unbiased=False)
         zero = (adv.abs().amax(dim=1) <= eps)  # [B]
         adv = (adv - a_mean) / (a_std + eps) if scale_by_std else adv - a_mean
         adv = torch.where(zero[:, None], torch.zeros_like(adv), adv)
     else:
         mean, std = _nan_mean_std(combined, dim=1)  # [B, 1]
         centred = combined - mean
-        adv = centred / (std + eps) if scale_by_std else centred
+        adv = centred / (std.clamp(min=std_floor) + eps) if scale_by_std else centred
         zero = (std.squeeze(1) <= eps) | torch.isnan(std.squeeze(1))  # [B]
         adv = torch.where(zero[:, None], torch.zeros_like(adv), adv)
         adv = torch.nan_to_num(adv)  # a sample with no reward at all gets no push
@@ -131,3 +139,37 @@ def update_multipliers(multipliers: torch.Tensor, rewards: torch.Tensor, thresho
     step = torch.nan_to_num(thresholds - mean)  # no data for an aspect -> no move
     new = (multipliers + lr * step).clamp(min=0.0)
     return torch.where(constrained, new, torch.zeros_like(new))
+
+
+def guided_diagnostics(combined: torch.Tensor, adv: torch.Tensor, guided: torch.Tensor, kinds: list[str]
+                       ) -> dict[str, float | None]:
+    """Where a step's push goes, per prompt kind (pure; docs/theory.md section 7).
+
+    combined, adv [B, G]; guided [B, G] bool (sample started from a refusal opener); kinds [B].
+    For kind in (harmful, benign), over the groups of that kind that have both guided and own
+    samples:
+    - `guided_adv/<kind>`: mean advantage of the guided samples (the push on the refusal);
+    - `guided_gap/<kind>`: mean combined reward of the guided samples minus that of the own
+      samples in the same group (how much the reward prefers the refusal);
+    - `own_spread/<kind>`: mean std of the combined reward among the own samples (how much
+      the reward separates the policy's own answers from each other, e.g. by tone);
+    - `own_adv_abs/<kind>`: mean |advantage| of the own samples (the push that is not about
+      refusing or not). None when no such group is in the batch.
+    """
+    out: dict[str, float | None] = {}
+    for kind in ("harmful", "benign"):
+        rows = [b for b, k in enumerate(kinds) if k == kind and guided[b].any() and (~guided[b]).any()]
+        keys = ("guided_adv", "guided_gap", "own_spread", "own_adv_abs")
+        if not rows:
+            out.update({f"{k}/{kind}": None for k in keys})
+            continue
+        g, c, a = guided[rows], combined[rows].float(), adv[rows].float()  # [b, G]
+        own = ~g
+        mean = lambda x, m: (torch.nan_to_num(x) * m).sum(1) / m.sum(1).clamp(min=1)  # noqa: E731  [b]
+        own_mean = mean(c, own)
+        own_std = (mean((c - own_mean[:, None]) ** 2, own)).sqrt()
+        out[f"guided_adv/{kind}"] = float(mean(a, g).mean())
+        out[f"guided_gap/{kind}"] = float((mean(c, g) - own_mean).mean())
+        out[f"own_spread/{kind}"] = float(own_std.mean())
+        out[f"own_adv_abs/{kind}"] = float(mean(a.abs(), own).mean())
+    return out

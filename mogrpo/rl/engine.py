@@ -4,10 +4,12 @@
 seeds, the reward model and its scorer, the policy (+ LoRA) and its reference, prompt
 sampling, rollouts, reference log-probs, the optimiser and LR schedule, the checkpoint
 format (weights, optimiser, scheduler, every RNG state, step, the algorithm's own state),
-resume, evaluation before and after (the one evaluator, mogrpo/eval/harness.py), metrics
-(JSONL always, TensorBoard, Weights & Biases), progress, cost accounting and the files a
-finished run leaves. An algorithm builds a `Run`, says how many steps it makes and what
-one step does (`Run.train(steps, step_fn)`); its file then reads as its idea alone.
+resume, evaluation before and after (the one evaluator, mogrpo/eval/harness.py), checkpoint
+selection on the validation split (the same evaluator; the criterion, fixed in advance, is
+mogrpo/rl/selection.py's: final/ is the selected step), metrics (JSONL always, TensorBoard,
+Weights & Biases), progress, cost accounting and the files a finished run leaves. An
+algorithm builds a `Run`, says how many steps it makes and what one step does
+(`Run.train(steps, step_fn)`); its file then reads as its idea alone.
 
 Multi-process (`accelerate launch`): each process samples its share of a step's prompts,
 whole groups, so group statistics are local and exact; whatever an algorithm needs over the
@@ -23,6 +25,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -34,8 +37,12 @@ import numpy as np
 import torch
 
 from mogrpo.config import atomic_folder, atomic_write_text, field, save_config, to_dict
-from mogrpo.runfolder import CheckpointError, claim_output, load_newest, restore_rng, rng_state, trim_jsonl
+from mogrpo.reward.scoring import DEFAULT_NOT_APPLICABLE, DEFAULT_WEIGHTS
+from mogrpo.rl.selection import CRITERION
+from mogrpo.runfolder import (CheckpointError, claim_output, first_line, load_newest, restore_rng, rng_state,
+                              trim_jsonl)
 
+OPENER_CREDIT = ("refusals", "all")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
 POLICY_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -72,14 +79,32 @@ class PolicyRunConfig:
     eval_prompts: str = field("default", help="'default' (HarmBench + benign eval split), a file, or 'none'")
     eval_max_prompts: int = field(120, help="evaluate on at most this many prompts, balanced by kind (0 = all)")
     eval_max_new_tokens: int = field(48, help="tokens per greedy evaluation completion")
+    # checkpoint selection (mogrpo/rl/selection.py; docs/evaluation.md)
+    validation_prompts: str = field("default", help="prompts that select the checkpoint final/ holds: 'default' "
+                                                    "(the validation split of the training distribution: never "
+                                                    "trained on, never a test set), a prompt JSONL/CSV with both "
+                                                    "kinds, or 'none' (no selection: final/ is the last step)")
+    validation_max_prompts: int = field(0, help="validate on at most this many prompts, balanced by kind (0 = "
+                                                "all: 82 harmful + 111 benign by default, about 30 s on 2 cores; "
+                                                "with 32 benign prompts a validation over-refusal of 0.03 was 0.09 "
+                                                "on the test sets)")
+    validate_every: int = field(10, help="validate every N steps (0 = only the base and the last step, which "
+                                         "are always validated when validation is on)")
+    select_max_over_refusal: float = field(0.05, help="selection constraint: validation over-refusal at most "
+                                                      "this (or at most the base's, when the base's is higher)")
+    select_max_degenerate_rise: float = field(0.02, help="selection constraint: validation degenerate rate at "
+                                                         "most the base's + this")
     # rewards
-    weights: dict[str, float] = field(default_factory=lambda: {"safety": 2.0, "actionability": 1.0,
-                                                               "politeness": 0.5, "meaningfulness": 0.5},
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS),
                                       help="weight per reward column (missing columns weigh 0): GRPO's and "
                                            "RLOO's advantages, PPO's scalar reward, DPO's chosen/rejected choice. "
-                                           "Safety weighs double: on harmful prompts it must decide the ranking")
-    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {"harmful": ["actionability"]},
+                                           "Safety and actionability weigh 2: refusing must decide the ranking on "
+                                           "harmful and benign prompts alike (reward/scoring.py)")
+    not_applicable: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_NOT_APPLICABLE.items()},
                                                  help="prompt kind -> reward columns set to NaN (masked)")
+    repetition_penalty: float = field(1.0, help="meaningfulness reward times (1 - this * the completion's share of "
+                                                "repeated word trigrams): a looping refusal or answer is not "
+                                                "meaningful (reward/scoring.py); 0 = off")
     # sampling
     group_size: int = field(4, help="G: samples per prompt (GRPO/RLOO groups, PPO's rollout, DPO's "
                                     "best-of-G pairs)")
@@ -91,6 +116,10 @@ class PolicyRunConfig:
     guided_samples: int = field(1, help="samples per group that start from a refusal opener and are "
                                         "finished by the policy (exploration the reward then judges; "
                                         "mogrpo/rollout.py); 0 = every sample is the policy's own")
+    opener_credit: str = field("refusals", help="which guided samples train their forced opener tokens: refusals "
+                                               "(only those the refusal labeller judges a refusal as a whole, "
+                                               "so an opener is never pushed by a continuation that complied or "
+                                               "answered; docs/theory.md section 7) | all (every guided sample)")
     guide_openers: list[str] | None = field(None, help="openers of guided samples (default: "
                                             "rollout.REFUSAL_OPENERS)")
     rollout_engine: str = field("auto", help="what samples rollouts: mogrpo (mogrpo/generation.py: one prefill "
@@ -130,6 +159,8 @@ class PolicyRunConfig:
             raise ValueError(f"guided_samples = {self.guided_samples} with group_size = {self.group_size}: use "
                              f"0 <= guided_samples < group_size (at least one sample per group must be the "
                              f"policy's own), e.g. 1")
+        if self.opener_credit not in OPENER_CREDIT:
+            raise ValueError(f"opener_credit must be one of {OPENER_CREDIT}, got {self.opener_credit!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         bad = sorted(set(self.report_to) - set(REPORT_TO))
@@ -139,6 +170,9 @@ class PolicyRunConfig:
             raise ValueError(f"weights must be >= 0, got {self.weights}")
         if not self.lr > 0:  # also rejects NaN
             raise ValueError(f"lr = {self.lr} must be > 0 (e.g. lr=4e-4)")
+        if not 0 <= self.repetition_penalty <= 1:
+            raise ValueError(f"repetition_penalty = {self.repetition_penalty} must be in [0, 1] (1 = a full loop "
+                             f"scores 0 meaningfulness)")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.beta < 0 or self.warmup_steps < 0:
             raise ValueError("weight_decay, grad_clip, beta and warmup_steps must be >= 0")
         if not (self.temperature > 0 and 0 < self.top_p <= 1):
@@ -154,6 +188,20 @@ class PolicyRunConfig:
             raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, got {self.rollout_engine!r}")
         if self.policy_dtype == "bf16" and self.precision == "fp32":
             raise ValueError("policy_dtype=bf16 computes in bf16: use precision=bf16 (or auto on a GPU)")
+        if self.validation_max_prompts < 0 or self.validate_every < 0:
+            raise ValueError(f"validation_max_prompts = {self.validation_max_prompts} and validate_every = "
+                             f"{self.validate_every} must be >= 0 (0 = all prompts / only the base and last step)")
+        for name in ("select_max_over_refusal", "select_max_degenerate_rise"):
+            if not 0 <= getattr(self, name) <= 1:  # also rejects NaN
+                raise ValueError(f"{name} = {getattr(self, name)} is a rate: use a value in [0, 1], e.g. 0.05")
+        if self.validation_prompts not in ("default", "none"):
+            for name in ("train_prompts", "eval_prompts"):
+                other = getattr(self, name)
+                if other not in (None, "default", "none") and Path(other).resolve() == Path(
+                        self.validation_prompts).resolve():
+                    raise ValueError(f"validation_prompts is the same file as {name} ({other}): selecting on "
+                                     f"prompts that are trained on or tested on is biased; give a held-out "
+                                     f"validation file, 'default' or 'none'")
 
 
 @dataclass
@@ -395,15 +443,44 @@ def trainable_state(model: torch.nn.Module, full: dict | None = None) -> dict[st
             if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: int, state_dict: dict | None = None) -> None:
-    """Atomic: the folder appears complete or not at all, and `latest` moves only after it.
-    `state_dict`: the model's gathered weights when they are sharded over processes."""
-    import shutil
+def write_jsonl_rows(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
+
+def save_best(folder: Path, trainable: dict[str, torch.Tensor], record: dict) -> None:
+    """The selected step's trainable tensors (trainable.safetensors) and its validation
+    record (selection.json) in `folder`, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        (tmp / "selection.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def copy_linked(src: Path, dst: Path) -> None:
+    """Folder dst (made if missing) with src's files as hard links (no extra disk; the files
+    are only ever replaced, never changed in place), or copies where the file system has no
+    links."""
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def save_checkpoint(folder: Path, model, tokenizer, state: dict, keep: int, state_dict: dict | None = None,
+                    best: Path | None = None) -> None:
+    """Atomic: the folder appears complete or not at all, and `latest` moves only after it.
+    `state_dict`: the model's gathered weights when they are sharded over processes. `best`:
+    the selected weights' folder (save_best), kept in the checkpoint as best/ so that a resume
+    restores the selection that goes with it."""
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / "trainer_state.pt")
+        if best is not None:
+            copy_linked(best, tmp / "best")
     atomic_write_text(folder.parent / "latest", folder.name)
     if keep > 0:
         for old in sorted(folder.parent.glob("step-*"))[:-keep]:
@@ -454,7 +531,7 @@ class Run:
         if self.policy_dtype != torch.float32 and self.amp is None:
             raise ValueError(f"policy_dtype={cfg.policy_dtype} needs bf16 compute, which precision={cfg.precision} "
                              f"does not give on {self.device}: set precision=bf16 or policy_dtype=fp32")
-        self.scorer = Scorer(rm, extra_rewards or {}, cfg.not_applicable)
+        self.scorer = Scorer(rm, extra_rewards or {}, cfg.not_applicable, repetition_penalty=cfg.repetition_penalty)
         unknown = sorted(set(cfg.weights) - set(self.scorer.columns))
         if unknown:
             raise ValueError(f"weights name {unknown}, which the reward model and extra rewards do not produce; "
@@ -489,6 +566,14 @@ class Run:
             cfg.merged_generation and is_peft(model) and self.rollout_engine == "generate") else None
         self.eval_prompts = [] if cfg.eval_prompts == "none" else balanced_subset(
             load_prompt_set(cfg.eval_prompts, cfg.cache_dir, "eval"), cfg.eval_max_prompts, cfg.seed)
+        self.validation_prompts = [] if cfg.validation_prompts == "none" else balanced_subset(
+            load_prompt_set(cfg.validation_prompts, cfg.cache_dir, "validation"), cfg.validation_max_prompts,
+            cfg.seed)
+        missing = sorted({"harmful", "benign"} - {p.kind for p in self.validation_prompts})
+        if cfg.validation_prompts != "none" and missing:
+            raise ValueError(f"validation_prompts {cfg.validation_prompts!r} has no {' or '.join(missing)} prompts: "
+                             f"selection weighs harmful compliance against benign over-refusal, so give both "
+                             f"kinds (or validation_prompts=none)")
         if cfg.train_prompts != "default":
             self.train_prompts  # a user's file is read now: a bad one fails before any work  # noqa: B018
         self.timer = PhaseTimer()
@@ -497,6 +582,10 @@ class Run:
         self.modules: list = []  # modules prepared besides the policy (PPO's critic)
         if sharding(acc) == "deepspeed" and cfg.save_every:
             raise ValueError(NO_DEEPSPEED_CHECKPOINTS)
+        if sharding(acc) == "deepspeed" and self.validation_prompts:
+            raise ValueError("checkpoint selection saves and reloads the best weights, which mogrpo does not do "
+                             "under DeepSpeed: set validation_prompts=none (final/ is then the last step), or "
+                             "shard with FSDP (configs/accelerate/fsdp.yaml)")
         if sharding(acc) == "deepspeed" and self.ref_model is not None:
             raise ValueError("full fine-tuning (lora_r=0) keeps a separate reference model, which mogrpo does not "
                              "shard under DeepSpeed: use LoRA (lora_r>0; the reference is the adapter-off policy) "
@@ -572,6 +661,37 @@ class Run:
         if count:
             self.tokens_generated += int(all_sum(self.acc)(ro.completion_mask.sum().to(self.device)))
         return ro
+
+    @functools.cached_property
+    def refusal_labeller(self):
+        """The refusal labeller (mogrpo/reward/labeller.py; the one the reward data was labelled
+        with, never the evaluation's pattern judge), fitted on first use."""
+        from mogrpo.reward.labeller import RefusalLabeller
+
+        return RefusalLabeller.default(self.cfg.cache_dir)
+
+    def credit_openers(self, ro) -> dict:
+        """Set `ro.loss_mask` by cfg.opener_credit: with 'refusals', the forced opener tokens of a
+        guided sample are trained only when the labeller judges the whole sample a refusal
+        (P >= 0.5). A guided sample that goes on to comply (harmful prompt) or to answer (benign
+        prompt) still trains its continuation, but its opener is not pushed by an outcome the
+        opener did not decide (docs/theory.md section 7). Returns the share of guided samples
+        judged refusals per prompt kind (logs)."""
+        from mogrpo.rollout import opener_loss_mask
+
+        if ro.guided is None or not bool(ro.guided.any()) or self.cfg.opener_credit == "all":
+            return {}
+        idx = ro.guided.nonzero().flatten().tolist()
+        with self.timer("opener_credit"):
+            p = self.refusal_labeller.refusal_prob([ro.completions[i] for i in idx])
+        refused = torch.zeros(len(ro.completions), dtype=torch.bool)
+        refused[idx] = torch.as_tensor(p >= 0.5)
+        ro.loss_mask = opener_loss_mask(ro.completion_mask, ro.opener_len, refused)
+        out = {}
+        for kind in ("harmful", "benign"):
+            rows = [i for i in idx if ro.kinds[i // ro.group_size] == kind]
+            out[f"guided_refused/{kind}"] = float(refused[rows].float().mean()) if rows else None
+        return out
 
     def score(self, ro) -> torch.Tensor:
         """Rewards [B_local, G, K] of a rollout (NaN = not applicable)."""
@@ -687,13 +807,14 @@ class Run:
 
         cfg = self.cfg
         ids, attn = ro.input_ids.to(self.device), ro.attention_mask.to(self.device)  # [N, P + L]
-        cmask = ro.completion_mask.to(self.device)  # [N, L]
+        cmask = (ro.loss_mask if ro.loss_mask is not None else ro.completion_mask).to(self.device)  # [N, L] trained
         N, L = cmask.shape
         micro = [slice(s, min(s + micro_batch_size, N)) for s in range(0, N, micro_batch_size)]
         if old_logp is None and cfg.num_iterations > 1:
             with self.timer("policy_forward_backward"):
                 old_logp = self.logprobs(self.policy, ids, attn, L, chunk=micro_batch_size)
-        counts = ro.completion_mask.sum(1)  # [N] on the CPU: the micro-batches' shares without device syncs
+        counts = (ro.loss_mask if ro.loss_mask is not None else ro.completion_mask).sum(1)  # [N] on the CPU: shares
+        # of the micro-batches without device syncs
         n_tok = float(counts.sum().clamp(min=1))
         shares = [float(counts[sl].sum()) / n_tok if aggregation == "dapo" else (sl.stop - sl.start) / N
                   for sl in micro]
@@ -748,46 +869,126 @@ class Run:
 
     def evaluate(self, tag: str) -> dict:
         """The one evaluator (greedy, training RM + refusal judge) on the evaluation prompts."""
+        return self._evaluate(self.eval_prompts, self.out / f"eval_{tag}_generations.jsonl", "evaluation")
+
+    def validate(self, step: int) -> dict:
+        """The one evaluator on the validation prompts with the policy as it is after `step`
+        steps (0 = the base); writes validation/step-NNNNNN_generations.jsonl. Returns the
+        selection record {step, compliance (harmful), over_refusal (benign), degenerate (all)},
+        the same on every process."""
+        s = self._evaluate(self.validation_prompts, self.out / "validation" / f"step-{step:06d}_generations.jsonl",
+                           "validation")
+        return {"step": step, "compliance": s["harmful"]["compliance_rate"],
+                "over_refusal": s["benign"]["over_refusal_rate"], "degenerate": s["degenerate_rate"]}
+
+    def _evaluate(self, records, out_file: Path, phase: str) -> dict:
         from mogrpo.eval.harness import evaluate_loaded
 
-        if not self.eval_prompts:
+        if not records:
             return {}
-        with self.timer("evaluation"), self.amp_ctx(), full_weights(self.policy, self.acc):
+        with self.timer(phase), self.amp_ctx(), full_weights(self.policy, self.acc):
             model = self.merged.sync() if self.merged else self.policy
-            return evaluate_loaded(model, self.tok, self.eval_prompts, rm=self.scorer.rm, weights=self.cfg.weights,
+            return evaluate_loaded(model, self.tok, records, rm=self.scorer.rm, weights=self.cfg.weights,
                                    not_applicable=self.cfg.not_applicable,
                                    max_new_tokens=self.cfg.eval_max_new_tokens, amp_ctx=self.amp_ctx, acc=self.acc,
-                                   engine=self.rollout_engine,
-                                   out_file=self.out / f"eval_{tag}_generations.jsonl")
+                                   engine=self.rollout_engine, out_file=out_file)
+
+    def select(self, step: int, sel: dict) -> dict:
+        """Validate after `step` steps, add the record to sel["history"] and apply the fixed
+        criterion (selection.select_step, the base = step 0 setting its limits). The chosen
+        step is this one or the one chosen before (the limits depend on the base alone, so
+        each new record either wins or not): when it is this one, its trainable weights go
+        to best/ (atomic) and sel["best"] becomes its record. Rewrites validation.jsonl.
+        Collective (every process calls it). Returns the metrics to log at this step."""
+        from mogrpo.rl.selection import select_step
+
+        rec = self.validate(step)
+        history = sel["history"] = [*sel["history"], rec]
+        chosen, reason = select_step(history, history[0], self.cfg.select_max_over_refusal,
+                                     self.cfg.select_max_degenerate_rise)
+        if chosen == step:
+            full = self.gathered_state()  # a collective when sharded
+            if self.main:
+                save_best(self.out / "best", trainable_state(self.policy, full), rec)
+            sel["best"] = dict(rec)
+            self.acc.wait_for_everyone()
+        sel["best"]["reason"] = reason
+        rec["selected_step"] = chosen
+        if self.main:
+            write_jsonl_rows(self.out / "validation.jsonl", history)
+        return {"validation/compliance": rec["compliance"], "validation/over_refusal": rec["over_refusal"],
+                "validation/degenerate": rec["degenerate"], "validation/selected_step": chosen}
+
+    def load_best(self) -> None:
+        """Load the selected trainable weights (best/, written by the main process) into the
+        policy on every process (scattered when sharded)."""
+        from safetensors.torch import load_file
+
+        self.acc.wait_for_everyone()
+        path = self.out / "best" / "trainable.safetensors"
+        try:
+            state = load_file(str(path))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: the selected weights do not load ({first_line(exc)}); rerun with "
+                                  f"--resume from a checkpoint, or start again") from None
+        names = {n for n, p in self.policy.named_parameters() if p.requires_grad}
+        if set(state) != names:
+            raise CheckpointError(f"{path} does not hold this run's trainable weights (e.g. "
+                                  f"{sorted(set(state) ^ names)[:3]}); start the run again in a new folder")
+        self.load_module_state(self.model, state, strict=False)
 
     # ---- the loop
 
     def train(self, steps: int, step_fn: Callable[[int], dict], *, state: Callable[[], dict] = dict,
               load_state: Callable[[dict], None] = lambda s: None, postfix: tuple[str, ...] = (),
               **cost_extra) -> dict:
-        """Resume (if asked and a checkpoint exists), evaluate before, then for each step:
-        rec = step_fn(step) -> log (+ lr, timing, memory) -> checkpoint every cfg.save_every
-        steps; then evaluate after and write final/, eval.json, cost.json. `state()` is the
-        algorithm's own checkpointed state, `load_state(s)` restores it. Returns
-        {eval_before, eval_after} (+ cost on the main process)."""
+        """Resume (if asked and a checkpoint exists), evaluate before, validate the base (step
+        0), then for each step: rec = step_fn(step) -> validate every cfg.validate_every steps
+        and at the last step (select) -> log (+ lr, timing, memory) -> checkpoint every
+        cfg.save_every steps; then load the selected step's weights (best/), evaluate after and
+        write final/ (= the selected step), eval.json, cost.json. With validation_prompts=none
+        nothing is validated and final/ is the last step. `state()` is the algorithm's own
+        checkpointed state, `load_state(s)` restores it. Returns {eval_before, eval_after}
+        (+ selected_step when selecting, + cost on the main process)."""
         from tqdm import tqdm
 
         cfg, acc = self.cfg, self.acc
         ckpt_root = self.out / "checkpoints"
         start, eval_before = 0, None
+        selecting = bool(self.validation_prompts)
+        sel: dict = {"history": [], "best": None}  # validation records (step 0 = the base), the selected one
         saved = self._load_checkpoint(ckpt_root) if self.resume else None
         if saved is not None:
             start, eval_before = saved["step"], saved["eval_before"]
             self.timer.seconds, self.tokens_generated = saved["cost_seconds"], saved["tokens_generated"]
             restore_rng(saved["rng"])
             load_state(saved["algorithm"])
+            if selecting and "selection" not in saved:
+                selecting = False
+                if self.main:
+                    print(f"warning: {saved['folder']} holds no validation history (written before checkpoint "
+                          f"selection); this run selects nothing: final/ is the last step", file=sys.stderr)
+            elif selecting:
+                sel = saved["selection"]
+                if not (saved["folder"] / "best" / "trainable.safetensors").is_file():
+                    raise CheckpointError(f"checkpoint {saved['folder']} has no best/ (the weights of the step "
+                                          f"selected so far); move it away to resume from an older one, or start "
+                                          f"again")
+                if self.main:  # best/ and validation.jsonl may hold steps after the checkpoint: run again
+                    with atomic_folder(self.out / "best") as tmp:
+                        copy_linked(saved["folder"] / "best", tmp)
+                    write_jsonl_rows(self.out / "validation.jsonl", sel["history"])
             if self.main:
                 print(f"resumed from {saved['folder']} at step {start}", file=sys.stderr)
         elif self.resume and self.main:
             print(f"no checkpoint under {ckpt_root}; starting from scratch", file=sys.stderr)
+        if saved is None and selecting and self.main:
+            shutil.rmtree(self.out / "validation", ignore_errors=True)  # an earlier run's generations
         if eval_before is None:
             eval_before = self.evaluate("before")
         self.logger = MetricsLogger(self.out, cfg, main=self.main, resume_step=start if saved else None)
+        if selecting and not sel["history"]:
+            self.logger.log({"step": 0, **self.select(0, sel)})
         bar = tqdm(range(start, steps), desc=self.name, disable=not (self.show_progress and self.main), unit="step",
                    initial=start, total=steps)
         for step in bar:
@@ -798,6 +999,8 @@ class Run:
                    "peak_memory_mb": round(peak_memory_mb(self.device), 1)}
             if self.tokens_generated > tokens0:  # a step that sampled
                 rec["tokens_per_s"] = round((self.tokens_generated - tokens0) / max(seconds, 1e-9), 2)
+            if selecting and (step + 1 == steps or (cfg.validate_every and (step + 1) % cfg.validate_every == 0)):
+                rec.update(self.select(step + 1, sel))
             self.logger.log(rec)
             bar.set_postfix({k: f"{rec[k]:.4f}" for k in postfix if isinstance(rec.get(k), float)})
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
@@ -809,13 +1012,23 @@ class Run:
                         "optimizer": optim, "scheduler": self.sched.state_dict(),
                         "rng": rng_state(), "cost_seconds": dict(self.timer.seconds),
                         "tokens_generated": self.tokens_generated, "eval_before": eval_before,
-                        "algorithm": algo}, cfg.keep_checkpoints, state_dict=full)
+                        "algorithm": algo, **({"selection": sel} if selecting else {})},
+                        cfg.keep_checkpoints, state_dict=full, best=self.out / "best" if selecting else None)
                 acc.wait_for_everyone()
         bar.close()
+        selected = {}
+        if selecting:  # final/ and the evaluation after are the selected step's
+            if sel["best"]["step"] != max(start, steps):  # else the policy holds its weights already
+                self.load_best()
+            selected = {"selected_step": sel["best"]["step"]}
+            cost_extra = {**cost_extra, **selected, "selection": {
+                "criterion": CRITERION, "max_over_refusal": cfg.select_max_over_refusal,
+                "max_degenerate_rise": cfg.select_max_degenerate_rise, "validation_prompts": cfg.validation_prompts,
+                "n_prompts": len(self.validation_prompts), **sel["best"]}, "validation": sel["history"]}
         eval_after = self.evaluate("after")
         acc.wait_for_everyone()
         full = self.gathered_state()  # a collective when sharded
-        result = {"eval_before": eval_before, "eval_after": eval_after}
+        result = {"eval_before": eval_before, "eval_after": eval_after, **selected}
         if self.main:
             self.logger.close()
             result = self._finish(result, full, steps=steps, **cost_extra)
@@ -852,7 +1065,8 @@ class Run:
         return state
 
     def _finish(self, result: dict, full: dict | None, **extra) -> dict:
-        """final/ (adapter or model + tokenizer; `full`: the gathered weights when sharded),
+        """final/ (the policy's adapter or model as it is now, i.e. the selected step's when
+        selecting, + tokenizer; `full`: the gathered weights when sharded),
         eval.json, cost.json (wall and phase seconds, peak memory, tokens, processes, +
         `extra`). Returns `result` with the cost added."""
         with atomic_folder(self.out / "final") as tmp:

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from mogrpo.config import field
-from mogrpo.rl.advantages import MODES, group_advantages, update_multipliers
+from mogrpo.rl.advantages import MODES, combine, group_advantages, guided_diagnostics, update_multipliers
 from mogrpo.rl.engine import OnlineConfig, Run, check_batch_splits
 from mogrpo.rl.losses import AGGREGATIONS
 
@@ -42,10 +42,14 @@ class GRPOConfig(OnlineConfig):
     ALIASES: ClassVar[dict] = {**OnlineConfig.ALIASES, "loss_type": "loss_aggregation",
                                "scale_rewards": "scale_by_std"}
 
-    advantage_mode: str = field("sum_then_normalize", help="sum_then_normalize (the paper) | "
-                                "normalize_then_sum | min | lagrangian")
+    advantage_mode: str = field("normalize_then_sum", help="normalize_then_sum (GDPO/MO-GRPO: each aspect "
+                                "normalised in its group, then weighted; the default, docs/theory.md section 7) | "
+                                "sum_then_normalize (the paper) | min | lagrangian")
     scale_by_std: bool = field(True, help="divide by the group std (False = Dr. GRPO)")
     adv_eps: float = field(1e-4, help="epsilon in the std normalisation; groups with std <= eps get 0")
+    std_floor: float = field(0.1, help="divide by max(group std, this) (reward units): differences smaller than "
+                                       "the reward model's resolution are not scaled up to full pushes "
+                                       "(docs/theory.md section 7); 0 = plain std")
     thresholds: dict[str, float] = field(default_factory=dict, help="lagrangian: constraint r_k >= tau_k")
     multiplier_init: float = field(1.0, help="lagrangian: initial multiplier per constraint")
     multiplier_lr: float = field(0.05, help="lagrangian: dual ascent step size")
@@ -68,6 +72,8 @@ class GRPOConfig(OnlineConfig):
             raise ValueError("advantage_mode=lagrangian needs thresholds, e.g. thresholds={safety: 0.9}")
         if self.advantage_mode != "lagrangian" and self.thresholds:
             raise ValueError("thresholds only apply with advantage_mode=lagrangian")
+        if not self.std_floor >= 0:
+            raise ValueError(f"std_floor = {self.std_floor} must be >= 0 (reward units, e.g. 0.1)")
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
 
@@ -94,12 +100,15 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     lag = {"multipliers": torch.where(constrained, torch.full_like(thresholds, cfg.multiplier_init),
                                       torch.zeros_like(thresholds))}
     run.setup_optimizer(total_updates=cfg.steps * cfg.num_iterations)
+    # normalize_then_sum normalises over the global batch: every process's groups, in order
+    gather = None if run.world == 1 else (lambda x: run.acc.gather(x.to(run.device)).cpu())
 
     def step(t: int) -> dict:
         ro = run.rollout(t)  # this process's B_local prompts x G samples
         rewards = run.score(ro)  # [B_local, G, K]
+        credit = run.credit_openers(ro)  # which forced openers train (ro.loss_mask)
         adv, adv_stats = group_advantages(rewards, run.weights, cfg.advantage_mode, scale_by_std=cfg.scale_by_std,
-                                          eps=cfg.adv_eps, multipliers=lag["multipliers"], constrained=constrained)
+                                          eps=cfg.adv_eps, std_floor=cfg.std_floor, gather=gather, multipliers=lag["multipliers"], constrained=constrained)
         ref_logp = None
         if cfg.beta != 0:  # [N, L], once per rollout
             ref_logp = run.ref_logprobs(ro.input_ids.to(run.device), ro.attention_mask.to(run.device),
@@ -110,7 +119,12 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
             lag["multipliers"] = update_multipliers(lag["multipliers"], run.acc.gather(rewards.to(run.device)).cpu(),
                                                     thresholds, constrained, cfg.multiplier_lr)
         rec.update(run.rollout_record(ro, rewards))
+        rec.update(credit)
         rec.update({k: v for k, v in adv_stats.items() if not k.startswith("combined")})
+        if ro.guided is not None:  # where the push goes: the refusal decision vs the own samples' spread
+            combined = combine(rewards.float(), run.weights.float(), cfg.advantage_mode, lag["multipliers"],
+                               constrained)
+            rec.update(guided_diagnostics(combined, adv, ro.guided.reshape(adv.shape), ro.kinds))
         rec.update({f"multiplier/{c}": float(lag["multipliers"][j]) for j, c in enumerate(cols) if constrained[j]})
         run.log_samples(t + 1, ro, rewards)
         return rec

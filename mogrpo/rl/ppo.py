@@ -137,6 +137,8 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     def step(t: int) -> dict:
         ro = run.rollout(t)
         rewards = run.score(ro)  # [B_local, G, K]
+        credit = run.credit_openers(ro)  # which forced openers the actor trains on, as in GRPO
+        actor_mask = ro.loss_mask.to(run.device).float() if ro.loss_mask is not None else None  # [N_local, L]
         score = torch.nan_to_num(weighted_sum(rewards, run.weights)).reshape(-1).to(run.device)  # [N_local]
         ids, attn = ro.input_ids.to(run.device), ro.attention_mask.to(run.device)
         mask = ro.completion_mask.to(run.device).float()  # [N_local, L]
@@ -175,7 +177,8 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                 with run.timer("policy_forward_backward"), run.amp_ctx():
                     logp, ent = completion_logprobs(run.model, ids[mb], attn[mb], L, temperature=cfg.temperature,
                                                     with_entropy=True)
-                    pg, st = grpo_loss(logp, old_logp[mb], None, adv[mb], mask[mb], eps_low=cfg.eps_low,
+                    pg, st = grpo_loss(logp, old_logp[mb], None, adv[mb],
+                                       (mask if actor_mask is None else actor_mask)[mb], eps_low=cfg.eps_low,
                                        eps_high=cfg.eps_high, beta=0.0, aggregation="dapo", entropy=ent)
                 with run.timer("critic"), run.amp_ctx():
                     v = critic(ids[mb], attn[mb], L).float()
@@ -199,6 +202,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                "advantage/std": max(adv_var, 0.0) ** 0.5, "value/mean": float(sums[4]) / n_tok,
                "grad_norm": float(norms[:, 0].mean()), "critic_grad_norm": float(norms[:, 1].mean())}
         rec.update({key: float(stats[:, j].mean()) for j, key in enumerate(STAT_KEYS)})
+        rec.update(credit)
         run.log_samples(t + 1, ro, rewards)
         return rec
 

@@ -66,6 +66,7 @@ def train_rloo(cfg: RLOOConfig, output: str | os.PathLike, *, resume: bool = Fal
     def step(t: int) -> dict:
         ro = run.rollout(t)
         rewards = run.score(ro)  # [B_local, G, K]
+        credit = run.credit_openers(ro)  # which forced openers train (ro.loss_mask), as in GRPO
         ids, attn = ro.input_ids.to(run.device), ro.attention_mask.to(run.device)
         mask = ro.completion_mask.to(run.device).float()  # [N, L]
         L = mask.shape[1]
@@ -77,6 +78,7 @@ def train_rloo(cfg: RLOOConfig, output: str | os.PathLike, *, resume: bool = Fal
         rec = run.policy_update(ro, adv, old_logp=old_logp, beta=0.0, aggregation="grpo",
                                 micro_batch_size=cfg.micro_batch_size)
         rec.update(run.rollout_record(ro, rewards))
+        rec.update(credit)
         sums = all_sum(run.acc)(torch.stack([kl.sum(), adv.abs().sum(), torch.tensor(float(len(kl)))
                                              .to(run.device)]).double())  # global: KL, |A|, samples
         rec.update({"kl": float(sums[0] / sums[2]), "advantage/abs_mean": float(sums[1] / sums[2])})
