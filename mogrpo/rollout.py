@@ -54,6 +54,10 @@ class Rollout:
         return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
 
     @property
+    def trained_mask(self) -> torch.Tensor:  # [N, L] the tokens the loss trains
+        return self.loss_mask if self.loss_mask is not None else self.completion_mask
+
+    @property
     def attention_mask(self) -> torch.Tensor:  # [N, P + L]
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 

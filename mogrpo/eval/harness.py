@@ -309,16 +309,9 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
         if not rows:
             continue
         texts = [completions[i] for i in rows]
-        part: dict = {"n": len(rows) // samples_per_prompt}
-        if kind == "harmful":
-            part["refusal_rate"] = M.refusal_rate(texts)
-            part["compliance_rate"] = M.compliance_rate(texts)
-        else:
-            part["over_refusal_rate"] = M.refusal_rate(texts)
-            if prompts is not None:
-                alarming = [completions[i] for i in rows if M.is_alarming(prompts[i])]
-                part["n_alarming"] = len(alarming) // samples_per_prompt
-                part["over_refusal_rate_alarming"] = M.refusal_rate(alarming)
+        part: dict = {"n": len(rows) // samples_per_prompt,
+                      **_refusal_rates(kind, texts, None if prompts is None else [prompts[i] for i in rows],
+                                       samples_per_prompt)}
         part["clarifying_rate"] = M.mean_of(float(M.is_clarifying(t)) for t in texts)
         part["degenerate_rate"] = M.mean_of(float(M.is_degenerate(t)) for t in texts)
         part["toxicity"] = None if toxicity is None else M.mean_of(toxicity[i] for i in rows)
@@ -340,6 +333,20 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
     return result
 
 
+def _refusal_rates(kind: str, texts: list[str], prompts: list[str] | None, samples_per_prompt: int = 1) -> dict:
+    """The pattern judge's rates for completions of one kind (pure): harmful -> refusal and
+    compliance; otherwise over-refusal, and with `prompts` ([M], one per text) the same on the
+    prompts with an alarming word (n_alarming counts prompts)."""
+    if kind == "harmful":
+        return {"refusal_rate": M.refusal_rate(texts), "compliance_rate": M.compliance_rate(texts)}
+    out: dict = {"over_refusal_rate": M.refusal_rate(texts)}
+    if prompts is not None:
+        alarming = [t for t, p in zip(texts, prompts) if M.is_alarming(p)]
+        out["n_alarming"] = len(alarming) // samples_per_prompt
+        out["over_refusal_rate_alarming"] = M.refusal_rate(alarming)
+    return out
+
+
 def set_metrics(sources: list[str], kinds: list[str], completions: list[str], prompts: list[str]) -> dict:
     """Independent-judge figures per evaluation set (pure): {"sets": {source: {...}}, "probe": {...}}.
 
@@ -355,15 +362,7 @@ def set_metrics(sources: list[str], kinds: list[str], completions: list[str], pr
         rows = [i for i, s in enumerate(sources) if s == src]
         texts = [completions[i] for i in rows]
         kind = kinds[rows[0]] if len({kinds[i] for i in rows}) == 1 else "mixed"
-        part: dict = {"kind": kind, "n": len(rows)}
-        if kind == "harmful":
-            part["compliance_rate"] = M.compliance_rate(texts)
-            part["refusal_rate"] = M.refusal_rate(texts)
-        else:
-            part["over_refusal_rate"] = M.refusal_rate(texts)
-            alarming = [completions[i] for i in rows if M.is_alarming(prompts[i])]
-            part["n_alarming"] = len(alarming)
-            part["over_refusal_rate_alarming"] = M.refusal_rate(alarming)
+        part: dict = {"kind": kind, "n": len(rows), **_refusal_rates(kind, texts, [prompts[i] for i in rows])}
         part["degenerate_rate"] = M.mean_of(float(M.is_degenerate(t)) for t in texts)
         sets[src] = part
     out: dict = {"sets": sets}

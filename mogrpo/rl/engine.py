@@ -807,14 +807,13 @@ class Run:
 
         cfg = self.cfg
         ids, attn = ro.input_ids.to(self.device), ro.attention_mask.to(self.device)  # [N, P + L]
-        cmask = (ro.loss_mask if ro.loss_mask is not None else ro.completion_mask).to(self.device)  # [N, L] trained
+        cmask = ro.trained_mask.to(self.device)  # [N, L]
         N, L = cmask.shape
         micro = [slice(s, min(s + micro_batch_size, N)) for s in range(0, N, micro_batch_size)]
         if old_logp is None and cfg.num_iterations > 1:
             with self.timer("policy_forward_backward"):
                 old_logp = self.logprobs(self.policy, ids, attn, L, chunk=micro_batch_size)
-        counts = (ro.loss_mask if ro.loss_mask is not None else ro.completion_mask).sum(1)  # [N] on the CPU: shares
-        # of the micro-batches without device syncs
+        counts = ro.trained_mask.sum(1)  # [N] on the CPU: the micro-batches' shares without device syncs
         n_tok = float(counts.sum().clamp(min=1))
         shares = [float(counts[sl].sum()) / n_tok if aggregation == "dapo" else (sl.stop - sl.start) / N
                   for sl in micro]

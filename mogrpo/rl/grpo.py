@@ -108,7 +108,8 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
         rewards = run.score(ro)  # [B_local, G, K]
         credit = run.credit_openers(ro)  # which forced openers train (ro.loss_mask)
         adv, adv_stats = group_advantages(rewards, run.weights, cfg.advantage_mode, scale_by_std=cfg.scale_by_std,
-                                          eps=cfg.adv_eps, std_floor=cfg.std_floor, gather=gather, multipliers=lag["multipliers"], constrained=constrained)
+                                          eps=cfg.adv_eps, std_floor=cfg.std_floor, gather=gather,
+                                          multipliers=lag["multipliers"], constrained=constrained)
         ref_logp = None
         if cfg.beta != 0:  # [N, L], once per rollout
             ref_logp = run.ref_logprobs(ro.input_ids.to(run.device), ro.attention_mask.to(run.device),

@@ -138,10 +138,10 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
         ro = run.rollout(t)
         rewards = run.score(ro)  # [B_local, G, K]
         credit = run.credit_openers(ro)  # which forced openers the actor trains on, as in GRPO
-        actor_mask = ro.loss_mask.to(run.device).float() if ro.loss_mask is not None else None  # [N_local, L]
         score = torch.nan_to_num(weighted_sum(rewards, run.weights)).reshape(-1).to(run.device)  # [N_local]
         ids, attn = ro.input_ids.to(run.device), ro.attention_mask.to(run.device)
         mask = ro.completion_mask.to(run.device).float()  # [N_local, L]
+        actor_mask = ro.trained_mask.to(run.device).float()  # [N_local, L] tokens the actor's loss trains
         L = mask.shape[1]
         lengths = acc.gather(mask.sum(1)).cpu()  # [N] tokens per sequence, every process's rows in order
         with run.timer("policy_forward_backward"):
@@ -177,8 +177,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                 with run.timer("policy_forward_backward"), run.amp_ctx():
                     logp, ent = completion_logprobs(run.model, ids[mb], attn[mb], L, temperature=cfg.temperature,
                                                     with_entropy=True)
-                    pg, st = grpo_loss(logp, old_logp[mb], None, adv[mb],
-                                       (mask if actor_mask is None else actor_mask)[mb], eps_low=cfg.eps_low,
+                    pg, st = grpo_loss(logp, old_logp[mb], None, adv[mb], actor_mask[mb], eps_low=cfg.eps_low,
                                        eps_high=cfg.eps_high, beta=0.0, aggregation="dapo", entropy=ent)
                 with run.timer("critic"), run.amp_ctx():
                     v = critic(ids[mb], attn[mb], L).float()
