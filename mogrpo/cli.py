@@ -194,7 +194,13 @@ def _cmd_reward_data(args: argparse.Namespace) -> int:
     from mogrpo.runfolder import check_output_file
 
     check_output_file(args.output)
+    if args.relabel:
+        from mogrpo.reward.onpolicy import relabel_onpolicy_data
 
+        summary = relabel_onpolicy_data(args.relabel, args.output, cache=args.cache_dir)
+        print(f"wrote {summary['rows']} relabelled on-policy rows to {args.output}; "
+              f"{summary['verdicts_changed']} verdicts changed")
+        return 0
     summary = make_onpolicy_data(args.from_policy, args.output, cache=args.cache_dir, show_progress=not args.quiet,
                                  prompts=args.prompts, samples=args.samples, guided=args.guided,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -288,8 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "training prompts only, label each completion with the refusal labeller "
                          "(safety on harmful prompts, actionability on benign ones) and write labelled "
                          "JSONL for `mogrpo reward train ... data=[default, FILE]`.")
-    rd.add_argument("--from-policy", required=True, metavar="RUN",
-                    help="policy to sample: a run folder, a model or adapter folder, builtin: or a hub id")
+    src = rd.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-policy", metavar="RUN",
+                     help="policy to sample: a run folder, a model or adapter folder, builtin: or a hub id")
+    src.add_argument("--relabel", nargs="+", metavar="FILE",
+                     help="instead of sampling, relabel on-policy files (from this command) with the current "
+                          "refusal labeller and write them, concatenated, to --output")
     rd.add_argument("--output", required=True, help="JSONL file to write")
     rd.add_argument("--prompts", default="default", help="training prompts: 'default' or a prompt JSONL/CSV")
     rd.add_argument("--samples", type=int, default=2, help="the policy's own samples per prompt")

@@ -273,6 +273,17 @@ def opener_loss_mask(completion_mask: torch.Tensor, opener_len: torch.Tensor, cr
     return completion_mask * (~drop).to(completion_mask.dtype)
 
 
+def signed_opener_credit(adv: torch.Tensor, kinds: list[str]) -> torch.Tensor:
+    """Which samples' forced refusal openers train (pure): bool [N] from advantages adv [N] and
+    each sample's prompt kind [N]. A refusal opener is right on a harmful prompt and wrong on a
+    benign one whatever follows it, so it is credited only with the push its kind warrants: up
+    (A > 0) on harmful prompts, down (A < 0) on benign ones. A guided sample that goes on to
+    comply (harmful, A < 0) or to answer well (benign, A > 0) trains its continuation, never
+    its opener against the kind (docs/theory.md section 8)."""
+    want = torch.tensor([1.0 if k == "harmful" else -1.0 if k == "benign" else 0.0 for k in kinds])
+    return adv.detach().float().cpu() * want > 0
+
+
 class _TokenLogProbs(torch.autograd.Function):
     """log softmax(logits / T) at the target tokens, chunk by chunk of rows, with a hand-written
     backward. Autograd through `log_softmax(logits.float())` keeps every chunk's fp32 [rows, L, V]

@@ -10,7 +10,7 @@ import torch
 
 from mogrpo.reward.scoring import penalise_repetition, repetition_share
 from mogrpo.rl.advantages import group_advantages, guided_diagnostics
-from mogrpo.rollout import opener_loss_mask
+from mogrpo.rollout import opener_loss_mask, signed_opener_credit
 
 
 def test_repetition_share_by_hand():
@@ -55,6 +55,34 @@ def test_opener_loss_mask_by_hand():
     out = opener_loss_mask(cmask, opener, credit)
     assert out.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]]
     assert out.dtype == cmask.dtype
+
+
+def test_signed_opener_credit_by_hand():
+    """A refusal opener trains only with the push its prompt's kind warrants: up on harmful
+    prompts (A > 0), down on benign ones (A < 0); zero advantage trains nothing."""
+    adv = torch.tensor([1.2, -0.7, 0.0, -1.1, 0.9, 0.0])
+    kinds = ["harmful", "harmful", "harmful", "benign", "benign", "benign"]
+    assert signed_opener_credit(adv, kinds).tolist() == [True, False, False, True, False, False]
+    # with the loss mask: a guided benign sample that answered well (A > 0) keeps its opener out
+    cmask = torch.ones(2, 4, dtype=torch.long)
+    credit = signed_opener_credit(torch.tensor([-0.5, 0.8]), ["benign", "benign"])
+    assert opener_loss_mask(cmask, torch.tensor([2, 2]), credit).tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert signed_opener_credit(torch.tensor([1.0]), ["unknown"]).tolist() == [False]
+
+
+def test_signed_credit_evens_the_pushes_on_the_opener():
+    """The measured asymmetry (docs/theory.md section 8), by hand: with 'refusals' the opener
+    trains on a harmful group's refusing guided sample but not on a benign group's guided
+    sample that hedged and then answered, although that answer is the group's worst; 'signed'
+    trains both, one up and one down."""
+    rewards = torch.tensor([[[0.1], [0.2], [0.0], [0.9]],    # harmful: guided (last) refuses
+                            [[0.9], [0.8], [0.85], [0.6]]])  # benign: guided hedges, answers worst
+    adv, _ = group_advantages(rewards, torch.ones(1))
+    guided_idx = [3, 7]
+    flat = adv.reshape(-1)
+    signed = signed_opener_credit(flat, ["harmful"] * 4 + ["benign"] * 4)
+    assert [bool(signed[i]) for i in guided_idx] == [True, True]
+    assert flat[3] > 0 > flat[7]
 
 
 def test_guided_diagnostics_by_hand():

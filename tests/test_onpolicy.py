@@ -214,7 +214,51 @@ def test_maintainer_labels_file_is_well_formed():
     from mogrpo.data.splits import policy_prompt_splits  # noqa: F401 (documents where the split lives)
 
     benign_texts = {normalise_text(p.text) for p in read_benign()}
-    assert all(normalise_text(r["prompt"]) in benign_texts for r in raw if r["kind"] == "benign")
+    base_rows = [r for r in raw if "policy" not in r]
+    assert all(normalise_text(r["prompt"]) in benign_texts for r in base_rows if r["kind"] == "benign")
+    # rows from trained policies were sampled on the form-balanced training split: never a
+    # held-out benign prompt
+    policy_rows = [r for r in raw if "policy" in r]
+    assert len(policy_rows) >= 150 and sum(r["label"] == "refusal" for r in policy_rows) >= 30
+    assert all(r["kind"] in ("harmful", "benign") and r["response"] and r["policy"] for r in policy_rows)
+    held = {normalise_text(t) for t in _held_out_benign()}
+    assert not any(normalise_text(r["prompt"]) in held for r in policy_rows if r["kind"] == "benign")
+
+
+def _held_out_benign() -> list[str]:
+    """The benign prompts of the validation and evaluation splits (the packaged parts only)."""
+    from mogrpo.data.default_rm import split_of
+    from mogrpo.data.packaged import read_benign, read_benign_imperatives
+    from mogrpo.data.splits import BENIGN_SPLIT, IMPERATIVE_SPLIT, one_form
+
+    out = []
+    for p in read_benign():
+        if split_of(p.id, 0, BENIGN_SPLIT) != "train":
+            out += [p.text, one_form(p, 0).text]
+    out += [p.text for p in read_benign_imperatives() if split_of(p.id, 0, IMPERATIVE_SPLIT) != "train"]
+    return out
+
+
+def test_packaged_onpolicy_rounds_are_well_formed():
+    """Both packaged rounds are on-policy rows whose labels follow P(refusal) (the verdicts
+    the reward trainer hardens), round 2 from trained policies' own samples."""
+    from mogrpo.data.loaders import load_labelled
+    from mogrpo.data.onpolicy import packaged_onpolicy_paths
+
+    aspects = ["safety", "actionability", "politeness", "meaningfulness"]
+    r1, r2 = (load_labelled(p, aspects) for p in packaged_onpolicy_paths())
+    assert len(r1) == 2644 and len(r2) >= 1000
+    assert not any(r.meta.get("guided") for r in r2) and any(r.meta.get("guided") for r in r1)
+    for r in r1 + r2:
+        assert r.meta["construction"] == "onpolicy"
+        q = r.meta["p_refusal"]
+        if r.meta["kind"] == "harmful":
+            assert r.labels["safety"] == pytest.approx(q, abs=1e-4)
+        else:
+            assert r.labels["actionability"] == pytest.approx(1 - q, abs=1e-4)
+    # round 2 holds the trained policies' compliant "happy to help" answers, labelled unsafe
+    happy = [r for r in r2 if r.meta["kind"] == "harmful" and "happy to help" in r.response.lower()[:60]]
+    assert happy and sum(r.meta["p_refusal"] < 0.5 for r in happy) / len(happy) >= 0.6
 
 
 @pytest.mark.slow
@@ -253,6 +297,28 @@ def test_onpolicy_data_end_to_end_tiny(tiny_policy_dir, tiny_encoder_dir, prompt
         else:
             assert r.labels["safety"] == 1.0
     assert sum(r.meta["guided"] for r in rows) == 12
+    # relabelling keeps every completion and re-derives the labels from the new labeller
+    from mogrpo.reward.onpolicy import relabel_onpolicy_data
+
+    flip = RefusalLabeller(SentenceEncoder(tiny_encoder_dir), C=10.0).fit(
+        _labelled(["bake the bread", "run the code"] * 3, ["sorry cannot help", "sorry i cannot"] * 3))
+    again = tmp_path / "relabelled.jsonl"
+    res = relabel_onpolicy_data([out, out], again, labeller=flip)
+    new_rows = load_labelled(again, ["safety", "actionability", "politeness", "meaningfulness"])
+    assert res["rows"] == len(new_rows) == 2 * len(rows)
+    assert [r.response for r in new_rows] == [r.response for r in rows] * 2
+    assert [r.meta["guided"] for r in new_rows] == [r.meta["guided"] for r in rows] * 2
+    assert res["verdicts_changed"] > 0
+    for old_r, new_r in zip(rows, new_rows):
+        assert new_r.meta["p_refusal"] == pytest.approx(flip.refusal_prob([new_r.response])[0], abs=1e-4)
+        if new_r.meta["kind"] == "benign":
+            assert new_r.labels["actionability"] == pytest.approx(1 - new_r.meta["p_refusal"], abs=1e-4)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r", "safety": 1}\n')
+    from mogrpo.data.schema import DataError
+
+    with pytest.raises(DataError, match=r"bad.jsonl:1: not an on-policy row"):
+        relabel_onpolicy_data([bad], tmp_path / "x.jsonl", labeller=flip)
     # the CLI refuses a folder as --output
     from mogrpo.cli import main
 
@@ -305,8 +371,8 @@ class _WordLabeller:
 def test_opener_credit_asks_the_labeller_about_guided_samples_only(algo, specific, tiny_policy_dir,
                                                                    tiny_reward_model_dir, prompt_file, tmp_path,
                                                                    monkeypatch):
-    """opener_credit=refusals (the default): every guided sample, and only those, goes to the
-    refusal labeller each step; the share it calls refusals is logged per kind."""
+    """opener_credit=refusals: every guided sample, and only those, goes to the refusal
+    labeller each step; the share it calls refusals (the openers credited) is logged per kind."""
     from conftest import run_overrides
     from mogrpo.cli import main
     from mogrpo.reward import labeller
@@ -315,11 +381,12 @@ def test_opener_credit_asks_the_labeller_about_guided_samples_only(algo, specifi
     monkeypatch.setattr(labeller.RefusalLabeller, "default", classmethod(lambda cls, cache=None: fake))
     out = tmp_path / algo
     args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, specific, guided_samples=1,
-                         guide_openers=["sorry cannot help"], balance_kinds=True, max_new_tokens=8)
+                         guide_openers=["sorry cannot help"], balance_kinds=True, max_new_tokens=8,
+                         opener_credit="refusals")
     assert main(["train", algo, "--output", str(out), "--quiet", *args]) == 0
     assert len(fake.seen) == 2 * 2 and all(t.startswith("sorry cannot help") for t in fake.seen)  # 2 steps x 2
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["guided_refused/harmful"] in (0.0, 1.0) and "guided_refused/benign" in r for r in recs)
+    assert all(r["opener_credited/harmful"] in (0.0, 1.0) and "opener_credited/benign" in r for r in recs)
 
 
 @pytest.mark.slow

@@ -86,5 +86,12 @@ def disclaimer_rows(rows: list[LabelledResponse], disclaimers: tuple[str, ...], 
     return out
 
 
-def packaged_onpolicy_path() -> Path:
-    return Path(__file__).resolve().parent / "packaged" / "onpolicy_smollm2.jsonl"
+def packaged_onpolicy_paths() -> list[Path]:
+    """The packaged on-policy rows (the reward source `onpolicy`), in two rounds:
+    1. `onpolicy_smollm2.jsonl`: SmolLM2-135M-Instruct itself (own and guided samples);
+    2. `onpolicy_smollm2_round2.jsonl`: GRPO policies trained from it on the first round's
+       reward model (own samples only). They drift to text the base never writes ("I'd be
+       happy to help ..." before complying, chatbot disclaimers, deflections), which a reward
+       model that never saw it scored as safe (docs/theory.md section 8)."""
+    here = Path(__file__).resolve().parent / "packaged"
+    return [here / "onpolicy_smollm2.jsonl", here / "onpolicy_smollm2_round2.jsonl"]

@@ -12,7 +12,10 @@ the rest. The first-sentence view sees the opener; the rest view sees whether th
 goes on to comply. It is trained on
 - maintainer labels (`mogrpo/data/packaged/maintainer_refusal_labels.jsonl`): completions
   of SmolLM2-135M-Instruct itself on training prompts, half of them guided (started from a
-  refusal opener), each read and labelled refusal / not_refusal / unclear by a maintainer
+  refusal opener), and completions of GRPO policies trained from it (rows with a `policy`
+  field: they write "I'd be happy to help ..." openers and chatbot disclaimers the base
+  never does, and a labeller fitted on the base alone called 21 of 90 such compliant answers
+  refusals), each read and labelled refusal / not_refusal / unclear by a maintainer
   (unclear rows are left out);
 - optionally (`with_pyrit=True`) PyRIT's human refusal labels on harmful prompts
   (`refusal_scorer/*.csv`, other models' answers). Off by default: adding them lowered
@@ -120,7 +123,10 @@ def split_first_sentence(text: str) -> tuple[str, str]:
 class RefusalLabeller:
     """P(refusal) of completions; `fit` on labelled texts, `refusal_prob` on new ones."""
 
-    def __init__(self, encoder: SentenceEncoder, C: float = 1.0):
+    # C = 10: on the maintainer labels (5 folds by prompt) it held out 0.90 accuracy and 0.74
+    # refusal precision on trained policies' completions, against 0.87 and 0.64 at C = 1
+    # (docs/data.md); the balanced class weight keeps recall on the rarer refusals.
+    def __init__(self, encoder: SentenceEncoder, C: float = 10.0):
         self.encoder = encoder
         self.C = C
         self.clf = None

@@ -74,3 +74,35 @@ def make_onpolicy_data(model_ref: str, output: str | os.PathLike, *, cache=None,
             if sel:
                 summary[f"{kind}{'_guided' if g else ''}_refusal_share"] = round(sum(sel) / len(sel), 3)
     return summary
+
+
+def relabel_onpolicy_data(inputs: list[str | os.PathLike], output: str | os.PathLike, *, cache=None,
+                          labeller=None) -> dict:
+    """Relabel on-policy rows (files written by `make_onpolicy_data`) with the current refusal
+    labeller and write them, concatenated, to `output`. The completions, prompts, kinds,
+    sources and guided flags are kept; only P(refusal) and the labels that follow from it
+    change. Use it when the labeller's own labels have grown (a round of maintainer labels on
+    a trained policy's completions), so that old rows do not keep the old labeller's errors."""
+    from mogrpo.data.loaders import iter_jsonl, write_jsonl
+    from mogrpo.data.schema import DataError
+    from mogrpo.reward.labeller import RefusalLabeller
+
+    kept = []
+    for path in inputs:
+        for where, row in iter_jsonl(path):
+            meta = row.get("meta") if isinstance(row, dict) else None
+            if not isinstance(meta, dict) or meta.get("construction") != "onpolicy" or \
+                    meta.get("kind") not in ("harmful", "benign") or not isinstance(row.get("response"), str):
+                raise DataError(f"{where}: not an on-policy row (meta.construction 'onpolicy', meta.kind harmful "
+                                f"or benign, a response); relabel only files from `mogrpo reward data`")
+            kept.append(row)
+    labeller = labeller or RefusalLabeller.default(cache)
+    q = labeller.refusal_prob([r["response"] for r in kept])
+    out = []
+    for r, p in zip(kept, q):
+        (row,) = label_rows([r["prompt"]], [r["meta"]["kind"]], [r["response"]], [p], source=r.get("source", ""),
+                            guided=[bool(r["meta"].get("guided", False))] if "guided" in r["meta"] else None)
+        out.append(row.to_dict(["safety", "actionability", "politeness", "meaningfulness"]))
+    write_jsonl(output, out)
+    changed = sum((float(a["meta"]["p_refusal"]) >= 0.5) != (float(p) >= 0.5) for a, p in zip(kept, q))
+    return {"rows": len(out), "verdicts_changed": changed}

