@@ -3,6 +3,13 @@
     python benchmarks/grpo_vs_trl.py [--mode lora|full|both] [--steps 4] [--repeats 2]
                                      [--policy builtin:smollm2-135m-instruct | random:qwen2.5-7b]
                                      [--reward-model runs/reward-default/model] [--device cpu|cuda]
+                                     [--prompts default,benchmarks/results/attack_prompts.jsonl]
+                                     [--group-size 4,8] [--prompts-per-step 2] [--micro-batch 8]
+                                     [--sides mogrpo,mogrpo-generic,trl]
+
+`--prompts` and `--group-size` take lists: every combination is measured in the same run,
+sides interleaved (long prompts: `python benchmarks/attack_prompts.py` writes the file).
+Side `mogrpo-generic` is mogrpo with `shared_prefix=false` (every sequence encoded whole).
 
 TRL is a benchmark-only dependency (`pip install trl`, tested with 1.16.0). The policy,
 the default prompts and the reward model come from mogrpo's asset cache (MOGRPO_CACHE)
@@ -100,7 +107,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("mogrpo", "trl")
+SIDES = ("mogrpo", "mogrpo-generic", "trl")
 PHASES = ("generation", "scoring", "reference", "policy_forward_backward", "other")
 
 
@@ -156,7 +163,7 @@ def run_mogrpo(a, t0: float) -> dict:
     engine.PhaseTimer = RecordingTimer  # the run engine builds its timer from this name
     rollout.generate_rollout = recording_rollout  # the engine imports it at call time
 
-    out = Path(a.workdir) / f"mogrpo-{a.mode}-{a.repeat}"
+    out = Path(a.workdir) / Path(a.result).stem
     cfg = grpo.GRPOConfig(
         policy=a.policy, reward_model=a.reward_model, lora_r=16 if a.mode == "lora" else 0, lora_alpha=32,
         lora_dropout=0.0, train_prompts=a.prompt_file, eval_prompts="none", validation_prompts="none",
@@ -165,7 +172,7 @@ def run_mogrpo(a, t0: float) -> dict:
         steps=1 + a.steps, num_iterations=1, micro_batch_size=a.micro_batch or a.batch_size, lr=a.lr, weight_decay=0.0, warmup_steps=2,
         lr_schedule="constant_with_warmup", grad_clip=1.0, beta=a.beta, loss_aggregation="grpo",
         seed=0, precision=a.precision, num_threads=a.threads, save_every=0, sample_every=0,
-        guided_samples=0, balance_kinds=False,
+        guided_samples=0, balance_kinds=False, shared_prefix=a.child != "mogrpo-generic",
         cache_dir=os.environ.get("MOGRPO_CACHE"))
     grpo.train_grpo(cfg, out, show_progress=False)
 
@@ -230,7 +237,7 @@ def run_trl(a, t0: float) -> dict:
              "text": by_id[i].text, "kind": by_id[i].kind} for i in order]
 
     args = GRPOConfig(
-        output_dir=str(Path(a.workdir) / f"trl-{a.mode}-{a.repeat}"),
+        output_dir=str(Path(a.workdir) / Path(a.result).stem),
         use_cpu=device.type == "cpu", bf16=amp == torch.bfloat16, fp16=False,
         # --micro-batch m: both sides accumulate gradients over B/m micro-batches of m sequences; TRL
         # still generates the whole step's B sequences at once (steps_per_generation = B/m).
@@ -328,9 +335,10 @@ def run_trl(a, t0: float) -> dict:
 
 def child(a) -> None:
     t0 = time.perf_counter()
+    a.group_size = int(a.group_size)
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    res = run_mogrpo(a, t0) if a.child == "mogrpo" else run_trl(a, t0)
+    res = run_mogrpo(a, t0) if a.child.startswith("mogrpo") else run_trl(a, t0)
     import torch
 
     wall = time.perf_counter() - t0
@@ -379,17 +387,18 @@ def versions() -> dict:
     return out
 
 
-def write_prompts(a, workdir: Path) -> tuple[str, str, list[list[str]]]:
+def write_prompts(a, spec: str, batch_size: int, group_size: int, workdir: Path) -> tuple[str, str, list[list[str]]]:
     """The prompt file mogrpo trains on (B prompts per step, each used once) and the same
     prompts in the order mogrpo draws them, for TRL's sequential sampler."""
     from mogrpo.data.prompts import load_prompt_set, step_prompt_indices
 
-    B = a.batch_size // a.group_size
+    B = batch_size // group_size
     n_steps = 1 + a.steps
-    pool = load_prompt_set(a.prompts, os.environ.get("MOGRPO_CACHE"), "train")
+    pool = load_prompt_set(spec, os.environ.get("MOGRPO_CACHE"), "train")
     if len(pool) < B * n_steps:
         raise SystemExit(f"{len(pool)} prompts, fewer than {B * n_steps} = {B} per step x {n_steps} steps")
     chosen = pool[:B * n_steps]
+    workdir.mkdir(parents=True, exist_ok=True)
     prompt_file = workdir / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"id": p.id, "text": p.text, "kind": p.kind}) + "\n" for p in chosen))
     kinds = [p.kind for p in chosen]
@@ -403,10 +412,12 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def summarise(runs: list[dict], mode: str) -> dict:
+def summarise(runs: list[dict], key: str) -> dict:
     s = {}
     for side in SIDES:
-        rs = [r for r in runs if r["side"] == side and r["mode"] == mode]
+        rs = [r for r in runs if r["side"] == side and r["key"] == key]
+        if not rs:
+            continue
         timed = [x for r in rs for x in r["step_seconds"][1:]]
         phases = {p: median([ph[p] for r in rs for ph in r["phases"][1:]]) for p in PHASES}
         s[side] = {"median_step_seconds": round(median(timed), 3), "timed_steps": len(timed),
@@ -420,8 +431,19 @@ def summarise(runs: list[dict], mode: str) -> dict:
                    "median_setup_seconds": round(median([r["setup_seconds"] for r in rs]), 2)}
         if any("peak_cuda_allocated_mb" in r for r in rs):
             s[side]["median_peak_cuda_allocated_mb"] = round(median([r["peak_cuda_allocated_mb"] for r in rs]), 1)
+    if "trl" not in s or "mogrpo" not in s:
+        return s
     m, t = s["mogrpo"], s["trl"]
+    if "mogrpo-generic" in s:
+        g = s["mogrpo-generic"]
+        s["ratio_mogrpo_over_generic"] = {
+            "step_seconds": round(m["median_step_seconds"] / g["median_step_seconds"], 3),
+            "reference": round(m["median_phase_seconds"]["reference"] / g["median_phase_seconds"]["reference"], 3),
+            "policy_forward_backward": round(m["median_phase_seconds"]["policy_forward_backward"]
+                                             / g["median_phase_seconds"]["policy_forward_backward"], 3),
+            "peak_rss_mb": round(m["median_peak_rss_mb"] / g["median_peak_rss_mb"], 3)}
     s["ratio_mogrpo_over_trl"] = {
+        "reference": round(m["median_phase_seconds"]["reference"] / t["median_phase_seconds"]["reference"], 3),
         "step_seconds": round(m["median_step_seconds"] / t["median_step_seconds"], 3),
         "peak_rss_mb": round(m["median_peak_rss_mb"] / t["median_peak_rss_mb"], 3),
         "peak_rss_above_imports_mb": round(m["median_peak_rss_above_imports_mb"]
@@ -436,21 +458,30 @@ def table(summary: dict, device: str) -> str:
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
     key = "median_peak_cuda_allocated_mb" if device == "cuda" else "median_peak_rss_mb"
     rkey = "peak_cuda_allocated_mb" if device == "cuda" else "peak_rss_mb"
-    lines = [(f"| mode | mogrpo s/step | TRL s/step | time mogrpo/TRL | mogrpo {mem} | TRL {mem} | "
-              f"memory mogrpo/TRL | RSS above imports MB, mogrpo / TRL | completion tokens, mogrpo / TRL |"),
-             "|---|---|---|---|---|---|---|---|---|"]
-    for mode, s in summary.items():
+    lines = [(f"| run | mogrpo s/step | TRL s/step | time mogrpo/TRL | reference mogrpo/TRL | mogrpo {mem} | "
+              f"TRL {mem} | memory mogrpo/TRL | RSS above imports MB, mogrpo / TRL | completion tokens, mogrpo / TRL |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run, s in summary.items():
+        if "ratio_mogrpo_over_trl" not in s:
+            continue
         m, t, r = s["mogrpo"], s["trl"], s["ratio_mogrpo_over_trl"]
-        lines.append(f"| {mode} | {m['median_step_seconds']:.2f} | {t['median_step_seconds']:.2f} | "
-                     f"{r['step_seconds']:.3f} | {m[key]:.0f} | {t[key]:.0f} | {r[rkey]:.3f} | "
+        lines.append(f"| {run} | {m['median_step_seconds']:.2f} | {t['median_step_seconds']:.2f} | "
+                     f"{r['step_seconds']:.3f} | {r['reference']:.3f} | {m[key]:.0f} | {t[key]:.0f} | {r[rkey]:.3f} | "
                      f"{m['median_peak_rss_above_imports_mb']:.0f} / {t['median_peak_rss_above_imports_mb']:.0f} | "
                      f"{m['mean_completion_length']:.1f} / {t['mean_completion_length']:.1f} |")
+    generic = {run: s["ratio_mogrpo_over_generic"] for run, s in summary.items() if "ratio_mogrpo_over_generic" in s}
+    if generic:
+        lines += ["", "mogrpo (shared prefix) / mogrpo-generic (every sequence whole), same run:", "",
+                  "| run | step | reference | policy fwd/bwd + optimizer | peak RSS |", "|---|---|---|---|---|"]
+        lines += [f"| {run} | {g['step_seconds']:.3f} | {g['reference']:.3f} | {g['policy_forward_backward']:.3f} | "
+                  f"{g['peak_rss_mb']:.3f} |" for run, g in generic.items()]
     lines += ["", "Median seconds per timed step, by phase:", "",
-              "| mode | side | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
-    for mode, s in summary.items():
+              "| run | side | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
+    for run, s in summary.items():
         for side in SIDES:
-            ph = s[side]["median_phase_seconds"]
-            lines.append(f"| {mode} | {side} | " + " | ".join(f"{ph[p]:.2f}" for p in PHASES) + " |")
+            if side in s:
+                ph = s[side]["median_phase_seconds"]
+                lines.append(f"| {run} | {side} | " + " | ".join(f"{ph[p]:.2f}" for p in PHASES) + " |")
     return "\n".join(lines)
 
 
@@ -463,11 +494,15 @@ def main() -> None:
                     help="a policy (builtin:, hub id, folder) or random:qwen2.5-0.5b|7b|14b (Qwen2.5's shape, random "
                          "weights, no download: benchmarks/random_models.py)")
     ap.add_argument("--reward-model", default=str(ROOT / "runs" / "reward-default" / "model"))
-    ap.add_argument("--prompts", default="default", help="'default' (mogrpo's training prompts) or a prompt file")
+    ap.add_argument("--prompts", default="default", help="comma-separated: 'default' (mogrpo's training prompts) "
+                    "and/or prompt files (e.g. benchmarks/results/attack_prompts.jsonl)")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (B * G)")
+    ap.add_argument("--prompts-per-step", type=int, default=0, help="B; when set, sequences per step = B * G "
+                    "for every --group-size (else --batch-size)")
+    ap.add_argument("--sides", default="mogrpo,trl", help="comma-separated, of " + ", ".join(SIDES))
     ap.add_argument("--micro-batch", type=int, default=0, help="sequences per forward/backward on both sides "
                     "(gradient accumulation; 0 = the whole step at once)")
-    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--group-size", default="4", help="G, comma-separated for several")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -493,56 +528,70 @@ def main() -> None:
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
-    if a.batch_size % a.group_size:
-        raise SystemExit("--batch-size must be a multiple of --group-size")
-    if a.micro_batch and (a.batch_size % a.micro_batch or a.micro_batch % a.group_size):
-        raise SystemExit("--micro-batch must divide --batch-size and be a multiple of --group-size")
+    sides = a.sides.split(",")
+    if not set(sides) <= set(SIDES):
+        raise SystemExit(f"--sides: of {', '.join(SIDES)}")
+    groups = [int(g) for g in a.group_size.split(",")]
+    batches = {G: a.prompts_per_step * G if a.prompts_per_step else a.batch_size for G in groups}
+    for G, batch in batches.items():
+        if batch % G:
+            raise SystemExit("--batch-size must be a multiple of --group-size")
+        if a.micro_batch and batch % a.micro_batch:
+            raise SystemExit("--micro-batch must divide the step's sequences")
     from mogrpo.models import autocast_dtype
     from random_models import resolve
 
     a.policy = resolve(a.policy, os.environ.get("MOGRPO_CACHE"))  # random:qwen2.5-7b -> a folder, built once
     amp = autocast_dtype(torch.device(a.device), a.precision)
     workdir = Path(tempfile.mkdtemp(prefix="grpo_vs_trl-"))
-    prompt_file, order_file, per_step = write_prompts(a, workdir)
     modes = ["lora", "full"] if a.mode == "both" else [a.mode]
+    cells = []  # (key, prompts spec, G, batch, prompt file, order file, prompt ids per step)
+    for k, spec in enumerate(a.prompts.split(",")):
+        label = "short" if spec == "default" else Path(spec).stem
+        for G in groups:
+            files = write_prompts(a, spec, batches[G], G, workdir / f"prompts-{k}-{G}")
+            for mode in modes:
+                cells.append((f"{mode} {label} G={G}", spec, G, batches[G], mode, *files))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(a.threads),
            "PYTHONUNBUFFERED": "1"}
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     runs = []
     for rep in range(a.repeats):
-        for mode in modes:
-            for side in SIDES:  # A B A B
-                result = workdir / f"{side}-{mode}-{rep}.json"
+        for c, (key, spec, G, batch, mode, prompt_file, order_file, _) in enumerate(cells):
+            for side in sides:  # A B A B
+                result = workdir / f"{side}-{c}-{rep}.json"
                 cmd = [sys.executable, __file__, "--child", side, "--mode", mode, "--repeat", str(rep),
                        "--workdir", str(workdir), "--prompt-file", prompt_file, "--trl-order-file", order_file,
                        "--result", str(result), "--policy", a.policy, "--reward-model", a.reward_model,
-                       "--batch-size", str(a.batch_size), "--group-size", str(a.group_size),
+                       "--batch-size", str(batch), "--group-size", str(G),
                        "--micro-batch", str(a.micro_batch),
                        "--max-new-tokens", str(a.max_new_tokens), "--beta", str(a.beta), "--lr", str(a.lr),
                        "--steps", str(a.steps), "--precision", a.precision, "--device", a.device,
                        "--threads", str(a.threads)] + (["--trl-generation-autocast"] if a.trl_generation_autocast else [])
-                print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{a.repeats} {mode} {side} ...",
+                print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{a.repeats} {key} {side} ...",
                       file=sys.stderr, flush=True)
                 load_before = os.getloadavg()[0]
                 subprocess.run(cmd, check=True, env=env, cwd=ROOT)
                 r = json.loads(result.read_text())
+                r["key"] = key
                 r["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 print(f"    steps {r['step_seconds']} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
                       f"wall {r['wall_seconds']:.0f} s, CPU utilisation {r['cpu_utilisation']}, "
                       f"load {r['loadavg_1min_before_after']}", file=sys.stderr, flush=True)
                 runs.append(r)
                 if not a.keep:  # drop this run's folder (a full model is ~0.5 GB)
-                    for d in workdir.glob(f"{side}-{mode}-{rep}"):
+                    for d in workdir.glob(f"{side}-{c}-{rep}"):
                         shutil.rmtree(d, ignore_errors=True)
-    summary = {mode: summarise(runs, mode) for mode in modes}
+    summary = {c[0]: summarise(runs, c[0]) for c in cells}
     report = {
         "benchmark": "one GRPO optimizer step: mogrpo train_grpo vs TRL GRPOTrainer",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(a.device), "versions": versions(),
         "settings": {"policy": a.policy, "reward_model": a.reward_model, "prompts": a.prompts,
-                     "prompt_ids_per_step": per_step, "batch_size": a.batch_size, "group_size": a.group_size,
+                     "cells": [{"run": c[0], "prompts": c[1], "group_size": c[2], "batch_size": c[3],
+                                "prompt_ids_per_step": c[7]} for c in cells], "sides": sides,
                      "max_new_tokens": a.max_new_tokens, "beta": a.beta, "lr": a.lr, "steps": a.steps,
                      "warmup_steps": 1, "repeats": a.repeats, "device": a.device, "threads": a.threads,
                      "precision": str(amp or "fp32"), "trl_generation_autocast": a.trl_generation_autocast, "micro_batch": a.micro_batch or a.batch_size,

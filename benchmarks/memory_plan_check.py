@@ -79,7 +79,8 @@ def child(a) -> None:
     setting = Setting(lora_r=cfg.lora_r, policy_dtype=cfg.policy_dtype, amp=cost["precision"] != "fp32",
                       gradient_checkpointing=cfg.gradient_checkpointing, micro_batch_size=cfg.micro_batch_size,
                       prompt_tokens=a.prompt_tokens, completion_tokens=cfg.max_new_tokens,
-                      sequences_sampled=cfg.batch_size)
+                      sequences_sampled=cfg.batch_size, group_size=cfg.group_size,
+                      shared_prefix=cost.get("forward_path") == "shared_prefix")
     parts = plan(shape, setting)
     res = {"measured_mb": round(peak_rss - marks["rss_before_mb"], 1), "rss_before_mb": marks["rss_before_mb"],
            "peak_rss_mb": peak_rss, "predicted_mb": round(parts["total"] / 2 ** 20, 1),

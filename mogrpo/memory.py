@@ -21,7 +21,10 @@ and L completion tokens, r the LoRA rank, world the processes sharding under FSD
   merged generation copy (merged_generation): the Linear weights in bf16, the embeddings
   as the policy stores them, and a bf16 output head when it is tied, kept for the run;
 - the KV cache of sampling: 2 (K, V) x layers x KV heads x head size x (P + L) x B*G,
-  bf16 under autocast;
+  bf16 under autocast; mogrpo's engine keeps a prompt of 128+ tokens once per group
+  (B*P + B*G*L tokens);
+- with `shared_prefix` (Llama, Mistral, Qwen2), the forward/backward of a micro-batch of m
+  sequences encodes each of its prompts once: m/G*P + m*L tokens (P + m*L when m < G);
 - activations saved for the backward of one micro-batch: per token and layer, the fp32
   residual stream at the two norms (2 x 4H), the bf16 inputs of the Q/K/V, O, gate/up and
   down projections and SwiGLU's saved tensors (2H + 2H + 2H + 4 x 2I), RoPE'd Q and K and
@@ -92,6 +95,11 @@ QWEN25 = {
 }
 
 
+# mogrpo's rollout engine keeps prompts of at least this many tokens once per group in its KV
+# cache (generation.DecoderWeights reads it from here; shorter ones are copied per sample).
+SHARED_PROMPT_MIN = 128
+
+
 @dataclass(frozen=True)
 class Setting:
     """What of a run decides its memory (the config keys of the same names)."""
@@ -109,6 +117,8 @@ class Setting:
     merged_generation: bool = True
     rollout_engine: str = "mogrpo"  # mogrpo | generate (sharded runs always sample with generate)
     critic: bool = False  # PPO: a second backbone (same shape) with LoRA or fully trained
+    group_size: int = 1  # G: sequences sharing a prompt (1 = count every prompt per sequence)
+    shared_prefix: bool = True  # the training forward encodes a prompt once per micro-batch
 
 
 def plan(shape: Shape, s: Setting) -> dict[str, float]:
@@ -161,8 +171,14 @@ def plan(shape: Shape, s: Setting) -> dict[str, float]:
             out["critic"] = 4 * c_all * wb / shard
     T = s.prompt_tokens + s.completion_tokens
     kv_b = 2 if s.amp else 4
-    out["KV cache (sampling)"] = 2 * shape.layers * shape.kv_dim * T * s.sequences_sampled * kv_b
+    G = max(1, s.group_size)
+    kv_tokens = s.sequences_sampled * T
+    if engine == "mogrpo" and G > 1 and s.prompt_tokens >= SHARED_PROMPT_MIN:  # a prompt's keys once per group
+        kv_tokens = -(-s.sequences_sampled // G) * s.prompt_tokens + s.sequences_sampled * s.completion_tokens
+    out["KV cache (sampling)"] = 2 * shape.layers * shape.kv_dim * kv_tokens * kv_b
     tokens = s.micro_batch_size * T
+    if s.shared_prefix:  # a prompt once per micro-batch (whole groups, or part of one)
+        tokens = -(-s.micro_batch_size // G) * s.prompt_tokens + s.micro_batch_size * s.completion_tokens
     per_layer = 20 * shape.hidden + 6 * shape.kv_dim + 8 * shape.intermediate
     if s.gradient_checkpointing:
         out["activations"] = tokens * (shape.layers * 4 * shape.hidden + per_layer)

@@ -322,19 +322,38 @@ class _TokenLogProbs(torch.autograd.Function):
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                        *, temperature: float = 1.0, with_entropy: bool = False,
-                        chunk_rows: int = 8) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [N, L] of the last `n_completion` tokens (and their entropies [N, L]).
+                        *, temperature: float = 1.0, with_entropy: bool = False, chunk_rows: int = 8,
+                        shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N, L] of the last `n_completion` tokens (and their entropies [N, L]); 0 at
+    completion positions after the last real token of every row.
 
-    Only the completion positions get logits (`logits_to_keep`), and the log-softmax runs
+    With `shared_prefix` and a model that supports it (`packing.unsupported`), sequences that
+    share a prompt are packed into one row that encodes the prompt once (`packing.pack`);
+    otherwise each sequence is encoded whole, without the columns that are padding in every
+    row. Only the completion positions get logits (`logits_to_keep`), and the log-softmax runs
     in chunks of rows in forward and backward (`_TokenLogProbs`), so no [N, P+L, V] tensor
     and no fp32 [N, L, V] tensor is ever built or kept. Position ids follow the attention
     mask, as in generation with left padding. Logits are divided by the sampling
     temperature so the log-probs are those of the behaviour distribution.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=n_completion + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # [N, L, V]: position t predicts completion token t
-    targets = input_ids[:, -n_completion:]
-    return _TokenLogProbs.apply(logits, targets, temperature, chunk_rows, with_entropy)
+    from mogrpo import packing
+
+    packed = None
+    if shared_prefix and packing.unsupported(model, input_ids.shape[1]) is None:
+        packed = packing.pack(input_ids, attention_mask, n_completion)
+    if packed is not None:
+        out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask(model),
+                    position_ids=packed.position_ids, logits_to_keep=packed.keep, use_cache=False)
+        logits = out.logits.reshape(-1, packed.width, out.logits.shape[-1])  # [R*S, L', V]
+        logp, ent = _TokenLogProbs.apply(logits, packed.targets, temperature, chunk_rows, with_entropy)
+        return packed.unpack(logp), (packed.unpack(ent) if with_entropy else None)
+    ids, attn, width = packing.trim_columns(input_ids, attention_mask, n_completion)
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
+                logits_to_keep=width + 1, use_cache=False)
+    logits = out.logits[:, :-1]  # [N, L', V]: position t predicts completion token t
+    logp, ent = _TokenLogProbs.apply(logits, ids[:, -width:], temperature, chunk_rows, with_entropy)
+    if width == n_completion:
+        return logp, ent
+    pad = (0, n_completion - width)
+    return torch.nn.functional.pad(logp, pad), (torch.nn.functional.pad(ent, pad) if with_entropy else None)

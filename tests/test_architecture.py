@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "mogrpo"
 # Lower layers never import higher ones (docs/architecture.md). The root package (the public
 # API) and the CLI sit on top.
-LAYERS = [["_version", "config", "assets", "gguf", "runfolder", "memory"], ["data"], ["models", "generation", "rollout"], ["reward"], ["eval"], ["rl"],
+LAYERS = [["_version", "config", "assets", "gguf", "runfolder", "memory"], ["data"], ["models", "generation", "packing", "rollout"], ["reward"], ["eval"], ["rl"],
           ["pipeline", "sweep", "report"], ["__init__", "cli"]]
 
 

@@ -54,8 +54,17 @@ def policy(request, tiny_policy_dir, tiny_qwen2_dir):
     return _model(tiny_policy_dir if arch == "llama" else tiny_qwen2_dir, kind == "lora")
 
 
+@pytest.fixture(params=["prompt-per-row", "prompt-per-group"])
+def cache_layout(request, monkeypatch):
+    """Both KV-cache layouts of the engine: prompts copied into every sample's row, and kept
+    (and attended) once per group, which the engine picks for prompts of 128+ tokens."""
+    monkeypatch.setattr(generation.DecoderWeights, "SHARED_PROMPT_MIN",
+                        10 ** 9 if request.param == "prompt-per-row" else 0)
+    return request.param
+
+
 @torch.no_grad()
-def test_same_ids_as_generate_in_fp32(policy):
+def test_same_ids_as_generate_in_fp32(policy, cache_layout):
     """With generate's own draws (`multinomial`) the engine returns generate's ids exactly:
     G=3 samples of 3 left-padded prompts, first running to the budget, then with an EOS the
     samples reach inside it (some rows end early and are padded, the rest continue)."""
@@ -79,7 +88,7 @@ def test_same_ids_as_generate_in_fp32(policy):
 
 
 @torch.no_grad()
-def test_logits_bounded_under_bf16(policy):
+def test_logits_bounded_under_bf16(policy, cache_layout):
     """Under bf16 autocast (fused bf16 matmuls, LoRA merged into bf16 weights) the engine's
     logits along a completion stay within bf16 rounding of the training forward's; fp32:
     within 1e-4. Teacher-forced, so one rounding difference cannot change what follows.
@@ -109,14 +118,13 @@ def _teacher_forced(w, enc, comp, G):
     """The engine's logits [N, L, V] when it is fed `comp` [N, L] one token at a time."""
     P = enc["input_ids"].shape[1]
     N, L = comp.shape
-    cache = [(torch.zeros(N, w.kv_heads, P + L, w.head_dim, dtype=w.dtype),
-              torch.zeros(N, w.kv_heads, P + L, w.head_dim, dtype=w.dtype)) for _ in w.layers]
+    cache = w.new_cache(N // G, G, P, L, "cpu")
     bias = torch.zeros(N, 1, 1, P + L)
     bias[:, 0, 0, :P].masked_fill_(~enc["attention_mask"].bool().repeat_interleave(G, 0), float("-inf"))
     position = enc["attention_mask"].sum(-1).repeat_interleave(G, 0)
-    out = [w.logits(w.prefill(enc["input_ids"], enc["attention_mask"], cache, G)).repeat_interleave(G, 0)]
+    out = [w.logits(w.prefill(enc["input_ids"], enc["attention_mask"], cache)).repeat_interleave(G, 0)]
     for s in range(L - 1):
-        out.append(w.logits(w.step(comp[:, s], position + s, P + s, cache, bias[..., :P + s + 1])))
+        out.append(w.logits(w.step(comp[:, s], position + s, s, cache, bias[..., :P + s + 1])))
     return torch.stack(out, 1).float()
 
 

@@ -85,3 +85,21 @@ def test_sizes_of_the_scale_configs():
     lora = Setting(lora_r=64, policy_dtype="bf16", gradient_checkpointing=True)
     assert gpus_needed(QWEN25["14b"], lora, 80) == 1
     assert largest_micro_batch(QWEN25["0.5b"], full, 76 * GiB) >= 16
+
+
+def test_plan_counts_a_shared_prompt_once():
+    """Groups of G = 4 sharing a 200-token prompt, 10-token completions: the engine's KV cache
+    holds each prompt once (2 groups of 4 sampled: 2 x 200 + 8 x 10 tokens), the training
+    forward of a micro-batch of 4 one prompt (200 + 4 x 10); without sharing, 4 x 210. A
+    100-token prompt is copied into every sample's cache row (under 128 tokens)."""
+    s = Shape("toy", layers=1, hidden=8, intermediate=16, heads=2, kv_heads=1, vocab=10, tied=False, qkv_bias=False)
+    common = dict(lora_r=2, micro_batch_size=4, prompt_tokens=200, completion_tokens=10, sequences_sampled=8)
+    shared = plan(s, Setting(group_size=4, **common))
+    whole = plan(s, Setting(group_size=4, shared_prefix=False, rollout_engine="generate", **common))
+    per_token_kv, per_token_act = 2 * 1 * 4 * 2, 20 * 8 + 6 * 4 + 8 * 16
+    assert shared["KV cache (sampling)"] == per_token_kv * (2 * 200 + 8 * 10)
+    assert whole["KV cache (sampling)"] == per_token_kv * 8 * 210
+    assert shared["activations"] == per_token_act * (200 + 4 * 10)
+    assert whole["activations"] == per_token_act * 4 * 210
+    short = plan(s, Setting(group_size=4, **{**common, "prompt_tokens": 100}))
+    assert short["KV cache (sampling)"] == per_token_kv * 8 * 110

@@ -199,7 +199,7 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         from mogrpo.rollout import completion_logprobs
 
         with run.amp_ctx():
-            return completion_logprobs(run.model, ids, attn, L)[0]
+            return completion_logprobs(run.model, ids, attn, L, shared_prefix=cfg.shared_prefix)[0]
 
     def step(t: int) -> dict:
         epoch, k = divmod(t, steps_per_epoch)

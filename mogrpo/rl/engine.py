@@ -36,6 +36,7 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
+from mogrpo import packing
 from mogrpo.config import atomic_folder, atomic_write_text, field, save_config, to_dict
 from mogrpo.reward.scoring import DEFAULT_NOT_APPLICABLE, DEFAULT_WEIGHTS
 from mogrpo.rl.selection import CRITERION
@@ -72,6 +73,9 @@ class PolicyRunConfig:
     lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all linear layers)")
     gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass (less memory, "
                                                      "about a third more compute; for long completions / big models)")
+    shared_prefix: bool = field(True, help="encode a prompt once for all its completions in the training, "
+                                           "reference and critic forwards (exact; Llama, Mistral and Qwen2 with "
+                                           "sdpa or eager attention, else the generic path; cost.json says which)")
     # data
     train_prompts: str = field("default", help="'default' (AdvBench + benign train split) or a prompt JSONL/CSV")
     balance_kinds: bool = field(True, help="draw each batch evenly from harmful and benign prompts "
@@ -714,11 +718,21 @@ class Run:
         the sampling temperature unless `temperature` is given."""
         from mogrpo.rollout import completion_logprobs
 
-        chunk = chunk or len(ids)
         temperature = self.cfg.temperature if temperature is None else temperature
+        out = torch.zeros(len(ids), L, device=ids.device)
         with torch.no_grad(), self.amp_ctx():
-            return torch.cat([completion_logprobs(model, ids[s:s + chunk], attn[s:s + chunk], L,
-                                                  temperature=temperature)[0] for s in range(0, len(ids), chunk)])
+            for mb in self.micro_batches(attn[:, :-L], chunk or len(ids)):
+                out[mb] = completion_logprobs(model, ids[mb], attn[mb], L, temperature=temperature,
+                                              shared_prefix=self.cfg.shared_prefix)[0].float()
+        return out
+
+    def micro_batches(self, prompt_mask: torch.Tensor, size: int) -> list[torch.Tensor]:
+        """Index tensors of `size` sequences, whole groups ordered by prompt length (so a
+        forward's rows need little left padding) when the rows are this run's groups."""
+        n, G = len(prompt_mask), self.cfg.group_size
+        order = packing.bucketed_order(prompt_mask.cpu(), G) if n % G == 0 else list(range(n))
+        order = torch.tensor(order, device=prompt_mask.device)
+        return [order[s:s + size] for s in range(0, n, size)]
 
     def ref_logprobs(self, ids, attn, L: int, chunk: int = 0, temperature: float | None = None) -> torch.Tensor:
         """The reference policy's token log-probs [N, L] (no gradients): the same model with
@@ -819,15 +833,15 @@ class Run:
         cfg = self.cfg
         ids, attn = ro.input_ids.to(self.device), ro.attention_mask.to(self.device)  # [N, P + L]
         cmask = ro.trained_mask.to(self.device)  # [N, L]
+        adv = adv.to(self.device)
         N, L = cmask.shape
-        micro = [slice(s, min(s + micro_batch_size, N)) for s in range(0, N, micro_batch_size)]
+        micro = self.micro_batches(ro.prompt_mask.to(self.device), micro_batch_size)  # index tensors
         if old_logp is None and cfg.num_iterations > 1:
             with self.timer("policy_forward_backward"):
                 old_logp = self.logprobs(self.policy, ids, attn, L, chunk=micro_batch_size)
         counts = ro.trained_mask.sum(1)  # [N] on the CPU: the micro-batches' shares without device syncs
         n_tok = float(counts.sum().clamp(min=1))
-        shares = [float(counts[sl].sum()) / n_tok if aggregation == "dapo" else (sl.stop - sl.start) / N
-                  for sl in micro]
+        shares = [float(counts[mb.cpu()].sum()) / n_tok if aggregation == "dapo" else len(mb) / N for mb in micro]
         stats, norm = [], torch.zeros(())
         with self.timer("policy_forward_backward"):
             for _ in range(cfg.num_iterations):
@@ -836,7 +850,8 @@ class Run:
                     with self.no_sync(j == len(micro) - 1):
                         with self.amp_ctx():
                             logp, ent = completion_logprobs(self.model, ids[sl], attn[sl], L,
-                                                            temperature=cfg.temperature, with_entropy=cfg.log_entropy)
+                                                            temperature=cfg.temperature, with_entropy=cfg.log_entropy,
+                                                            shared_prefix=cfg.shared_prefix)
                         old = old_logp[sl] if old_logp is not None else logp.detach()
                         loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[sl], adv[sl],
                                              cmask[sl], eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=beta,
@@ -1090,7 +1105,8 @@ class Run:
                 "tokens_generated": self.tokens_generated,
                 **extra, "processes": self.world, "sharding": sharding(self.acc) or "none", "device": str(self.device),
                 "precision": str(self.amp or "fp32"), "weights_dtype": str(self.policy_dtype).replace("torch.", ""),
-                "rollout_engine": self.rollout_engine}
+                "rollout_engine": self.rollout_engine,
+                **packing.forward_path(self.policy, self.cfg.shared_prefix)}
         atomic_write_text(self.out / "cost.json", json.dumps(cost, indent=2))
         return {**result, "cost": cost}
 

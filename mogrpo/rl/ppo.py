@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mogrpo import packing
 from mogrpo.config import field
 from mogrpo.reward.scoring import weighted_sum
 from mogrpo.rl.engine import OnlineConfig, Run, all_sum, check_batch_splits, owned_share, sharding
@@ -65,13 +66,25 @@ class ValueModel(nn.Module):
         self.head = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.shared_prefix = True  # set by the trainer from its config (off: every sequence whole)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int) -> torch.Tensor:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+        """Values [N, L] (0 after the last real completion token of every row); sequences
+        sharing a prompt encode it once, as in `rollout.completion_logprobs`."""
+        packed = None
+        if self.shared_prefix and packing.unsupported(self.backbone, input_ids.shape[1]) is None:
+            packed = packing.pack(input_ids, attention_mask, n_completion)
+        if packed is not None:
+            hidden = self.backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask(self.backbone),
+                                   position_ids=packed.position_ids).last_hidden_state  # [R, T, H]
+            h = hidden[:, packed.keep].reshape(-1, packed.width, hidden.shape[-1])  # [R*S, L', H]
+            return packed.unpack(self.head(h.float()).squeeze(-1))
+        ids, attn, width = packing.trim_columns(input_ids, attention_mask, n_completion)
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=ids, attention_mask=attn,
                                position_ids=position_ids).last_hidden_state  # [N, T, H]
-        h = hidden[:, -n_completion - 1:-1]  # [N, L, H]
-        return self.head(h.float()).squeeze(-1)  # [N, L]
+        v = self.head(hidden[:, -width - 1:-1].float()).squeeze(-1)  # [N, L']
+        return nn.functional.pad(v, (0, n_completion - width))
 
 
 def load_critic(policy_path: str, lora_r: int, lora_alpha: int, target_modules,
@@ -126,6 +139,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
     critic = load_critic(resolve_policy_path(cfg.policy, cfg.cache_dir), cfg.lora_r, cfg.lora_alpha,
                          cfg.lora_target_modules, run.policy_dtype)
     cast_frozen_linears(critic, run.amp)  # its frozen backbone too (models.cast_frozen_linears)
+    critic.shared_prefix = cfg.shared_prefix
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     n_mb = cfg.batch_size // cfg.minibatch_size
     (critic,) = run.setup_optimizer(cfg.steps * cfg.num_iterations * n_mb, modules=(critic,), groups=[
@@ -182,7 +196,7 @@ def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False
                 mb = torch.tensor(mine or [0], device=run.device)
                 with run.timer("policy_forward_backward"), run.amp_ctx():
                     logp, ent = completion_logprobs(run.model, ids[mb], attn[mb], L, temperature=cfg.temperature,
-                                                    with_entropy=True)
+                                                    with_entropy=True, shared_prefix=cfg.shared_prefix)
                     pg, st = grpo_loss(logp, old_logp[mb], None, adv[mb], actor_mask[mb], eps_low=cfg.eps_low,
                                        eps_high=cfg.eps_high, beta=0.0, aggregation="dapo", entropy=ent)
                 with run.timer("critic"), run.amp_ctx():
