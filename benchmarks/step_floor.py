@@ -121,7 +121,9 @@ def main() -> None:
     cfg = AutoConfig.from_pretrained(policy)
     tok = load_tokenizer(policy)
     dtype = torch.bfloat16 if "bfloat16" in str(st.get("precision")) else None
-    report = {"results": a.results, "side": a.side, "precision": str(dtype or "fp32"), "runs": {}}
+    results = Path(a.results).resolve()
+    shown = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results.name
+    report = {"results": str(shown), "side": a.side, "precision": str(dtype or "fp32"), "runs": {}}
     lines = ["| run | phase | measured s | GFLOP | floor s | measured / floor |", "|---|---|---|---|---|---|"]
     for cell in st["cells"]:
         run = cell["run"]
