@@ -846,15 +846,15 @@ class Run:
         with self.timer("policy_forward_backward"):
             for _ in range(cfg.num_iterations):
                 self.opt.zero_grad(set_to_none=True)
-                for j, sl in enumerate(micro):
+                for j, mb in enumerate(micro):
                     with self.no_sync(j == len(micro) - 1):
                         with self.amp_ctx():
-                            logp, ent = completion_logprobs(self.model, ids[sl], attn[sl], L,
+                            logp, ent = completion_logprobs(self.model, ids[mb], attn[mb], L,
                                                             temperature=cfg.temperature, with_entropy=cfg.log_entropy,
                                                             shared_prefix=cfg.shared_prefix)
-                        old = old_logp[sl] if old_logp is not None else logp.detach()
-                        loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[sl], adv[sl],
-                                             cmask[sl], eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=beta,
+                        old = old_logp[mb] if old_logp is not None else logp.detach()
+                        loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[mb], adv[mb],
+                                             cmask[mb], eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=beta,
                                              aggregation=aggregation, max_tokens=cfg.max_new_tokens, entropy=ent)
                         self.acc.backward(loss * shares[j])
                         stats.append((shares[j], st))  # tensors on the device: read once, below
