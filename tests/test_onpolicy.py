@@ -319,6 +319,13 @@ def test_onpolicy_data_end_to_end_tiny(tiny_policy_dir, tiny_encoder_dir, prompt
 
     with pytest.raises(DataError, match=r"bad.jsonl:1: not an on-policy row"):
         relabel_onpolicy_data([bad], tmp_path / "x.jsonl", labeller=flip)
+    # a row of the right kind without its P(refusal) or its prompt: named by file and line, no KeyError
+    good = json.loads(out.read_text().splitlines()[0])
+    for broken in ({**good, "meta": {k: v for k, v in good["meta"].items() if k != "p_refusal"}},
+                   {k: v for k, v in good.items() if k != "prompt"}):
+        bad.write_text(json.dumps(good) + "\n" + json.dumps(broken) + "\n")
+        with pytest.raises(DataError, match=r"bad.jsonl:2: not an on-policy row"):
+            relabel_onpolicy_data([bad], tmp_path / "x.jsonl", labeller=flip)
     # the CLI refuses a folder as --output
     from mogrpo.cli import main
 

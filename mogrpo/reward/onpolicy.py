@@ -92,9 +92,12 @@ def relabel_onpolicy_data(inputs: list[str | os.PathLike], output: str | os.Path
         for where, row in iter_jsonl(path):
             meta = row.get("meta") if isinstance(row, dict) else None
             if not isinstance(meta, dict) or meta.get("construction") != "onpolicy" or \
-                    meta.get("kind") not in ("harmful", "benign") or not isinstance(row.get("response"), str):
+                    meta.get("kind") not in ("harmful", "benign") or not isinstance(row.get("response"), str) or \
+                    not isinstance(row.get("prompt"), str) or \
+                    not isinstance(meta.get("p_refusal"), (int, float)) or isinstance(meta.get("p_refusal"), bool):
                 raise DataError(f"{where}: not an on-policy row (meta.construction 'onpolicy', meta.kind harmful "
-                                f"or benign, a response); relabel only files from `mogrpo reward data`")
+                                f"or benign, meta.p_refusal a number, a prompt and a response); relabel only "
+                                f"files from `mogrpo reward data`")
             kept.append(row)
     labeller = labeller or RefusalLabeller.default(cache)
     q = labeller.refusal_prob([r["response"] for r in kept])
