@@ -75,6 +75,20 @@ def forward_path(model, shared_prefix: bool) -> dict:
     return {"forward_path": "shared_prefix"}
 
 
+def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                 shared_prefix: bool = True) -> tuple[dict, Packed | None, int]:
+    """What a forward over sequences [n, P + L] gets: (keyword arguments, the packing or None,
+    L'). Packed rows when `shared_prefix`, the model takes them and sequences share a prompt;
+    else the sequences without all-padding columns, position ids following the mask."""
+    if shared_prefix and unsupported(model, input_ids.shape[1]) is None:
+        packed = pack(input_ids, attention_mask, n_completion)
+        if packed is not None:
+            return {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask(model),
+                    "position_ids": packed.position_ids}, packed, packed.width
+    ids, attn, width = trim_columns(input_ids, attention_mask, n_completion)
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}, None, width
+
+
 def trim_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int):
     """Left-pad every prompt (a right-padded prompt would put padding between it and its
     completion, where the next-token logit is read), then drop prompt columns that are
@@ -136,11 +150,9 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: in
     S = int(counts.max())
     if S < 2:
         return None
-    p_len = uniq[:, P:].sum(1)  # [R]
-    if int(p_len.min()) < 1:
+    if int(uniq[:, P:].sum(1).min()) < 1:
         return None  # a sequence without prompt tokens has no prefix to share
-    Pw = int(p_len.max())
-    T = Pw + S * width
+    T = P + S * width  # trim_columns left-aligned the prompts: the longest fills the P columns
     # slot of each sequence: its rank among the sequences of its prompt, in input order
     order = torch.argsort(group * len(group) + torch.arange(len(group), device=device))
     first = torch.cumsum(counts, 0) - counts  # [R] where each row's sequences start in `order`
@@ -148,35 +160,30 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: in
     slot[order] = torch.arange(len(group), device=device) - first[group[order]]
     seq_slot = group * S + slot  # [n]
 
+    # positions follow the mask, as in the plain forward: prompt 0 .. p-1, completion p, p+1, ...
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # [n, P + L']
+    rep = torch.zeros(R, dtype=torch.long, device=device)
+    rep[group] = torch.arange(len(group), device=device)  # one sequence of each row
     packed_ids = torch.zeros(R, T, dtype=ids.dtype, device=device)
     positions = torch.zeros(R, T, dtype=torch.long, device=device)
     valid = torch.zeros(R, T, dtype=torch.bool, device=device)
-    # prompt: real tokens right-aligned in [0, Pw), positions 0 .. p-1
-    rep = torch.zeros(R, dtype=torch.long, device=device)
-    rep[group] = torch.arange(len(group), device=device)  # one sequence of each row
-    for r in range(R):
-        toks = p_ids[rep[r]][p_mask[rep[r]].bool()]
-        p = len(toks)
-        packed_ids[r, Pw - p:Pw] = toks
-        positions[r, Pw - p:Pw] = torch.arange(p, device=device)
-        valid[r, Pw - p:Pw] = True
-    # slots: positions continue from the prompt's length, following the completion mask
-    cols = Pw + slot[:, None] * width + torch.arange(width, device=device)[None, :]  # [n, L']
+    packed_ids[:, :P], positions[:, :P], valid[:, :P] = p_ids[rep], pos[rep, :P], p_mask[rep].bool()
+    cols = P + slot[:, None] * width + torch.arange(width, device=device)[None, :]  # [n, L']
     rows = group[:, None].expand_as(cols)
     packed_ids[rows, cols] = c_ids
-    positions[rows, cols] = (p_len[group][:, None] + c_mask.cumsum(1) - 1).clamp(min=0)
+    positions[rows, cols] = pos[:, P:]
     valid[rows, cols] = c_mask.bool()
 
     seg = torch.full((T,), -1, dtype=torch.long, device=device)  # -1 prompt, g slot g
-    seg[Pw:] = torch.arange(S, device=device).repeat_interleave(width)
+    seg[P:] = torch.arange(S, device=device).repeat_interleave(width)
     idx = torch.arange(T, device=device)
     causal = idx[None, :] <= idx[:, None]  # [T(query), T(key)]
     same = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])
     allowed = (causal & same)[None] & valid[:, None, :]
     allowed |= torch.eye(T, dtype=torch.bool, device=device)[None]  # padding queries attend to themselves
     # the output before each completion token: the prompt's last for token 0, then the slot's own
-    keep = torch.cat([torch.cat([torch.tensor([Pw - 1], device=device),
-                                 Pw + g * width + torch.arange(width - 1, device=device)]) for g in range(S)])
+    keep = torch.cat([torch.cat([torch.tensor([P - 1], device=device),
+                                 P + g * width + torch.arange(width - 1, device=device)]) for g in range(S)])
     targets = torch.zeros(R * S, width, dtype=ids.dtype, device=device)
     targets[seq_slot] = c_ids
     return Packed(packed_ids, positions, allowed, keep, targets, seq_slot, S, width, n_completion)

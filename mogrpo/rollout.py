@@ -338,22 +338,14 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     from mogrpo import packing
 
-    packed = None
-    if shared_prefix and packing.unsupported(model, input_ids.shape[1]) is None:
-        packed = packing.pack(input_ids, attention_mask, n_completion)
+    inputs, packed, width = packing.model_inputs(model, input_ids, attention_mask, n_completion, shared_prefix)
+    out = model(**inputs, logits_to_keep=packed.keep if packed is not None else width + 1, use_cache=False)
     if packed is not None:
-        out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask(model),
-                    position_ids=packed.position_ids, logits_to_keep=packed.keep, use_cache=False)
-        logits = out.logits.reshape(-1, packed.width, out.logits.shape[-1])  # [R*S, L', V]
-        logp, ent = _TokenLogProbs.apply(logits, packed.targets, temperature, chunk_rows, with_entropy)
+        logits, targets = out.logits.reshape(-1, width, out.logits.shape[-1]), packed.targets  # [R*S, L', V]
+    else:
+        logits, targets = out.logits[:, :-1], inputs["input_ids"][:, -width:]  # position t predicts token t
+    logp, ent = _TokenLogProbs.apply(logits, targets, temperature, chunk_rows, with_entropy)
+    if packed is not None:
         return packed.unpack(logp), (packed.unpack(ent) if with_entropy else None)
-    ids, attn, width = packing.trim_columns(input_ids, attention_mask, n_completion)
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
-                logits_to_keep=width + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # [N, L', V]: position t predicts completion token t
-    logp, ent = _TokenLogProbs.apply(logits, ids[:, -width:], temperature, chunk_rows, with_entropy)
-    if width == n_completion:
-        return logp, ent
     pad = (0, n_completion - width)
     return torch.nn.functional.pad(logp, pad), (torch.nn.functional.pad(ent, pad) if with_entropy else None)

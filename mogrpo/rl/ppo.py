@@ -71,18 +71,12 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int) -> torch.Tensor:
         """Values [N, L] (0 after the last real completion token of every row); sequences
         sharing a prompt encode it once, as in `rollout.completion_logprobs`."""
-        packed = None
-        if self.shared_prefix and packing.unsupported(self.backbone, input_ids.shape[1]) is None:
-            packed = packing.pack(input_ids, attention_mask, n_completion)
+        inputs, packed, width = packing.model_inputs(self.backbone, input_ids, attention_mask, n_completion,
+                                                     self.shared_prefix)
+        hidden = self.backbone(**inputs).last_hidden_state  # [rows, T, H]
         if packed is not None:
-            hidden = self.backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask(self.backbone),
-                                   position_ids=packed.position_ids).last_hidden_state  # [R, T, H]
-            h = hidden[:, packed.keep].reshape(-1, packed.width, hidden.shape[-1])  # [R*S, L', H]
+            h = hidden[:, packed.keep].reshape(-1, width, hidden.shape[-1])  # [R*S, L', H]
             return packed.unpack(self.head(h.float()).squeeze(-1))
-        ids, attn, width = packing.trim_columns(input_ids, attention_mask, n_completion)
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=ids, attention_mask=attn,
-                               position_ids=position_ids).last_hidden_state  # [N, T, H]
         v = self.head(hidden[:, -width - 1:-1].float()).squeeze(-1)  # [N, L']
         return nn.functional.pad(v, (0, n_completion - width))
 
