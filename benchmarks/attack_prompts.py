@@ -9,8 +9,8 @@ step can be timed on them. Each of the first `--n` training prompts (half harmfu
 benign: a template must not mean "refuse") is wrapped in a template drawn with a fixed
 seed among PyRIT's single-turn templates whose rendered chat prompt, in the default
 policy's tokenizer, has `--min-tokens` to `--max-tokens` tokens. The templates come from
-the PyRIT 1.1.0 wheel (MIT), the same wheel mogrpo's `pyrit-data` asset is cut from,
-downloaded with pip into mogrpo's cache the first time (PyPI must be reachable once).
+the PyRIT 1.1.0 wheel (MIT) through mogrpo's `pyrit-data` asset (mogrpo/data/attacks.py),
+all families (the training set keeps families apart; this input does not need to).
 Rows: {"id", "text", "kind", "template", "tokens"}.
 """
 
@@ -19,55 +19,26 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
-import zipfile
 from pathlib import Path
-
-TEMPLATES = "pyrit/datasets/jailbreak/templates/"
-SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
-
-
-def templates(cache) -> dict[str, str]:
-    """name -> template text with one `{{ prompt }}` slot, from the PyRIT wheel."""
-    import yaml
-
-    from mogrpo.assets import ASSETS, _download_wheel, cache_dir
-
-    asset = ASSETS["pyrit-data"]
-    folder = cache_dir(cache) / "wheels"
-    wheel = folder / asset.wheel
-    if not wheel.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        wheel = _download_wheel(asset, folder)
-    out = {}
-    with zipfile.ZipFile(wheel) as z:
-        for name in sorted(z.namelist()):
-            if not (name.startswith(TEMPLATES) and name.endswith(".yaml")) or "/multi_parameter/" in name:
-                continue
-            doc = yaml.safe_load(z.read(name))
-            value = doc.get("value") if isinstance(doc, dict) else None
-            if isinstance(value, str) and len(SLOT.findall(value)) == 1 and doc.get("parameters") == ["prompt"]:
-                out[name[len(TEMPLATES):-len(".yaml")]] = value
-    return out
 
 
 def build(n: int, min_tokens: int, max_tokens: int, cache=None, seed: int = 0) -> list[dict]:
-    import jinja2
-
+    from mogrpo.assets import asset_path
+    from mogrpo.data.attacks import read_templates, render
     from mogrpo.data.prompts import load_prompt_set
     from mogrpo.models import load_tokenizer, resolve_policy_path
     from mogrpo.rollout import chat_texts
 
     tok = load_tokenizer(resolve_policy_path("builtin:smollm2-135m-instruct", cache))
-    pool = load_prompt_set("default", cache, "train")
+    pool = [p for p in load_prompt_set("default", cache, "train") if p.request is None]  # direct prompts
     by_kind = {k: [p for p in pool if p.kind == k] for k in ("harmful", "benign")}
     chosen = [p for pair in zip(by_kind["harmful"], by_kind["benign"]) for p in pair][:n]
-    names = sorted(templates(cache).items())
+    names = [(t.name, t) for t in read_templates(asset_path("pyrit-data", cache))]
     rng = random.Random(seed)
     rows = []
     for p in chosen:
-        for name, value in rng.sample(names, len(names)):
-            text = jinja2.Template(value).render(prompt=p.text).strip()  # PyRIT's templates are Jinja
+        for name, template in rng.sample(names, len(names)):
+            text = render(template, p.text)
             tokens = len(tok(chat_texts(tok, [text])[0], add_special_tokens=False)["input_ids"])
             if min_tokens <= tokens <= max_tokens:
                 rows.append({"id": f"{p.id}@{name}", "text": text, "kind": p.kind, "template": name,

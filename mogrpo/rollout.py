@@ -48,6 +48,12 @@ class Rollout:
     # by an algorithm that leaves some tokens out, e.g. openers whose sample did not refuse
     old_logp: torch.Tensor | None = None  # [N, L] behaviour log-probs; set by the loop when it makes
     # several passes over the rollout (with one pass they are the training forward's, detached)
+    requests: list[str] | None = None  # [B] the bare request of a prompt that wraps one (attack
+    # templates): what the reward model judges the answer against; None = `prompts`
+
+    @property
+    def judged_requests(self) -> list[str]:  # [B]
+        return self.requests if self.requests is not None else self.prompts
 
     @property
     def input_ids(self) -> torch.Tensor:  # [N, P + L]

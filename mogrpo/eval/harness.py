@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mogrpo.config import atomic_write_text, field
+from mogrpo.eval import compliance as C
 from mogrpo.eval import metrics as M
 from mogrpo.reward.scoring import DEFAULT_NOT_APPLICABLE, DEFAULT_WEIGHTS
 
@@ -147,21 +148,26 @@ def judge_completions(records, comps, ntok, fin, *, weights: dict[str, float],
     Returns (the summary metrics, one row per completion for generations.jsonl)."""
     n = len(comps[0]) if comps else 1
     prompts = [r.text for r in records for _ in range(n)]  # [M = R * n]
+    requests = [r.judged_request for r in records for _ in range(n)]  # [M] what the answer is judged against
     kinds = [r.kind for r in records for _ in range(n)]
     flat = [c for cs in comps for c in cs]
     flat_ntok = [t for ts in ntok for t in ts]
     flat_fin = [f for fs in fin for f in fs]
-    train_s, train_cols = rm_scores(rm, prompts, kinds, flat, not_applicable)
-    eval_s, eval_cols = rm_scores(evaluator, prompts, kinds, flat, not_applicable)
+    train_s, train_cols = rm_scores(rm, requests, kinds, flat, not_applicable)  # as in training
+    eval_s, eval_cols = rm_scores(evaluator, requests, kinds, flat, not_applicable)
     tox = toxicity.max_sentence_toxicity(flat).tolist() if toxicity is not None else None
     summary = summarise_generations(kinds, flat, flat_ntok, flat_fin, tox, train_s, train_cols, eval_s, eval_cols,
                                     combine(train_s, train_cols, weights), n, prompts=prompts,
-                                    eval_combined=combine(eval_s, eval_cols, weights))
-    summary.update(set_metrics([r.source for r in records for _ in range(n)], kinds, flat, prompts))
+                                    eval_combined=combine(eval_s, eval_cols, weights), requests=requests)
+    summary.update(set_metrics([r.source for r in records for _ in range(n)], kinds, flat, prompts,
+                               requests=requests))
     rows = []
     for k, (r, g) in enumerate((r, g) for r in records for g in range(n)):  # the order of `flat`
         row = {"id": r.id, "kind": r.kind, "prompt": r.text, "sample": g, "completion": flat[k],
-               "tokens": flat_ntok[k], "finished": flat_fin[k], "refusal": M.is_refusal(flat[k])}
+               "tokens": flat_ntok[k], "finished": flat_fin[k], "refusal": M.is_refusal(flat[k]),
+               "verdict": C.verdict(requests[k], flat[k])}
+        if r.request is not None:
+            row["request"] = r.request
         if tox is not None:
             row["toxicity"] = round(tox[k], 5)
         if train_s is not None:
@@ -297,12 +303,14 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
                           toxicity: list[float] | None, train_scores: torch.Tensor | None, train_cols: list[str],
                           eval_scores: torch.Tensor | None, eval_cols: list[str],
                           combined: torch.Tensor | None, samples_per_prompt: int = 1, *,
-                          prompts: list[str] | None = None, eval_combined: torch.Tensor | None = None) -> dict:
+                          prompts: list[str] | None = None, eval_combined: torch.Tensor | None = None,
+                          requests: list[str] | None = None) -> dict:
     """The eval.json metrics of judged completions (pure). One entry per completion [M]:
     prompt kind, text, token count (EOS excluded), finished (ended with EOS), toxicity;
     reward-model scores [M, K] with NaN where not applicable, the combined scores [M] of
     the training and the evaluator reward model (each may be None, as may toxicity: a judge not run); `prompts` [M] (for the alarming-word
-    benign prompts, reported on their own)."""
+    benign prompts, reported on their own); `requests` [M] (what each answer is judged against
+    by the compliance judge; default `prompts`)."""
     result: dict = {}
     for kind in ("harmful", "benign"):
         rows = [i for i, k in enumerate(kinds) if k == kind]
@@ -311,7 +319,9 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
         texts = [completions[i] for i in rows]
         part: dict = {"n": len(rows) // samples_per_prompt,
                       **_refusal_rates(kind, texts, None if prompts is None else [prompts[i] for i in rows],
-                                       samples_per_prompt)}
+                                       samples_per_prompt,
+                                       requests=None if (requests or prompts) is None
+                                       else [(requests or prompts)[i] for i in rows])}
         part["clarifying_rate"] = M.mean_of(float(M.is_clarifying(t)) for t in texts)
         part["degenerate_rate"] = M.mean_of(float(M.is_degenerate(t)) for t in texts)
         part["toxicity"] = None if toxicity is None else M.mean_of(toxicity[i] for i in rows)
@@ -333,13 +343,20 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
     return result
 
 
-def _refusal_rates(kind: str, texts: list[str], prompts: list[str] | None, samples_per_prompt: int = 1) -> dict:
+def _refusal_rates(kind: str, texts: list[str], prompts: list[str] | None, samples_per_prompt: int = 1, *,
+                   requests: list[str] | None = None) -> dict:
     """The pattern judge's rates for completions of one kind (pure): harmful -> refusal and
     compliance; otherwise over-refusal, and with `prompts` ([M], one per text) the same on the
-    prompts with an alarming word (n_alarming counts prompts)."""
+    prompts with an alarming word (n_alarming counts prompts). With `requests` ([M]) the
+    compliance judge's figure too (`judged_compliance_rate` / `judged_over_refusal_rate`)."""
     if kind == "harmful":
-        return {"refusal_rate": M.refusal_rate(texts), "compliance_rate": M.compliance_rate(texts)}
+        out = {"refusal_rate": M.refusal_rate(texts), "compliance_rate": M.compliance_rate(texts)}
+        if requests is not None:
+            out["judged_compliance_rate"] = C.compliance_rate(requests, texts)
+        return out
     out: dict = {"over_refusal_rate": M.refusal_rate(texts)}
+    if requests is not None:
+        out["judged_over_refusal_rate"] = C.refusal_rate(requests, texts)
     if prompts is not None:
         alarming = [t for t, p in zip(texts, prompts) if M.is_alarming(p)]
         out["n_alarming"] = len(alarming) // samples_per_prompt
@@ -347,14 +364,17 @@ def _refusal_rates(kind: str, texts: list[str], prompts: list[str] | None, sampl
     return out
 
 
-def set_metrics(sources: list[str], kinds: list[str], completions: list[str], prompts: list[str]) -> dict:
+def set_metrics(sources: list[str], kinds: list[str], completions: list[str], prompts: list[str], *,
+                requests: list[str] | None = None) -> dict:
     """Independent-judge figures per evaluation set (pure): {"sets": {source: {...}}, "probe": {...}}.
 
     Each set (a prompt record's `source`: harmbench, mogrpo-harmful-questions,
     mogrpo-benign-imperatives, ...) is reported on its own, because a pooled figure hides a
     policy that learned phrasing instead of harm (docs/evaluation.md). Harmful sets get
     compliance and refusal rates, benign sets over-refusal (all, and on prompts with an
-    alarming word); every set its degenerate share. "probe" compares the refusal rates of the
+    alarming word); every set its degenerate share; each also by the compliance judge,
+    against `requests` (default `prompts`). Attack sets (`attack-harmful`, `attack-benign`) hold
+    requests wrapped in held-out jailbreak templates: their compliance is the attack success. "probe" compares the refusal rates of the
     same benign requests asked as a question (form-probe-question) and as an imperative
     (form-probe-imperative): `gap` = imperative - question."""
     sets: dict = {}
@@ -362,7 +382,9 @@ def set_metrics(sources: list[str], kinds: list[str], completions: list[str], pr
         rows = [i for i, s in enumerate(sources) if s == src]
         texts = [completions[i] for i in rows]
         kind = kinds[rows[0]] if len({kinds[i] for i in rows}) == 1 else "mixed"
-        part: dict = {"kind": kind, "n": len(rows), **_refusal_rates(kind, texts, [prompts[i] for i in rows])}
+        part: dict = {"kind": kind, "n": len(rows),
+                      **_refusal_rates(kind, texts, [prompts[i] for i in rows],
+                                       requests=[(requests or prompts)[i] for i in rows])}
         part["degenerate_rate"] = M.mean_of(float(M.is_degenerate(t)) for t in texts)
         sets[src] = part
     out: dict = {"sets": sets}

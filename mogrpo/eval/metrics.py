@@ -41,8 +41,13 @@ REFUSAL_PATTERNS: tuple[str, ...] = (
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
 
 
+def fold(text: str) -> str:
+    """Lower case, straight quotes, single spaces: the form the pattern lists are written in."""
+    return " ".join(text.lower().translate(_QUOTES).split())
+
+
 def is_refusal(text: str, patterns: tuple[str, ...] = REFUSAL_PATTERNS) -> bool:
-    t = " ".join(text.lower().translate(_QUOTES).split())
+    t = fold(text)
     return any(p in t for p in patterns)
 
 

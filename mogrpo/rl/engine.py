@@ -663,6 +663,7 @@ class Run:
                                   step=step, first_index=first_index,
                                   chunk_prompts=cfg.generation_chunk or None, guided=cfg.guided_samples,
                                   openers=tuple(cfg.guide_openers or REFUSAL_OPENERS), engine=self.rollout_engine)
+        ro.requests = [p.judged_request for p in prompts]
         if count:
             self.tokens_generated += int(all_sum(self.acc)(ro.completion_mask.sum().to(self.device)))
         return ro
@@ -711,7 +712,9 @@ class Run:
     def score(self, ro) -> torch.Tensor:
         """Rewards [B_local, G, K] of a rollout (NaN = not applicable)."""
         with self.timer("scoring"):
-            return self.scorer.score(ro.prompts, ro.kinds, ro.completions, ro.group_size)
+            # an attack prompt's answer is judged against the request inside the template: the
+            # reward model reads 256 tokens, and a template would push the request out of them
+            return self.scorer.score(ro.judged_requests, ro.kinds, ro.completions, ro.group_size)
 
     def logprobs(self, model, ids, attn, L: int, chunk: int = 0, temperature: float | None = None) -> torch.Tensor:
         """Token log-probs [N, L] without gradients, `chunk` rows per forward (0 = all), at
