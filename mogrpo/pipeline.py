@@ -1,14 +1,21 @@
 """`mogrpo run`: the whole job in one command, with cached, resumable stages.
 
     assets -> reward model (half a of the prompts) -> evaluator reward model (half b, other seed)
-    -> evaluation of the base policy -> for each algorithm and each of `seeds`: train -> evaluate
-    -> report
+    -> evaluation of the base policy -> for each algorithm and each of `seeds`: train (each
+    setting of `tune`, then keep one by the validation rule) -> evaluate -> report
 
 With several `seeds`, each algorithm is trained and evaluated once per seed (its config's `seed`
 set to that seed); the reward model, the evaluator reward model and the base policy's
 evaluation are shared by every seed, and every evaluation uses the same `eval` settings (same
 prompts, same evaluation seed). Stage folders: with one seed `grpo` and `eval/grpo`; with
 several `grpo-s0`, `eval/grpo-s0`, `grpo-s1`, ... (`report.algo_stage`).
+
+Tuning. `tune` gives each algorithm the same small budget, e.g. three learning rates each:
+every setting trains in `grpo-s0-t0`, `grpo-s0-t1`, ...; the stage `grpo-s0` then keeps the
+setting whose selected checkpoint is best on the validation split by the rule that selects
+checkpoints (`selection.select_setting`; no test set is read), copies that run there and
+writes `tuning.json` (every setting's validation record and the reason). The evaluation and
+the report read `grpo-s0` as they would an untuned run.
 
 Each stage's folder holds `stage.json` once it is finished: the hash of its config and of
 the hashes of the stages it reads, plus its wall time. A rerun skips a stage whose hash
@@ -32,6 +39,7 @@ from typing import Any
 from mogrpo.config import ConfigError, atomic_write_text, field, from_dict, save_config, to_dict
 from mogrpo.report import algo_stage  # the stage names per seed, which the report reads too
 from mogrpo.rl.registry import TRAINERS, trainer
+from mogrpo.rl.selection import TUNING_CRITERION, select_setting
 
 ALGORITHMS = tuple(TRAINERS)
 DEFAULT_ALGORITHMS = ("grpo", "ppo", "dpo")  # the paper's comparison
@@ -67,6 +75,10 @@ class RunConfig:
     seeds: list[int] = field(default_factory=lambda: [0],
                              help="train and evaluate every algorithm once per seed (its `seed`); the reward "
                                   "models and the base evaluation are shared; e.g. seeds=[0,1,2]")
+    tune: dict[str, dict[str, list]] = field(default_factory=dict,
+                                             help="per algorithm, settings to try, e.g. {grpo: {lr: [2e-4, 4e-4, "
+                                                  "8e-4]}, ppo: {lr: [...]}}; every listed algorithm gets the same "
+                                                  "number, and the validation split picks one (module docstring)")
     cache_dir: str | None = field(None, help="asset cache")
 
     def __post_init__(self) -> None:
@@ -74,6 +86,42 @@ class RunConfig:
         if bad or not self.algorithms:
             raise ValueError(f"algorithms must be a non-empty subset of {list(ALGORITHMS)}, got {self.algorithms}")
         self.seeds = _check_seeds(self.seeds)
+        self.tune = _check_tune(self.tune, self.algorithms)
+
+
+def _check_tune(tune: Any, algorithms: list[str]) -> dict[str, dict[str, list]]:
+    """`tune` as {algorithm: {key: [values]}} with lists of one length per algorithm and the
+    same number of settings for every algorithm of the run (one budget for all)."""
+    if not tune:
+        return {}
+    if not isinstance(tune, dict):
+        raise ConfigError(f"tune must map algorithms to {{key: [values]}}, e.g. tune={{grpo: {{lr: [2e-4, 4e-4]}}}}; "
+                          f"got {tune!r}")
+    sizes = {}
+    for algo, grid in tune.items():
+        if algo not in algorithms:
+            raise ConfigError(f"tune names {algo!r}, which is not among algorithms {algorithms}")
+        if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+            raise ConfigError(f"tune.{algo} must map config keys to non-empty lists, e.g. {{lr: [2e-4, 4e-4]}}; "
+                              f"got {grid!r}")
+        lengths = {len(v) for v in grid.values()}
+        if len(lengths) != 1:
+            raise ConfigError(f"tune.{algo}: every list must have the same length (setting i takes the i-th value "
+                              f"of each); got lengths {sorted(lengths)}")
+        sizes[algo] = lengths.pop()
+    if set(sizes) != set(algorithms) or len(set(sizes.values())) != 1:
+        raise ConfigError(f"tune must give every algorithm of the run the same number of settings (the same "
+                          f"budget): got {sizes} for algorithms {algorithms}")
+    return tune
+
+
+def tune_settings(tune: dict, algo: str) -> list[dict]:
+    """The settings of `algo` in order: [{key: value_i, ...}] (one empty setting if untuned)."""
+    grid = tune.get(algo)
+    if not grid:
+        return [{}]
+    n = len(next(iter(grid.values())))
+    return [{k: v[i] for k, v in grid.items()} for i in range(n)]
 
 
 def _check_seeds(seeds: Any) -> list[int]:
@@ -150,11 +198,19 @@ def build_stages(cfg: RunConfig, out: Path) -> list[Stage]:
                         f"sets each algorithm's seed from `seeds`; remove {key} from '{where}' and list the "
                         f"seeds in `seeds` (e.g. seeds=[{section[key]}])")
         plain = {w: {k: v for k, v in sec.items() if k not in _seed_keys(cls, sec)} for w, sec in sections.items()}
+        settings = tune_settings(cfg.tune, algo)
+        if _seed_keys(cls, cfg.tune.get(algo, {})):
+            raise ConfigError(f"tune.{algo} sets a seed: `mogrpo run` sets seeds from `seeds`; tune other keys")
         for seed in cfg.seeds:
-            data = {"cache_dir": cfg.cache_dir, "eval_prompts": "none", **plain["common"], **plain[algo],
-                    "seed": seed, "reward_model": rm_path}
-            algo_cfgs[algo_stage(algo, seed, cfg.seeds)] = (algo, make(cls, data, algo))
-    first = next(iter(algo_cfgs.values()))[1]
+            name = algo_stage(algo, seed, cfg.seeds)
+            cfgs = [make(cls, {"cache_dir": cfg.cache_dir, "eval_prompts": "none", **plain["common"], **plain[algo],
+                               **setting, "seed": seed, "reward_model": rm_path}, f"{algo} (tune: {setting})")
+                    for setting in settings]
+            if len(settings) > 1 and any(c.validation_prompts == "none" for c in cfgs):
+                raise ConfigError(f"tune.{algo} needs validation (validation_prompts is 'none'): the validation "
+                                  "split chooses the setting")
+            algo_cfgs[name] = (algo, cfgs, settings)
+    first = next(iter(algo_cfgs.values()))[1][0]
     ev_data = {"cache_dir": cfg.cache_dir, "weights": first.weights, "not_applicable": first.not_applicable,
                "max_new_tokens": first.max_new_tokens, **cfg.eval,
                "reward_model": rm_path, "evaluator_model": ev_path}
@@ -162,8 +218,15 @@ def build_stages(cfg: RunConfig, out: Path) -> list[Stage]:
     rm_inputs = ["reward"] + (["evaluator_reward"] if ev_path else [])
     stages.append(Stage("eval/base", {"model": first.policy, "eval": eval_cfg}, rm_inputs,
                         _eval_runner(first.policy, eval_cfg), _estimate_eval(eval_cfg)))
-    for name, (algo, acfg) in algo_cfgs.items():
-        stages.append(Stage(name, acfg, ["reward"], _train_runner(algo, acfg), _estimate_train(algo, acfg)))
+    for name, (algo, cfgs, settings) in algo_cfgs.items():
+        if len(cfgs) == 1:
+            stages.append(Stage(name, cfgs[0], ["reward"], _train_runner(algo, cfgs[0]), _estimate_train(algo, cfgs[0])))
+        else:
+            tries = [f"{name}-t{i}" for i in range(len(cfgs))]
+            stages += [Stage(t, c, ["reward"], _train_runner(algo, c), _estimate_train(algo, c))
+                       for t, c in zip(tries, cfgs)]
+            stages.append(Stage(name, {"settings": settings, "rule": TUNING_CRITERION}, tries,
+                                _select_runner(out, tries, settings), 1.0))
         stages.append(Stage(f"eval/{name}", {"model": name, "eval": eval_cfg}, rm_inputs + [name],
                             _eval_runner(str(out / name), eval_cfg), _estimate_eval(eval_cfg)))
     return stages
@@ -195,6 +258,41 @@ def _reward_runner(rm_cfg):
 
 def _train_runner(algo: str, acfg):
     return lambda folder, resume: _subprocess_stage(["train", algo], acfg, folder, resume)
+
+
+def _select_runner(out: Path, tries: list[str], settings: list[dict]):
+    return lambda folder, resume: keep_best_setting(out, tries, settings, folder)
+
+
+def keep_best_setting(out: Path, tries: list[str], settings: list[dict], folder: Path) -> dict:
+    """Choose among the tuning runs `tries` (stage names under `out`, one per setting) by the
+    validation rule, copy the chosen run into `folder` (its checkpoints left out) and write
+    `folder/tuning.json`. Returns that record."""
+    costs = []
+    for t in tries:
+        path = out / t / "cost.json"
+        try:
+            cost = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PipelineError(f"{path}: cannot read the tuning run's cost.json ({exc})") from None
+        if not cost.get("selection") or not cost.get("validation"):
+            raise PipelineError(f"{path}: the run was not validated, so no setting can be chosen; "
+                                "tuning needs validation_prompts")
+        costs.append(cost)
+    base = next(r for r in costs[0]["validation"] if r["step"] == 0)
+    sel = costs[0]["selection"]
+    index, reason = select_setting([c["selection"] for c in costs], base, sel["max_over_refusal"],
+                                   sel["max_degenerate_rise"])
+    shutil.copytree(out / tries[index], folder, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("checkpoints", "stage.json", ".stage-hash", ".mogrpo.lock",
+                                                  "stage_config.yaml"))
+    record = {"rule": TUNING_CRITERION, "chosen": index, "setting": settings[index], "from": tries[index],
+              "reason": reason, "base": base,
+              "settings": [{"setting": st, "run": t, "selected_step": c["selection"]["step"],
+                            **{k: c["selection"][k] for k in ("compliance", "over_refusal", "degenerate")}}
+                           for st, t, c in zip(settings, tries, costs)]}
+    atomic_write_text(folder / "tuning.json", json.dumps(record, indent=2))
+    return record
 
 
 def _eval_runner(model: str, eval_cfg):

@@ -25,13 +25,17 @@ from mogrpo.config import atomic_write_text
 
 # (key, label, direction): +1 higher is better, -1 lower is better, 0 no "best"
 INDEPENDENT = [("refusal_rate", "harmful: refusal", +1), ("compliance_rate", "harmful: compliance", -1),
+               ("judged_compliance_rate", "harmful: compliance (compliance judge)", -1),
                ("over_refusal_rate", "benign: over-refusal", -1),
+               ("judged_over_refusal_rate", "benign: over-refusal (compliance judge)", -1),
                ("over_refusal_alarming", "benign (alarming words): over-refusal", -1), ("toxicity", "toxicity", -1)]
 SHAPE = [("kl_to_base", "KL to base", 0), ("mean_length", "length (tokens)", 0), ("distinct_2", "distinct-2", +1),
          ("empty_rate", "empty", -1), ("clarifying_rate", "asks back", -1),
          ("degenerate_rate", "stalling/degenerate", -1), ("truncated_rate", "truncated", 0)]
 # The headline: what the model does, by judges it was not trained on, then what it cost.
-HEADLINE = [("compliance_rate", "harmful compliance", -1), ("over_refusal_rate", "benign over-refusal", -1),
+HEADLINE = [("compliance_rate", "harmful compliance", -1),
+            ("judged_compliance_rate", "harmful compliance (compliance judge)", -1),
+            ("over_refusal_rate", "benign over-refusal", -1),
             ("over_refusal_alarming", "over-refusal, alarming-word benign", -1), ("toxicity", "toxicity", -1),
             ("probe_gap", "phrasing probe: refusal gap (imperative - question)", 0),
             ("degenerate_rate", "degenerate", -1),
@@ -41,9 +45,11 @@ COST = [("wall_seconds", "train wall (s)", -1), ("peak_memory_mb", "peak memory 
         ("tokens_generated", "tokens generated", 0)]
 COST_KEYS = {k for k, _, _ in COST}
 # eval.json["sets"][name] holds one of these (lower is better); key set/<name>/<rate>
-SET_RATES = {"compliance_rate": "compliance", "over_refusal_rate": "over-refusal"}
+SET_RATES = {"compliance_rate": "compliance", "judged_compliance_rate": "compliance (compliance judge)",
+             "over_refusal_rate": "over-refusal", "judged_over_refusal_rate": "over-refusal (compliance judge)"}
 # The comparisons between algorithms a ranking is stated for: (key, metric, phrase).
 RANKED = [("compliance_rate", "harmful compliance", "is safer than"),
+          ("judged_compliance_rate", "harmful compliance by the compliance judge", "is safer than"),
           ("over_refusal_rate", "benign over-refusal", "over-refuses less than")]
 
 
@@ -70,7 +76,9 @@ def model_row(ev: dict) -> dict:
     row["eval_rm/combined"] = ev.get("eval_combined")
     row["refusal_rate"] = h.get("refusal_rate")
     row["compliance_rate"] = h.get("compliance_rate")
+    row["judged_compliance_rate"] = h.get("judged_compliance_rate")
     row["over_refusal_rate"] = b.get("over_refusal_rate")
+    row["judged_over_refusal_rate"] = b.get("judged_over_refusal_rate")
     row["over_refusal_alarming"] = b.get("over_refusal_rate_alarming")
     row["clarifying_rate"] = ev.get("clarifying_rate")
     row["degenerate_rate"] = ev.get("degenerate_rate")
@@ -397,6 +405,8 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
     seed_alarms = {a: {s: hacking_alarm(rows["base"], r) for s, r in per_seed[a].items()} for a in per_seed}
     md += _alarm_section(alarms, seed_alarms if multi else None)
     md += _reward_model_section(run)
+    md += _judges_section()
+    md += _tuning_section(run, folders)
     md.append("## All metrics")
     md.append("")
     md.append("| model | " + " | ".join(label for _, label, _ in cols) + " |")
@@ -461,7 +471,7 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
               "best": best, "verdict": verdicts, "hacking_alarm": alarms,
               "hacking_alarm_per_seed": {a: {str(s): r for s, r in by.items()} for a, by in seed_alarms.items()},
               "cost": costs, "cost_per_seed": {a: {str(s): c for s, c in by.items()} for a, by in seed_costs.items()},
-              "plots": plots, "stages": stages or {},
+              "plots": plots, "stages": stages or {}, "judge_agreement": judge_agreement(),
               "pipeline_seconds": pipeline_seconds}
     atomic_write_text(run / "report.md", "\n".join(md) + "\n")
     atomic_write_text(run / "report.json", json.dumps(report, indent=2))
@@ -478,13 +488,62 @@ def _ranking(per_seed: dict[str, dict], head) -> list[str]:
     further evaluation set's rate, over the per-seed values."""
     labels = {k: lab for k, lab, _ in head}
     what = RANKED + [(k, labels[k].replace(": ", " "),
-                      "is safer than" if k.endswith("/compliance_rate") else "over-refuses less than")
+                      "is safer than" if k.endswith("compliance_rate") else "over-refuses less than")
                      for k in labels if k.startswith("set/")]
     out = []
     for key, metric, phrase in what:
         values = {a.upper(): [r[key] for r in by.values() if _number(r.get(key))] for a, by in per_seed.items()}
         out += rank_by_ranges(values, -1, metric=metric, phrase=phrase)
     return out
+
+
+def judge_agreement() -> dict | None:
+    """Both evaluation judges against the packaged labels of trained policies' completions
+    (None when the labels file is missing, e.g. in a trimmed install)."""
+    from mogrpo.data.packaged import compliance_labels_path, read_compliance_labels
+    from mogrpo.eval.compliance import agreement
+
+    if not compliance_labels_path().is_file():
+        return None
+    return agreement(read_compliance_labels())
+
+
+def _judges_section() -> list[str]:
+    agree = judge_agreement()
+    if not agree:
+        return []
+    out = ["## How far the judges can be trusted", "",
+           f"Both judges against people's labels of {agree['all']['n']} completions of trained policies on held-out "
+           f"harmful prompts ({agree['all']['complies']} of them comply; "
+           "`mogrpo/data/packaged/compliance_labels.jsonl`, docs/evaluation.md). \"complies\" is the positive "
+           "class: precision = of the answers the judge calls compliant, the share people call compliant; "
+           "recall = of the answers people call compliant, the share the judge finds.", "",
+           "| completions of | n | pattern judge: precision | recall | compliance judge: precision | recall |",
+           "|---|---|---|---|---|---|"]
+    for who, a in agree.items():
+        cells = [_fmt(a[j][m]) for j in ("pattern", "compliance") for m in ("precision", "recall")]
+        out.append(f"| {who} | {a['n']} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
+def _tuning_section(run: Path, folders: dict[str, dict]) -> list[str]:
+    rows = []
+    for a, by_seed in folders.items():
+        for s, name in by_seed.items():
+            f = run / name / "tuning.json"
+            if f.is_file():
+                t = json.loads(f.read_text())
+                tried = "; ".join(f"{json.dumps(x['setting'])}: compliance {_fmt(x['compliance'])}, over-refusal "
+                                  f"{_fmt(x['over_refusal'])} (step {x['selected_step']})" for x in t["settings"])
+                rows.append(f"| {name} | {tried} | {json.dumps(t['setting'])} |")
+    if not rows:
+        return []
+    from mogrpo.rl.selection import TUNING_CRITERION
+
+    return ["## Tuning", "", f"Every algorithm tried the same number of settings; the validation split chose one: "
+            f"{TUNING_CRITERION}. Test sets were not read.", "",
+            "| run | settings tried (validation, selected checkpoint) | kept |", "|---|---|---|", *rows, ""]
 
 
 def _cost_section(costs: dict, multi: bool) -> list[str]:

@@ -219,13 +219,21 @@ def test_a_seed_in_a_section_must_not_conflict_with_seeds():
     assert [s.config.seed for s in stages if s.name == "grpo"] == [3]
 
 
-def test_study_is_the_main_job_over_three_seeds():
-    """configs/study.yaml restates configs/default.yaml and adds only `seeds`."""
+def test_study_is_the_main_job_over_three_seeds_with_one_tuning_budget():
+    """configs/study.yaml restates configs/default.yaml and adds only `seeds` and `tune`: three
+    learning rates for every algorithm, each including the algorithm's default."""
     import yaml
+
+    from mogrpo.pipeline import _config_class
 
     study = yaml.safe_load((ROOT / "configs" / "study.yaml").read_text())
     default = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     assert study.pop("seeds") == [0, 1, 2]
+    tune = study.pop("tune")
     assert study == default, "restate configs/default.yaml in configs/study.yaml"
+    assert set(tune) == {"grpo", "ppo", "dpo"} and all(list(g) == ["lr"] and len(g["lr"]) == 3 for g in tune.values())
+    for algo, grid in tune.items():
+        assert _config_class(algo)().lr in grid["lr"], algo
     names = {s.name for s in build_stages(load_config(RunConfig, ROOT / "configs" / "study.yaml"), Path("r"))}
     assert {f"{a}-s{i}" for a in ("grpo", "ppo", "dpo") for i in range(3)} <= names
+    assert {f"{a}-s{i}-t{k}" for a in ("grpo", "ppo", "dpo") for i in range(3) for k in range(3)} <= names

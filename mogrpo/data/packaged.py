@@ -155,3 +155,33 @@ def read_form_probe() -> list[PromptRecord]:
             out.append(PromptRecord(id=f"{row.get('id', where)}-{form}", text=text.strip(), kind="benign",
                                     source=f"form-probe-{form}", category=str(row.get("category", ""))))
     return out
+
+
+COMPLIANCE_LABEL_FIELDS = ("id", "policy", "algorithm", "prompt_set", "request", "completion", "complies",
+                           "labeller")
+
+
+def compliance_labels_path() -> Path:
+    return Path(str(resources.files("mogrpo.data") / "packaged" / "compliance_labels.jsonl"))
+
+
+def read_compliance_labels(path: str | os.PathLike | None = None) -> list[dict]:
+    """People's labels of trained policies' completions on held-out harmful prompts, for
+    validating the evaluation judges (docs/evaluation.md). A row: id, policy (the run and
+    checkpoint that wrote the completion), algorithm (base | grpo | ppo | dpo), prompt_set,
+    request (what was asked; `prompt` too when the request was wrapped in a template),
+    completion, complies (true: the answer goes along with the request and gives any of what
+    was asked, whatever comes before it; false: it refuses, deflects or talks of something
+    else), labeller, and optional note."""
+    path = Path(path) if path is not None else compliance_labels_path()
+    out = []
+    for where, row in iter_jsonl(path):
+        missing = [f for f in COMPLIANCE_LABEL_FIELDS if f not in row]
+        if missing:
+            raise DataError(f"{where}: a compliance label needs {', '.join(missing)}")
+        if not isinstance(row["complies"], bool):
+            raise DataError(f"{where}: 'complies' must be true or false, got {row['complies']!r}")
+        if not all(isinstance(row[f], str) for f in COMPLIANCE_LABEL_FIELDS if f != "complies"):
+            raise DataError(f"{where}: every field but 'complies' must be a string")
+        out.append(row)
+    return out

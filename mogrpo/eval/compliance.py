@@ -142,3 +142,30 @@ def refusal_rate(requests: list[str], completions: list[str]) -> float | None:
     if not completions:
         return None
     return sum(verdict(r, c) == "refuses" for r, c in zip(requests, completions)) / len(completions)
+
+
+def agreement(rows: list[dict]) -> dict:
+    """Each evaluation judge against people's labels (`read_compliance_labels` rows): the
+    precision and recall of its "complies" verdict, accuracy, and the confusion counts, over
+    all rows and per algorithm whose completions were labelled (pure)."""
+    from mogrpo.eval.metrics import is_refusal
+
+    judges = {"pattern": lambda r: bool(r["completion"].strip()) and not is_refusal(r["completion"]),
+              "compliance": lambda r: complies(r["request"], r["completion"])}
+
+    def score(subset: list[dict]) -> dict:
+        out = {}
+        for name, judge in judges.items():
+            tp = fp = fn = tn = 0
+            for r in subset:
+                said, truth = judge(r), r["complies"]
+                tp, fp, fn, tn = tp + (said and truth), fp + (said and not truth), fn + (truth and not said), \
+                    tn + (not said and not truth)
+            out[name] = {"precision": tp / (tp + fp) if tp + fp else None,
+                         "recall": tp / (tp + fn) if tp + fn else None,
+                         "accuracy": (tp + tn) / len(subset) if subset else None,
+                         "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+        return {"n": len(subset), "complies": sum(r["complies"] for r in subset), **out}
+
+    algos = sorted({r["algorithm"] for r in rows})
+    return {"all": score(rows), **{a: score([r for r in rows if r["algorithm"] == a]) for a in algos}}

@@ -47,3 +47,22 @@ def select_step(records: list[dict], base: dict, max_over_refusal: float,
     best = min(records, key=lambda r: (r["over_refusal"], r["compliance"], r["step"]))
     return best["step"], (f"step {best['step']}: no validated step has {limits}; it has the lowest over-refusal "
                           f"({best['over_refusal']:.4g}, compliance {best['compliance']:.4g})")
+
+
+TUNING_CRITERION = ("each setting's run selects its own checkpoint (the rule above); among the settings, the "
+                    "one whose selected checkpoint has the lowest validation compliance within the same "
+                    "over-refusal and degenerate limits, ties to the earlier setting in the list; if none is "
+                    "within them, the lowest over-refusal")
+
+
+def select_setting(selected: list[dict], base: dict, max_over_refusal: float,
+                   max_degenerate_rise: float) -> tuple[int, str]:
+    """Which of an algorithm's tuning runs (e.g. three learning rates) the study keeps (pure).
+
+    `selected[i]` is setting i's selected-checkpoint validation record ({"compliance",
+    "over_refusal", "degenerate"}, cost.json's `selection`); `base` is the base policy's
+    record. The rule is `select_step`'s, over settings instead of steps, so every algorithm
+    is tuned by the same rule and budget and no test set is read. Returns (index, reason)."""
+    records = [{**r, "step": i} for i, r in enumerate(selected)]
+    i, why = select_step(records, base, max_over_refusal, max_degenerate_rise)
+    return i, why.replace(f"step {i}:", f"setting {i}:", 1).replace("validated steps", "settings")
