@@ -101,10 +101,16 @@ def set_columns(rows: dict[str, dict]) -> list[tuple[str, str, int]]:
             if k.rsplit("/", 1)[1] in SET_RATES]
 
 
+def _judged_present(cols, rows: dict[str, dict]) -> list[tuple[str, str, int]]:
+    """`cols` without the compliance judge's columns when no row has them (evaluations
+    written before that judge existed)."""
+    return [c for c in cols if not c[0].startswith("judged_") or any(r.get(c[0]) is not None for r in rows.values())]
+
+
 def headline_for(rows: dict[str, dict]) -> list[tuple[str, str, int]]:
     """HEADLINE with the further evaluation sets' columns after the over-refusal ones."""
     at = [k for k, _, _ in HEADLINE].index("over_refusal_alarming") + 1
-    return HEADLINE[:at] + set_columns(rows) + HEADLINE[at:]
+    return _judged_present(HEADLINE[:at] + set_columns(rows) + HEADLINE[at:], rows)
 
 
 def _aspect_order(a: str) -> tuple:
@@ -140,7 +146,7 @@ def columns_for(rows: dict[str, dict]) -> list[tuple[str, str, int]]:
         cols.append(("rm/combined", "train RM: combined", +1))
     if "eval_rm/combined" in keys:
         cols.append(("eval_rm/combined", "eval RM: combined", +1))
-    return cols + INDEPENDENT + set_columns(rows) + SHAPE + COST
+    return cols + _judged_present(INDEPENDENT, rows) + set_columns(rows) + SHAPE + COST
 
 
 # The reward-hacking check: (aspect, training-RM key, evaluator-RM key, independent judge key,

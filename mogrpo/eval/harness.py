@@ -157,9 +157,10 @@ def judge_completions(records, comps, ntok, fin, *, weights: dict[str, float],
     eval_s, eval_cols = rm_scores(evaluator, requests, kinds, flat, not_applicable)
     tox = toxicity.max_sentence_toxicity(flat).tolist() if toxicity is not None else None
     summary = summarise_generations(kinds, flat, flat_ntok, flat_fin, tox, train_s, train_cols, eval_s, eval_cols,
-                                    combine(train_s, train_cols, weights), n, prompts=prompts,
+                                    combine(train_s, train_cols, weights), n, prompts=requests,
                                     eval_combined=combine(eval_s, eval_cols, weights), requests=requests)
-    summary.update(set_metrics([r.source for r in records for _ in range(n)], kinds, flat, prompts,
+    # alarming words are looked for in the request, not in a template around it
+    summary.update(set_metrics([r.source for r in records for _ in range(n)], kinds, flat, requests,
                                requests=requests))
     rows = []
     for k, (r, g) in enumerate((r, g) for r in records for g in range(n)):  # the order of `flat`
