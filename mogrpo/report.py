@@ -450,6 +450,12 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
                       f"({'improved' if all(v[k]['improved'] for k in ind) else 'not all improved'}).")
         md.append(f"- Better: {', '.join(ups) or 'nothing'}. Worse: {', '.join(downs) or 'nothing'}."
                   + (f" Unchanged: {', '.join(same)}." if same else ""))
+        unmoved = sorted(sd for sd, c in seed_costs.get(a, {}).items() if c.get("selected_step") == 0)
+        if unmoved:
+            md.append(f"- Did not move: in seed{'s' if len(unmoved) > 1 else ''} {', '.join(map(str, unmoved))} "
+                      f"`final/` is the base policy (step 0): no validated step had a lower validation compliance "
+                      f"within the over-refusal and degenerate limits (cost.json `selection`, `validation`), so "
+                      f"those evaluations are the base's.")
         md.append("")
     if costs:
         md += _cost_section(costs, multi)

@@ -237,3 +237,16 @@ def test_study_is_the_main_job_over_three_seeds_with_one_tuning_budget():
     names = {s.name for s in build_stages(load_config(RunConfig, ROOT / "configs" / "study.yaml"), Path("r"))}
     assert {f"{a}-s{i}" for a in ("grpo", "ppo", "dpo") for i in range(3)} <= names
     assert {f"{a}-s{i}-t{k}" for a in ("grpo", "ppo", "dpo") for i in range(3) for k in range(3)} <= names
+
+
+def test_report_says_when_a_run_did_not_move(tmp_path):
+    """A seed whose selected checkpoint is step 0 (final/ = the base) is named in words."""
+    run = tmp_path / "run"
+    _run_folder(run)
+    cost = json.loads((run / "ppo-s1" / "cost.json").read_text())
+    (run / "ppo-s1" / "cost.json").write_text(json.dumps({**cost, "selected_step": 0}))
+    write_report(run, ["grpo", "ppo"], seeds=[0, 1, 2])
+    md = (run / "report.md").read_text()
+    ppo = md.split("## PPO against the base policy")[1].split("##")[0]
+    assert "- Did not move: in seed 1 `final/` is the base policy (step 0)" in ppo
+    assert "Did not move" not in md.split("## GRPO against the base policy")[1].split("##")[0]
