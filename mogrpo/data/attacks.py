@@ -44,6 +44,10 @@ from mogrpo.data.schema import DataError, PromptRecord
 TEMPLATE_SPLIT = (0.6, 0.2, 0.2)  # template families: train / validation / test
 MAX_CHARS = 1200
 PER_REQUEST = {"train": 3, "validation": 1, "test": 1}  # templates per harmful request
+# Share of a part's harmful requests that are wrapped (by hash). Validation runs every 10
+# steps of every algorithm; all 82 held-out AdvBench behaviours wrapped tripled its time
+# (docs/data.md), half of them keeps it within the main job's hour.
+REQUEST_SHARE = {"train": 1.0, "validation": 0.5, "test": 1.0}
 SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 _SUFFIX = re.compile(r"(_\d+|_compact|_ranti)+$")
 _AUTHOR_FOLDERS = ("pliny", "Arth_Singh")
@@ -171,14 +175,17 @@ def wrap(requests: list[PromptRecord], templates: list[Template], per_request: i
 
 def attack_set(pyrit_dir: str | os.PathLike, requests: dict[str, list[PromptRecord]], *, seed: int = 0,
                max_chars: int = MAX_CHARS, per_request: dict[str, int] | None = None,
-               benign_share: dict[str, float] | None = None) -> AttackSet:
+               benign_share: dict[str, float] | None = None,
+               request_share: dict[str, float] | None = None) -> AttackSet:
     """Wrap each part's requests (`requests[part]`, part = train | validation | test, each
     holding harmful and benign records as written) in templates of that part's families.
     Harmful requests get `per_request[part]` templates each. The benign requests of a part
     are wrapped `benign_share[part]` times as often in all as its harmful ones (default 1:
     equal numbers); the training split sets it so that each kind's pool holds the same share
-    of attack prompts, because training samples the kinds evenly."""
+    of attack prompts, because training samples the kinds evenly. Only `request_share[part]`
+    of a part's harmful requests are wrapped, chosen by a hash of their id (REQUEST_SHARE)."""
     per = {**PER_REQUEST, **(per_request or {})}
+    share = {**REQUEST_SHARE, **(request_share or {})}
     skipped: Counter = Counter()
     usable = []
     for t in assign_families(read_templates(pyrit_dir)):
@@ -196,7 +203,8 @@ def attack_set(pyrit_dir: str | os.PathLike, requests: dict[str, list[PromptReco
         by_part[split_of(f"family:{t.family}", seed, TEMPLATE_SPLIT)].append(t)
     out: dict[str, list[PromptRecord]] = {}
     for part, temps in by_part.items():
-        harmful = [p for p in requests.get(part, []) if p.kind == "harmful"]
+        harmful = [p for p in requests.get(part, []) if p.kind == "harmful"
+                   and split_of(f"wrap:{p.id}", seed, (share[part], 1.0 - share[part], 0.0)) == "train"]
         benign = [p for p in requests.get(part, []) if p.kind == "benign"]
         wrapped = wrap(harmful, temps, per[part], f"{seed}:{part}", "attack")
         n_benign = round(per[part] * len(harmful) * (benign_share or {}).get(part, 1.0))
