@@ -411,7 +411,8 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
     seed_alarms = {a: {s: hacking_alarm(rows["base"], r) for s, r in per_seed[a].items()} for a in per_seed}
     md += _alarm_section(alarms, seed_alarms if multi else None)
     md += _reward_model_section(run)
-    md += _judges_section()
+    agree = judge_agreement()
+    md += _judges_section(agree)
     md += _tuning_section(run, folders)
     md.append("## All metrics")
     md.append("")
@@ -483,7 +484,7 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
               "best": best, "verdict": verdicts, "hacking_alarm": alarms,
               "hacking_alarm_per_seed": {a: {str(s): r for s, r in by.items()} for a, by in seed_alarms.items()},
               "cost": costs, "cost_per_seed": {a: {str(s): c for s, c in by.items()} for a, by in seed_costs.items()},
-              "plots": plots, "stages": stages or {}, "judge_agreement": judge_agreement(),
+              "plots": plots, "stages": stages or {}, "judge_agreement": agree,
               "pipeline_seconds": pipeline_seconds}
     atomic_write_text(run / "report.md", "\n".join(md) + "\n")
     atomic_write_text(run / "report.json", json.dumps(report, indent=2))
@@ -520,8 +521,7 @@ def judge_agreement() -> dict | None:
     return agreement(read_compliance_labels())
 
 
-def _judges_section() -> list[str]:
-    agree = judge_agreement()
+def _judges_section(agree: dict | None) -> list[str]:
     if not agree:
         return []
     out = ["## How far the judges can be trusted", "",
