@@ -30,7 +30,8 @@ def build(n: int, min_tokens: int, max_tokens: int, cache=None, seed: int = 0) -
     from mogrpo.rollout import chat_texts
 
     tok = load_tokenizer(resolve_policy_path("builtin:smollm2-135m-instruct", cache))
-    pool = [p for p in load_prompt_set("default", cache, "train") if p.request is None]  # direct prompts
+    # direct prompts
+    pool = [p for p in load_prompt_set("default", cache, "train") if p.request is None]
     by_kind = {k: [p for p in pool if p.kind == k] for k in ("harmful", "benign")}
     chosen = [p for pair in zip(by_kind["harmful"], by_kind["benign"]) for p in pair][:n]
     names = [(t.name, t) for t in read_templates(asset_path("pyrit-data", cache))]
@@ -49,7 +50,8 @@ def build(n: int, min_tokens: int, max_tokens: int, cache=None, seed: int = 0) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attack_prompts.jsonl"))
+    ap.add_argument("--out",
+                    default=str(Path(__file__).parent / "results" / "attack_prompts.jsonl"))
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--min-tokens", type=int, default=300)
     ap.add_argument("--max-tokens", type=int, default=600)

@@ -124,7 +124,7 @@ def run_mogrpo(a, t0: float) -> dict:
 
     from mogrpo import rollout
     from mogrpo.rl import engine, grpo
-    from mogrpo.rl.engine import PhaseTimer
+    from mogrpo.tracking import PhaseTimer
 
     torch.set_num_threads(a.threads)
     # train_grpo imports these; import them first so the after-imports RSS counts them
@@ -165,18 +165,22 @@ def run_mogrpo(a, t0: float) -> dict:
 
     out = Path(a.workdir) / Path(a.result).stem
     cfg = grpo.GRPOConfig(
-        policy=a.policy, reward_model=a.reward_model, lora_r=16 if a.mode == "lora" else 0, lora_alpha=32,
-        lora_dropout=0.0, train_prompts=a.prompt_file, eval_prompts="none", validation_prompts="none",
+        policy=a.policy, reward_model=a.reward_model, lora_r=16 if a.mode == "lora" else 0,
+        lora_alpha=32,
+        lora_dropout=0.0, train_prompts=a.prompt_file, eval_prompts="none",
+        validation_prompts="none",
         batch_size=a.batch_size,
         group_size=a.group_size, max_new_tokens=a.max_new_tokens, temperature=1.0, top_p=1.0,
-        steps=1 + a.steps, num_iterations=1, micro_batch_size=a.micro_batch or a.batch_size, lr=a.lr, weight_decay=0.0, warmup_steps=2,
+        steps=1 + a.steps, num_iterations=1, micro_batch_size=a.micro_batch or a.batch_size,
+        lr=a.lr, weight_decay=0.0, warmup_steps=2,
         lr_schedule="constant_with_warmup", grad_clip=1.0, beta=a.beta, loss_aggregation="grpo",
         seed=0, precision=a.precision, num_threads=a.threads, save_every=0, sample_every=0,
         guided_samples=0, balance_kinds=False, shared_prefix=a.child != "mogrpo-generic",
         cache_dir=os.environ.get("MOGRPO_CACHE"))
     grpo.train_grpo(cfg, out, show_progress=False)
 
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
     cost = json.loads((out / "cost.json").read_text())
     steps = [e for e in events if e[0] != "evaluation"]
     starts = [i for i, e in enumerate(steps) if e[0] == "generation"]
@@ -186,12 +190,15 @@ def run_mogrpo(a, t0: float) -> dict:
         ph = {p: 0.0 for p in PHASES}
         for name, _, sec in seg:
             ph[name] = ph.get(name, 0.0) + sec
-        ph["other"] = max(0.0, recs[k]["step_seconds"] - sum(v for p, v in ph.items() if p != "other"))
+        ph["other"] = max(0.0, recs[k]["step_seconds"] - sum(v for p,
+                                                             v in ph.items() if p != "other"))
         phases.append({p: round(v, 4) for p, v in ph.items()})
     first_step_at = steps[0][1] if steps else time.perf_counter()
     return {"step_seconds": [r["step_seconds"] for r in recs], "phases": phases,
-            "completion_length_mean": [m for m, _ in lengths], "completion_length_max": [x for _, x in lengths],
-            "setup_seconds": round(first_step_at - t0, 2), "rss_after_imports_mb": round(rss_imports, 1),
+            "completion_length_mean": [m for m, _ in lengths],
+            "completion_length_max": [x for _, x in lengths],
+            "setup_seconds": round(first_step_at - t0, 2),
+            "rss_after_imports_mb": round(rss_imports, 1),
             "mogrpo_cost_json": cost, "precision": cost.get("precision")}
 
 
@@ -208,9 +215,9 @@ def run_trl(a, t0: float) -> dict:
     from mogrpo.data.loaders import load_prompts
     from mogrpo.models import autocast_dtype, load_tokenizer, resolve_policy_path
     from mogrpo.reward.model import MultiAspectRewardModel
-    from mogrpo.rl.advantages import weighted_sum
-    from mogrpo.rl.grpo import GRPOConfig as MogrpoConfig
+    from mogrpo.reward.objective import RewardObjective
     from mogrpo.reward.scoring import Scorer
+    from mogrpo.rl.grpo import GRPOConfig as MogrpoConfig
 
     rss_imports = rss_mb()
     device = torch.device(a.device)
@@ -219,13 +226,13 @@ def run_trl(a, t0: float) -> dict:
     rm = MultiAspectRewardModel.load(a.reward_model, device=device)
     rm.autocast_dtype = amp
     scorer = Scorer(rm, {}, defaults.not_applicable)
-    weights = torch.tensor([defaults.weights.get(c, 0.0) for c in scorer.columns])
+    objective = RewardObjective.build(scorer.columns, defaults.weights, defaults.not_applicable)
 
     def mogrpo_reward(prompts, completions, text, kind, **_):
         """Combined mogrpo reward of each (prompt, completion) pair: rewards [N, 1, K] -> [N]."""
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         rewards = scorer.score(list(text), list(kind), [t.strip() for t in texts], 1)
-        return weighted_sum(rewards[:, 0], weights).tolist()
+        return objective.combine(rewards[:, 0]).tolist()
 
     path = resolve_policy_path(a.policy, os.environ.get("MOGRPO_CACHE"))
     tok = load_tokenizer(path)
@@ -233,21 +240,26 @@ def run_trl(a, t0: float) -> dict:
     by_id = {r.id: r for r in records}
     order = json.loads(Path(a.trl_order_file).read_text())  # prompt ids, in mogrpo's step order
     chat = bool(getattr(tok, "chat_template", None))
-    rows = [{"prompt": [{"role": "user", "content": by_id[i].text}] if chat else f"User: {by_id[i].text}\nAssistant:",
+    rows = [{"prompt": [{"role": "user", "content": by_id[i].text}] if chat
+             else f"User: {by_id[i].text}\nAssistant:",
              "text": by_id[i].text, "kind": by_id[i].kind} for i in order]
 
     args = GRPOConfig(
         output_dir=str(Path(a.workdir) / Path(a.result).stem),
         use_cpu=device.type == "cpu", bf16=amp == torch.bfloat16, fp16=False,
-        # --micro-batch m: both sides accumulate gradients over B/m micro-batches of m sequences; TRL
+        # --micro-batch m: both sides accumulate gradients over B/m micro-batches of m sequences;
+        # TRL
         # still generates the whole step's B sequences at once (steps_per_generation = B/m).
         per_device_train_batch_size=a.micro_batch or a.batch_size,
         gradient_accumulation_steps=a.batch_size // (a.micro_batch or a.batch_size),
         steps_per_generation=a.batch_size // (a.micro_batch or a.batch_size),
         num_generations=a.group_size, num_iterations=1, max_completion_length=a.max_new_tokens,
-        temperature=1.0, top_p=1.0, top_k=0, beta=a.beta, epsilon=0.2, loss_type="grpo", scale_rewards="group",
-        learning_rate=a.lr, weight_decay=0.0, lr_scheduler_type="constant_with_warmup", warmup_steps=2,
-        max_grad_norm=1.0, optim="adamw_torch", max_steps=1 + a.steps, seed=0, shuffle_dataset=False,
+        temperature=1.0, top_p=1.0, top_k=0, beta=a.beta, epsilon=0.2, loss_type="grpo",
+        scale_rewards="group",
+        learning_rate=a.lr, weight_decay=0.0, lr_scheduler_type="constant_with_warmup",
+        warmup_steps=2,
+        max_grad_norm=1.0, optim="adamw_torch", max_steps=1 + a.steps, seed=0,
+        shuffle_dataset=False,
         gradient_checkpointing=False, model_init_kwargs={"dtype": torch.float32},
         report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no",
         log_completions=False, disable_tqdm=True, dataloader_num_workers=0)
@@ -265,7 +277,8 @@ def run_trl(a, t0: float) -> dict:
                 self.phase[name] = self.phase.get(name, 0.0) + time.perf_counter() - t
 
         def _generate(self, prompts):
-            if a.trl_generation_autocast and amp is not None:  # optional: generate under autocast as mogrpo does
+            # optional: generate under autocast as mogrpo does
+            if a.trl_generation_autocast and amp is not None:
                 with torch.autocast(device.type, dtype=amp):
                     return self._timed("generation", super()._generate, prompts)
             return self._timed("generation", super()._generate, prompts)
@@ -278,7 +291,8 @@ def run_trl(a, t0: float) -> dict:
             return self._timed(name, super()._get_per_token_logps_and_entropies, *args, **kw)
 
         def _generate_and_score_completions(self, *args, **kw):
-            return self._timed("rollout_total", super()._generate_and_score_completions, *args, **kw)
+            return self._timed("rollout_total", super()._generate_and_score_completions, *args,
+                               **kw)
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -293,11 +307,13 @@ def run_trl(a, t0: float) -> dict:
         def on_step_end(self, args, state, control, **kw):
             sec = time.perf_counter() - self.t
             ph = trainer.phase
-            glue = ph.get("rollout_total", 0.0) - ph.get("generation", 0.0) - ph.get("scoring", 0.0) - \
+            glue = ph.get("rollout_total", 0.0) - ph.get("generation", 0.0) - ph.get("scoring",
+                                                                                     0.0) - \
                 ph.get("reference", 0.0)
             self.seconds.append(round(sec, 3))
             self.phases.append({
-                "generation": round(ph.get("generation", 0.0), 4), "scoring": round(ph.get("scoring", 0.0), 4),
+                "generation": round(ph.get("generation", 0.0), 4),
+                "scoring": round(ph.get("scoring", 0.0), 4),
                 "reference": round(ph.get("reference", 0.0), 4),
                 # everything after the rollout: forward, loss, backward, clip, optimizer, scheduler
                 "policy_forward_backward": round(sec - ph.get("rollout_total", 0.0), 4),
@@ -317,19 +333,25 @@ def run_trl(a, t0: float) -> dict:
     gen_dtypes = set()
     head = trainer.model.get_output_embeddings()
     hook = head.register_forward_hook(
-        lambda mod, inp, out: gen_dtypes.add(str(out.dtype)) if not torch.is_grad_enabled() else None)
+        lambda mod, inp,
+        out: gen_dtypes.add(str(out.dtype)) if not torch.is_grad_enabled() else None)
     trainer.train()
     hook.remove()
     return {"step_seconds": timer.seconds, "phases": timer.phases,
             "completion_length_mean": [m for m, _ in timer.lengths],
             "completion_length_max": [int(x) for _, x in timer.lengths],
-            "setup_seconds": round(timer.first_step_at - t0, 2), "rss_after_imports_mb": round(rss_imports, 1),
-            "precision": "bf16" if args.bf16 else "fp32", "generation_logits_dtypes": sorted(gen_dtypes),
+            "setup_seconds": round(timer.first_step_at - t0, 2),
+            "rss_after_imports_mb": round(rss_imports, 1),
+            "precision": "bf16" if args.bf16 else "fp32",
+            "generation_logits_dtypes": sorted(gen_dtypes),
             "trl_generation_autocast": bool(a.trl_generation_autocast),
             "trl_config": {k: getattr(args, k) for k in (
-                "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
-                "generation_batch_size", "num_generations", "num_iterations", "loss_type", "beta", "bf16",
-                "use_cpu", "gradient_checkpointing", "optim", "learning_rate", "max_completion_length",
+                "per_device_train_batch_size", "gradient_accumulation_steps",
+                "steps_per_generation",
+                "generation_batch_size", "num_generations", "num_iterations", "loss_type", "beta",
+                "bf16",
+                "use_cpu", "gradient_checkpointing", "optim", "learning_rate",
+                "max_completion_length",
                 "scale_rewards", "multi_objective_aggregation")}}
 
 
@@ -345,7 +367,8 @@ def child(a) -> None:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     # cores kept busy on average; far below --threads means the machine was shared or idle-waiting
     res.update(side=a.child, mode=a.mode, repeat=a.repeat, peak_rss_mb=round(rss_mb(), 1),
-               wall_seconds=round(wall, 2), cpu_utilisation=round((ru.ru_utime + ru.ru_stime) / wall, 2))
+               wall_seconds=round(wall, 2),
+               cpu_utilisation=round((ru.ru_utime + ru.ru_stime) / wall, 2))
     if a.device == "cuda":
         res["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     Path(a.result).write_text(json.dumps(res, indent=2))
@@ -357,7 +380,8 @@ def child(a) -> None:
 def machine_info(device: str) -> dict:
     import torch
 
-    info = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    info = {"cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -387,7 +411,8 @@ def versions() -> dict:
     return out
 
 
-def write_prompts(a, spec: str, batch_size: int, group_size: int, workdir: Path) -> tuple[str, str, list[list[str]]]:
+def write_prompts(a, spec: str, batch_size: int, group_size: int,
+                  workdir: Path) -> tuple[str, str, list[list[str]]]:
     """The prompt file mogrpo trains on (B prompts per step, each used once) and the same
     prompts in the order mogrpo draws them, for TRL's sequential sampler."""
     from mogrpo.data.prompts import load_prompt_set, step_prompt_indices
@@ -396,13 +421,16 @@ def write_prompts(a, spec: str, batch_size: int, group_size: int, workdir: Path)
     n_steps = 1 + a.steps
     pool = load_prompt_set(spec, os.environ.get("MOGRPO_CACHE"), "train")
     if len(pool) < B * n_steps:
-        raise SystemExit(f"{len(pool)} prompts, fewer than {B * n_steps} = {B} per step x {n_steps} steps")
+        raise SystemExit(f"{len(pool)} prompts, fewer than {B * n_steps} = {B} per step x "
+                         f"{n_steps} steps")
     chosen = pool[:B * n_steps]
     workdir.mkdir(parents=True, exist_ok=True)
     prompt_file = workdir / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"id": p.id, "text": p.text, "kind": p.kind}) + "\n" for p in chosen))
+    prompt_file.write_text("".join(json.dumps({"id": p.id, "text": p.text,
+                                               "kind": p.kind}) + "\n" for p in chosen))
     kinds = [p.kind for p in chosen]
-    per_step = [[chosen[i].id for i in step_prompt_indices(kinds, B, s, 0, False)] for s in range(n_steps)]
+    per_step = [[chosen[i].id for i in step_prompt_indices(kinds, B, s, 0,
+                                                           False)] for s in range(n_steps)]
     order_file = workdir / "trl_order.json"
     order_file.write_text(json.dumps([i for step in per_step for i in step]))
     return str(prompt_file), str(order_file), per_step
@@ -422,15 +450,18 @@ def summarise(runs: list[dict], key: str) -> dict:
         phases = {p: median([ph[p] for r in rs for ph in r["phases"][1:]]) for p in PHASES}
         s[side] = {"median_step_seconds": round(median(timed), 3), "timed_steps": len(timed),
                    "median_peak_rss_mb": round(median([r["peak_rss_mb"] for r in rs]), 1),
-                   "median_rss_after_imports_mb": round(median([r["rss_after_imports_mb"] for r in rs]), 1),
+                   "median_rss_after_imports_mb": round(median([r["rss_after_imports_mb"]
+                                                                for r in rs]), 1),
                    "median_peak_rss_above_imports_mb": round(median(
                        [r["peak_rss_mb"] - r["rss_after_imports_mb"] for r in rs]), 1),
                    "median_phase_seconds": {p: round(v, 3) for p, v in phases.items()},
                    "mean_completion_length": round(statistics.fmean(
-                       [x for r in rs for x in r["completion_length_mean"][1:]] or [float("nan")]), 2),
+                       [x for r in rs for x in r["completion_length_mean"][1:]] or [float("nan")]),
+                       2),
                    "median_setup_seconds": round(median([r["setup_seconds"] for r in rs]), 2)}
         if any("peak_cuda_allocated_mb" in r for r in rs):
-            s[side]["median_peak_cuda_allocated_mb"] = round(median([r["peak_cuda_allocated_mb"] for r in rs]), 1)
+            s[side]["median_peak_cuda_allocated_mb"] = round(median([r["peak_cuda_allocated_mb"]
+                                                                     for r in rs]), 1)
     if "trl" not in s or "mogrpo" not in s:
         return s
     m, t = s["mogrpo"], s["trl"]
@@ -438,12 +469,15 @@ def summarise(runs: list[dict], key: str) -> dict:
         g = s["mogrpo-generic"]
         s["ratio_mogrpo_over_generic"] = {
             "step_seconds": round(m["median_step_seconds"] / g["median_step_seconds"], 3),
-            "reference": round(m["median_phase_seconds"]["reference"] / g["median_phase_seconds"]["reference"], 3),
+            "reference": round(m["median_phase_seconds"]["reference"]
+                               / g["median_phase_seconds"]["reference"], 3),
             "policy_forward_backward": round(m["median_phase_seconds"]["policy_forward_backward"]
-                                             / g["median_phase_seconds"]["policy_forward_backward"], 3),
+                                             / g["median_phase_seconds"]["policy_forward_backward"],
+                                             3),
             "peak_rss_mb": round(m["median_peak_rss_mb"] / g["median_peak_rss_mb"], 3)}
     s["ratio_mogrpo_over_trl"] = {
-        "reference": round(m["median_phase_seconds"]["reference"] / t["median_phase_seconds"]["reference"], 3),
+        "reference": round(m["median_phase_seconds"]["reference"]
+                           / t["median_phase_seconds"]["reference"], 3),
         "step_seconds": round(m["median_step_seconds"] / t["median_step_seconds"], 3),
         "peak_rss_mb": round(m["median_peak_rss_mb"] / t["median_peak_rss_mb"], 3),
         "peak_rss_above_imports_mb": round(m["median_peak_rss_above_imports_mb"]
@@ -458,22 +492,30 @@ def table(summary: dict, device: str) -> str:
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
     key = "median_peak_cuda_allocated_mb" if device == "cuda" else "median_peak_rss_mb"
     rkey = "peak_cuda_allocated_mb" if device == "cuda" else "peak_rss_mb"
-    lines = [(f"| run | mogrpo s/step | TRL s/step | time mogrpo/TRL | reference mogrpo/TRL | mogrpo {mem} | "
-              f"TRL {mem} | memory mogrpo/TRL | RSS above imports MB, mogrpo / TRL | completion tokens, mogrpo / TRL |"),
+    lines = [(f"| run | mogrpo s/step | TRL s/step | time mogrpo/TRL | reference mogrpo/TRL | "
+              f"mogrpo {mem} | "
+              f"TRL {mem} | memory mogrpo/TRL | RSS above imports MB, mogrpo / TRL | completion "
+              f"tokens, mogrpo / TRL |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for run, s in summary.items():
         if "ratio_mogrpo_over_trl" not in s:
             continue
         m, t, r = s["mogrpo"], s["trl"], s["ratio_mogrpo_over_trl"]
         lines.append(f"| {run} | {m['median_step_seconds']:.2f} | {t['median_step_seconds']:.2f} | "
-                     f"{r['step_seconds']:.3f} | {r['reference']:.3f} | {m[key]:.0f} | {t[key]:.0f} | {r[rkey]:.3f} | "
-                     f"{m['median_peak_rss_above_imports_mb']:.0f} / {t['median_peak_rss_above_imports_mb']:.0f} | "
+                     f"{r['step_seconds']:.3f} | {r['reference']:.3f} | {m[key]:.0f} | "
+                     f"{t[key]:.0f} | {r[rkey]:.3f} | "
+                     f"{m['median_peak_rss_above_imports_mb']:.0f} / "
+                     f"{t['median_peak_rss_above_imports_mb']:.0f} | "
                      f"{m['mean_completion_length']:.1f} / {t['mean_completion_length']:.1f} |")
-    generic = {run: s["ratio_mogrpo_over_generic"] for run, s in summary.items() if "ratio_mogrpo_over_generic" in s}
+    generic = {run: s["ratio_mogrpo_over_generic"] for run,
+               s in summary.items() if "ratio_mogrpo_over_generic" in s}
     if generic:
-        lines += ["", "mogrpo (shared prefix) / mogrpo-generic (every sequence whole), same run:", "",
-                  "| run | step | reference | policy fwd/bwd + optimizer | peak RSS |", "|---|---|---|---|---|"]
-        lines += [f"| {run} | {g['step_seconds']:.3f} | {g['reference']:.3f} | {g['policy_forward_backward']:.3f} | "
+        lines += ["", "mogrpo (shared prefix) / mogrpo-generic (every sequence whole), same run:",
+                  "",
+                  "| run | step | reference | policy fwd/bwd + optimizer | peak RSS |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {run} | {g['step_seconds']:.3f} | {g['reference']:.3f} | "
+                  f"{g['policy_forward_backward']:.3f} | "
                   f"{g['peak_rss_mb']:.3f} |" for run, g in generic.items()]
     lines += ["", "Median seconds per timed step, by phase:", "",
               "| run | side | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
@@ -481,26 +523,32 @@ def table(summary: dict, device: str) -> str:
         for side in SIDES:
             if side in s:
                 ph = s[side]["median_phase_seconds"]
-                lines.append(f"| {run} | {side} | " + " | ".join(f"{ph[p]:.2f}" for p in PHASES) + " |")
+                lines.append(f"| {run} | {side} | " + " | ".join(f"{ph[p]:.2f}" for p in PHASES)
+                             + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", default="both", choices=["lora", "full", "both"])
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per run (after 1 warm-up step)")
+    ap.add_argument("--steps", type=int, default=4,
+                    help="timed steps per run (after 1 warm-up step)")
     ap.add_argument("--repeats", type=int, default=2, help="mogrpo/TRL pairs per mode")
     ap.add_argument("--policy", default="builtin:smollm2-135m-instruct",
-                    help="a policy (builtin:, hub id, folder) or random:qwen2.5-0.5b|7b|14b (Qwen2.5's shape, random "
+                    help="a policy (builtin:, hub id, folder) or random:qwen2.5-0.5b|7b|14b "
+                         "(Qwen2.5's shape, random "
                          "weights, no download: benchmarks/random_models.py)")
     ap.add_argument("--reward-model", default=str(ROOT / "runs" / "reward-default" / "model"))
-    ap.add_argument("--prompts", default="default", help="comma-separated: 'default' (mogrpo's training prompts) "
+    ap.add_argument("--prompts", default="default",
+                    help="comma-separated: 'default' (mogrpo's training prompts) "
                     "and/or prompt files (e.g. benchmarks/results/attack_prompts.jsonl)")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (B * G)")
-    ap.add_argument("--prompts-per-step", type=int, default=0, help="B; when set, sequences per step = B * G "
+    ap.add_argument("--prompts-per-step", type=int, default=0,
+                    help="B; when set, sequences per step = B * G "
                     "for every --group-size (else --batch-size)")
     ap.add_argument("--sides", default="mogrpo,trl", help="comma-separated, of " + ", ".join(SIDES))
-    ap.add_argument("--micro-batch", type=int, default=0, help="sequences per forward/backward on both sides "
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="sequences per forward/backward on both sides "
                     "(gradient accumulation; 0 = the whole step at once)")
     ap.add_argument("--group-size", default="4", help="G, comma-separated for several")
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -512,7 +560,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_vs_trl.json"))
     ap.add_argument("--trl-generation-autocast", action="store_true",
-                    help="also wrap TRL's generation in bf16 autocast (it does not autocast there with LoRA; "
+                    help="also wrap TRL's generation in bf16 autocast (it does not autocast there "
+                         "with LoRA; "
                          "mogrpo does), to equalise precision instead of measuring TRL as it is")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
     # internal: one measurement in a child process
@@ -538,10 +587,12 @@ def main() -> None:
             raise SystemExit("--batch-size must be a multiple of --group-size")
         if a.micro_batch and batch % a.micro_batch:
             raise SystemExit("--micro-batch must divide the step's sequences")
-    from mogrpo.models import autocast_dtype
     from random_models import resolve
 
-    a.policy = resolve(a.policy, os.environ.get("MOGRPO_CACHE"))  # random:qwen2.5-7b -> a folder, built once
+    from mogrpo.models import autocast_dtype
+
+    # random:qwen2.5-7b -> a folder, built once
+    a.policy = resolve(a.policy, os.environ.get("MOGRPO_CACHE"))
     amp = autocast_dtype(torch.device(a.device), a.precision)
     workdir = Path(tempfile.mkdtemp(prefix="grpo_vs_trl-"))
     modes = ["lora", "full"] if a.mode == "both" else [a.mode]
@@ -558,24 +609,31 @@ def main() -> None:
         env["CUDA_VISIBLE_DEVICES"] = ""
     runs = []
     for rep in range(a.repeats):
-        for c, (key, spec, G, batch, mode, prompt_file, order_file, _) in enumerate(cells):
+        for c, (key, _spec, G, batch, mode, prompt_file, order_file, _) in enumerate(cells):
             for side in sides:  # A B A B
                 result = workdir / f"{side}-{c}-{rep}.json"
-                cmd = [sys.executable, __file__, "--child", side, "--mode", mode, "--repeat", str(rep),
-                       "--workdir", str(workdir), "--prompt-file", prompt_file, "--trl-order-file", order_file,
-                       "--result", str(result), "--policy", a.policy, "--reward-model", a.reward_model,
+                cmd = [sys.executable, __file__, "--child", side, "--mode", mode, "--repeat",
+                       str(rep),
+                       "--workdir", str(workdir), "--prompt-file", prompt_file, "--trl-order-file",
+                       order_file,
+                       "--result", str(result), "--policy", a.policy, "--reward-model",
+                       a.reward_model,
                        "--batch-size", str(batch), "--group-size", str(G),
                        "--micro-batch", str(a.micro_batch),
-                       "--max-new-tokens", str(a.max_new_tokens), "--beta", str(a.beta), "--lr", str(a.lr),
+                       "--max-new-tokens", str(a.max_new_tokens), "--beta", str(a.beta), "--lr",
+                       str(a.lr),
                        "--steps", str(a.steps), "--precision", a.precision, "--device", a.device,
-                       "--threads", str(a.threads)] + (["--trl-generation-autocast"] if a.trl_generation_autocast else [])
-                print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{a.repeats} {key} {side} ...",
+                       "--threads", str(a.threads)] + (["--trl-generation-autocast"]
+                                                       if a.trl_generation_autocast else [])
+                print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{a.repeats} {key} {side} "
+                      f"...",
                       file=sys.stderr, flush=True)
                 load_before = os.getloadavg()[0]
                 subprocess.run(cmd, check=True, env=env, cwd=ROOT)
                 r = json.loads(result.read_text())
                 r["key"] = key
-                r["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+                r["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0],
+                                                                               2)]
                 print(f"    steps {r['step_seconds']} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
                       f"wall {r['wall_seconds']:.0f} s, CPU utilisation {r['cpu_utilisation']}, "
                       f"load {r['loadavg_1min_before_after']}", file=sys.stderr, flush=True)
@@ -590,12 +648,18 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(a.device), "versions": versions(),
         "settings": {"policy": a.policy, "reward_model": a.reward_model, "prompts": a.prompts,
-                     "cells": [{"run": c[0], "prompts": c[1], "group_size": c[2], "batch_size": c[3],
+                     "cells": [{"run": c[0], "prompts": c[1], "group_size": c[2],
+                                "batch_size": c[3],
                                 "prompt_ids_per_step": c[7]} for c in cells], "sides": sides,
-                     "max_new_tokens": a.max_new_tokens, "beta": a.beta, "lr": a.lr, "steps": a.steps,
-                     "warmup_steps": 1, "repeats": a.repeats, "device": a.device, "threads": a.threads,
-                     "precision": str(amp or "fp32"), "trl_generation_autocast": a.trl_generation_autocast, "micro_batch": a.micro_batch or a.batch_size,
-                     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
+                     "max_new_tokens": a.max_new_tokens, "beta": a.beta, "lr": a.lr,
+                     "steps": a.steps,
+                     "warmup_steps": 1, "repeats": a.repeats, "device": a.device,
+                     "threads": a.threads,
+                     "precision": str(amp or "fp32"),
+                     "trl_generation_autocast": a.trl_generation_autocast,
+                     "micro_batch": a.micro_batch or a.batch_size,
+                     "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
+                              "target_modules": "all-linear"}},
         "summary": summary, "runs": runs,
     }
     out = Path(a.out)

@@ -20,7 +20,8 @@ import json
 import random
 
 
-def prompt_states(model, tok, texts: list[str], layers: tuple[int, ...], pool: str = "last", batch: int = 32):
+def prompt_states(model, tok, texts: list[str], layers: tuple[int, ...], pool: str = "last",
+                  batch: int = 32):
     """[N, len(layers) * D] hidden states of the last prompt token (pool 'last'), or their mean
     over the prompt's tokens (pool 'mean'); left padding."""
     import numpy as np
@@ -28,11 +29,13 @@ def prompt_states(model, tok, texts: list[str], layers: tuple[int, ...], pool: s
 
     out = []
     for s in range(0, len(texts), batch):
-        chat = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        chat = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                        add_generation_prompt=True)
                 for t in texts[s:s + batch]]
         enc = tok(chat, return_tensors="pt", padding=True, padding_side="left")
         with torch.no_grad():
-            hidden = model(**enc, output_hidden_states=True).hidden_states  # (layers + 1) x [n, T, D]
+            # (layers + 1) x [n, T, D]
+            hidden = model(**enc, output_hidden_states=True).hidden_states
         if pool == "last":
             states = [hidden[i][:, -1] for i in layers]
         else:
@@ -45,9 +48,11 @@ def prompt_states(model, tok, texts: list[str], layers: tuple[int, ...], pool: s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--train-prompts", type=int, default=800, help="training prompts the probe is fitted on (0 = all)")
+    ap.add_argument("--train-prompts", type=int, default=800,
+                    help="training prompts the probe is fitted on (0 = all)")
     ap.add_argument("--pool", choices=("last", "mean"), default="last",
-                    help="the last prompt token's state (what the first answer token is decided from) or the mean")
+                    help="the last prompt token's state (what the first answer token is decided "
+                         "from) or the mean")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -75,9 +80,11 @@ def main() -> None:
     probe = LogisticRegression(C=1.0, max_iter=3000).fit(x_train, y_train)
     pred = probe.predict(x_held)
     sources = np.array([p.source for p in held])
-    res = {"policy": args.policy, "pool": args.pool, "layers": list(layers), "train_prompts": len(train),
+    res = {"policy": args.policy, "pool": args.pool, "layers": list(layers),
+           "train_prompts": len(train),
            "accuracy": float((pred == y_held).mean()),
-           "per_set": {s: {"n": int((sources == s).sum()), "accuracy": round(float((pred == y_held)[sources == s].mean()), 3)}
+           "per_set": {s: {"n": int((sources == s).sum()),
+                           "accuracy": round(float((pred == y_held)[sources == s].mean()), 3)}
                        for s in sorted(set(sources.tolist()))}}
     print(json.dumps(res, indent=2))
 

@@ -66,27 +66,35 @@ def child(a) -> None:
 
     load_prompt_set("default", None, "train")
     overrides = json.loads(a.overrides)
-    cfg = grpo.GRPOConfig(policy=a.policy, reward_model=a.reward_model, train_prompts="default", eval_prompts="none",
-                          validation_prompts="none", batch_size=8, group_size=4, max_new_tokens=a.tokens,
+    cfg = grpo.GRPOConfig(policy=a.policy, reward_model=a.reward_model, train_prompts="default",
+                          eval_prompts="none",
+                          validation_prompts="none", batch_size=8, group_size=4,
+                          max_new_tokens=a.tokens,
                           micro_batch_size=4, steps=1,
-                          guided_samples=0, save_every=0, sample_every=0, report_to=[], precision="auto",
+                          guided_samples=0, save_every=0, sample_every=0, report_to=[],
+                          precision="auto",
                           **overrides)
     out = Path(a.workdir) / "run"
     grpo.train_grpo(cfg, out, show_progress=False)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shape = QWEN25[a.policy_size]
     cost = json.loads((out / "cost.json").read_text())
-    setting = Setting(lora_r=cfg.lora_r, policy_dtype=cfg.policy_dtype, amp=cost["precision"] != "fp32",
-                      gradient_checkpointing=cfg.gradient_checkpointing, micro_batch_size=cfg.micro_batch_size,
+    setting = Setting(lora_r=cfg.lora_r, policy_dtype=cfg.policy_dtype,
+                      amp=cost["precision"] != "fp32",
+                      gradient_checkpointing=cfg.gradient_checkpointing,
+                      micro_batch_size=cfg.micro_batch_size,
                       prompt_tokens=a.prompt_tokens, completion_tokens=cfg.max_new_tokens,
                       sequences_sampled=cfg.batch_size, group_size=cfg.group_size,
                       shared_prefix=cost.get("forward_path") == "shared_prefix")
     parts = plan(shape, setting)
-    res = {"measured_mb": round(peak_rss - marks["rss_before_mb"], 1), "rss_before_mb": marks["rss_before_mb"],
+    res = {"measured_mb": round(peak_rss - marks["rss_before_mb"], 1),
+           "rss_before_mb": marks["rss_before_mb"],
            "peak_rss_mb": peak_rss, "predicted_mb": round(parts["total"] / 2 ** 20, 1),
-           "parts_mb": {k: round(v / 2 ** 20, 1) for k, v in parts.items()}, "precision": cost["precision"]}
+           "parts_mb": {k: round(v / 2 ** 20, 1) for k, v in parts.items()},
+           "precision": cost["precision"]}
     if torch.cuda.is_available():
-        res["measured_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20 - marks["cuda_before_mb"], 1)
+        res["measured_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20
+                                   - marks["cuda_before_mb"], 1)
     Path(a.result).write_text(json.dumps(res))
 
 
@@ -95,10 +103,14 @@ def main() -> None:
     ap.add_argument("--policy", default="random:qwen2.5-0.5b")
     ap.add_argument("--reward-model", default=str(ROOT / "runs" / "reward-default" / "model"))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--tokens", type=int, default=32, help="max_new_tokens (random weights never stop early)")
-    ap.add_argument("--prompt-tokens", type=int, default=64, help="the longest chat-formatted prompt of a batch "
-                                                                  "(the default prompts: 40-70 tokens)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_plan_check.json"))
+    ap.add_argument("--tokens", type=int, default=32,
+                    help="max_new_tokens (random weights never stop early)")
+    ap.add_argument("--prompt-tokens", type=int, default=64,
+                    help="the longest chat-formatted prompt of a batch "
+                                                                  "(the default prompts: 40-70 "
+                                                                  "tokens)")
+    ap.add_argument("--out",
+                    default=str(ROOT / "benchmarks" / "results" / "memory_plan_check.json"))
     for name in ("--child", "--overrides", "--workdir", "--result", "--policy-size"):
         ap.add_argument(name, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -117,9 +129,12 @@ def main() -> None:
     for name, overrides in SETTINGS.items():
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "r.json"
-            cmd = [sys.executable, __file__, "--child", "1", "--overrides", json.dumps(overrides), "--workdir", tmp,
-                   "--result", str(result), "--policy", policy, "--policy-size", size, "--reward-model",
-                   a.reward_model, "--tokens", str(a.tokens), "--prompt-tokens", str(a.prompt_tokens)]
+            cmd = [sys.executable, __file__, "--child", "1", "--overrides", json.dumps(overrides),
+                   "--workdir", tmp,
+                   "--result", str(result), "--policy", policy, "--policy-size", size,
+                   "--reward-model",
+                   a.reward_model, "--tokens", str(a.tokens), "--prompt-tokens",
+                   str(a.prompt_tokens)]
             t = time.time()
             subprocess.run(cmd, check=True, env=env, cwd=ROOT)
             rows[name] = {**json.loads(result.read_text()), "seconds": round(time.time() - t, 1)}
@@ -132,7 +147,8 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(report, indent=2))
     print("| setting | planned MB | measured MB | measured / planned |\n|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['predicted_mb']:.0f} | {r['measured_mb']:.0f} | {r['measured_mb'] / r['predicted_mb']:.2f} |")
+        print(f"| {name} | {r['predicted_mb']:.0f} | {r['measured_mb']:.0f} | "
+              f"{r['measured_mb'] / r['predicted_mb']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ GROUPS = {  # operator -> what it does (anything else: "other small ops")
     "matmuls (weights)": {"aten::mm", "aten::addmm"},
     "attention": {"aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_attention_math", "aten::baddbmm"},
-    "sampling draws": {"aten::exponential_", "aten::multinomial", "aten::cumsum", "aten::searchsorted",
+    "sampling draws": {"aten::exponential_", "aten::multinomial", "aten::cumsum",
+                       "aten::searchsorted",
                        "aten::uniform_", "aten::argmax", "aten::_softmax", "aten::sort"},
-    "copies and casts": {"aten::copy_", "aten::_to_copy", "aten::cat", "aten::index_put_", "aten::clone",
+    "copies and casts": {"aten::copy_", "aten::_to_copy", "aten::cat", "aten::index_put_",
+                         "aten::clone",
                          "aten::empty_strided", "aten::empty", "aten::resize_"},
 }
 
@@ -48,32 +50,34 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=12, help="operators listed per engine")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "profile_rollout.json"))
+    ap.add_argument("--out",
+                    default=str(Path(__file__).parent / "results" / "profile_rollout.json"))
     args = ap.parse_args()
 
+    from random_models import resolve
     from torch.profiler import ProfilerActivity, profile
 
     from mogrpo.data.prompts import load_prompt_set
     from mogrpo.models import MergedGenerationCopy, autocast_dtype, cast_frozen_linears, load_policy
     from mogrpo.rollout import generate_rollout
 
-    from random_models import resolve
-
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     amp = autocast_dtype(device, "auto")
     torch.manual_seed(0)
-    model, tok = load_policy(resolve(args.policy, os.environ.get("MOGRPO_CACHE")), lora_r=16, lora_alpha=32)
+    model, tok = load_policy(resolve(args.policy, os.environ.get("MOGRPO_CACHE")), lora_r=16,
+                             lora_alpha=32)
     model.eval()
     cast_frozen_linears(model, amp)
     merged = MergedGenerationCopy(model, amp).sync()
     prompts = load_prompt_set("default", None, "train")[: args.prompts]
     texts, kinds = [p.text for p in prompts], [p.kind for p in prompts]
     ctx = (lambda: torch.autocast("cpu", dtype=amp)) if amp else nullcontext
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": vars(args), "engines": {}}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": vars(args),
+              "engines": {}}
     for label, engine, m in (("before: generate on a merged copy", "generate", merged),
                              ("after: mogrpo's engine on the policy", "mogrpo", model)):
-        def run():
+        def run(m=m, engine=engine):
             with ctx():
                 return generate_rollout(m, tok, texts, kinds, group_size=args.group_size,
                                         max_new_tokens=args.max_new_tokens, engine=engine)
@@ -89,8 +93,10 @@ def main() -> None:
             groups[group_of(name)] = groups.get(group_of(name), 0.0) + s
         steps = ro.completion_ids.shape[1]
         result["engines"][label] = {
-            "wall_seconds_profiled": round(wall, 3), "decoding_steps": steps, "self_cpu_seconds": round(total, 3),
-            "groups_seconds": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "wall_seconds_profiled": round(wall, 3), "decoding_steps": steps,
+            "self_cpu_seconds": round(total, 3),
+            "groups_seconds": {k: round(v, 3) for k, v in sorted(groups.items(),
+                                                                 key=lambda kv: -kv[1])},
             "top_ops": [{"op": n, "self_seconds": round(s, 3), "calls": c}
                         for n, s, c in sorted(ops, key=lambda o: -o[1])[: args.top]]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -100,12 +106,15 @@ def main() -> None:
                    key=lambda g: -result["engines"][labels[0]]["groups_seconds"].get(g, 0))
     print("| self CPU seconds | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels))
     for g in names:
-        print(f"| {g} | " + " | ".join(f"{result['engines'][lab]['groups_seconds'].get(g, 0):.3f}" for lab in labels)
+        print(f"| {g} | " + " | ".join(f"{result['engines'][lab]['groups_seconds'].get(g, 0):.3f}"
+                                       for lab in labels)
               + " |")
-    print("| **all operators** | " + " | ".join(f"**{result['engines'][lab]['self_cpu_seconds']:.3f}**"
-                                             for lab in labels) + " |")
-    print("| wall (profiled) | " + " | ".join(f"{result['engines'][lab]['wall_seconds_profiled']:.3f}"
-                                            for lab in labels) + " |")
+    print("| **all operators** | "
+          + " | ".join(f"**{result['engines'][lab]['self_cpu_seconds']:.3f}**" for lab in labels)
+          + " |")
+    print("| wall (profiled) | "
+          + " | ".join(f"{result['engines'][lab]['wall_seconds_profiled']:.3f}" for lab in labels)
+          + " |")
     for lab in labels:
         print(f"\n{lab}: top operators\n\n| op | self s | calls |\n|---|---|---|")
         for o in result["engines"][lab]["top_ops"]:

@@ -38,9 +38,11 @@ def resolve(spec: str, cache: str | os.PathLike | None = None) -> str:
     s = QWEN25[size]
     tok = AutoTokenizer.from_pretrained(resolve_policy_path("builtin:smollm2-135m-instruct", cache))
     config = Qwen2Config(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
-                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                         num_key_value_heads=s.kv_heads,
                          tie_word_embeddings=s.tied, max_position_embeddings=32768, rope_theta=1e6,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):

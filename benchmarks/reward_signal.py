@@ -18,12 +18,14 @@ import json
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", required=True, help="a reward model folder (repeatable)")
+    ap.add_argument("--model", action="append", required=True,
+                    help="a reward model folder (repeatable)")
     ap.add_argument("--seed", type=int, default=0, help="the reward data's split seed")
     args = ap.parse_args()
 
+    from mogrpo.reward.data import load_reward_data
     from mogrpo.reward.model import MultiAspectRewardModel
-    from mogrpo.reward.train import RewardTrainConfig, load_reward_data, on_policy_validation
+    from mogrpo.reward.train import RewardTrainConfig, on_policy_validation
 
     data = load_reward_data(RewardTrainConfig(data=["onpolicy"], seed=args.seed))
     out = {}

@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reward_throughput.json"))
+    ap.add_argument("--out",
+                    default=str(Path(__file__).parent / "results" / "reward_throughput.json"))
     args = ap.parse_args()
 
     from mogrpo.assets import default_backbone_dir
@@ -47,7 +48,8 @@ def main() -> None:
         model.spec.max_length = args.max_length
     else:
         model = MultiAspectRewardModel.from_backbone(
-            str(default_backbone_dir()), ["safety", "actionability", "politeness", "meaningfulness"],
+            str(default_backbone_dir()), ["safety", "actionability", "politeness",
+                                          "meaningfulness"],
             max_length=args.max_length, seed=0)
     model.eval()
     dtype = autocast_dtype(torch.device("cpu"), args.precision)
@@ -82,10 +84,12 @@ def main() -> None:
     ta, tb = statistics.median(a), statistics.median(b)
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu_threads": args.threads, "cores": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu_threads": args.threads, "cores": os.cpu_count(),
+                    "platform": platform.platform(),
                     "processor": platform.processor()},
         "settings": {"n": args.n, "batch_size": args.batch_size, "max_length": args.max_length,
-                     "precision": str(dtype or "fp32"), "model": args.model or "fresh head, MiniLM"},
+                     "precision": str(dtype or "fp32"),
+                     "model": args.model or "fresh head, MiniLM"},
         "mogrpo_score_per_s": round(args.n / ta, 1),
         "bare_backbone_forward_per_s": round(args.n / tb, 1),
         "time_ratio_mogrpo_over_bare": round(ta / tb, 3),

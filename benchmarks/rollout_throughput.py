@@ -47,14 +47,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout_throughput.json"))
+    ap.add_argument("--out",
+                    default=str(Path(__file__).parent / "results" / "rollout_throughput.json"))
     args = ap.parse_args()
 
-    from mogrpo.models import MergedGenerationCopy, autocast_dtype, cast_frozen_linears, load_policy
-    from mogrpo.data.prompts import load_prompt_set
-    from mogrpo.rollout import _eos_ids, chat_texts, generate_rollout
-
     from random_models import resolve
+
+    from mogrpo.data.prompts import load_prompt_set
+    from mogrpo.models import MergedGenerationCopy, autocast_dtype, cast_frozen_linears, load_policy
+    from mogrpo.rollout import _eos_ids, chat_texts, generate_rollout
 
     torch.set_num_threads(args.threads)
     if args.device == "auto":
@@ -72,21 +73,26 @@ def main() -> None:
     prompts = load_prompt_set("default", None, "train")[: args.prompts]
     texts, kinds = [p.text for p in prompts], [p.kind for p in prompts]
     G, L = args.group_size, args.max_new_tokens
-    enc = tok(chat_texts(tok, texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    enc = tok(chat_texts(tok, texts), return_tensors="pt", padding=True,
+              add_special_tokens=False).to(device)
     eos = sorted(_eos_ids(model, tok))
 
     def ours() -> tuple[float, int]:
         t = time.perf_counter()
         with ctx():
-            ro = generate_rollout(model, tok, texts, kinds, group_size=G, max_new_tokens=L, seed=0, step=0)
+            ro = generate_rollout(model, tok, texts, kinds, group_size=G, max_new_tokens=L, seed=0,
+                                  step=0)
         return time.perf_counter() - t, ro.completion_ids.numel()
 
     def bare(m) -> tuple[float, int]:
         t = time.perf_counter()
-        torch.manual_seed(hash((0, 0, 0)) % (2 ** 31))  # the seed generate_rollout uses for this chunk
+        # the seed generate_rollout uses for this chunk
+        torch.manual_seed(hash((0, 0, 0)) % (2 ** 31))
         with torch.no_grad(), ctx():
-            out = m.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=L,
-                             num_return_sequences=G, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+            out = m.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                             max_new_tokens=L,
+                             num_return_sequences=G, pad_token_id=tok.pad_token_id,
+                             eos_token_id=eos)
         return time.perf_counter() - t, out[:, enc["input_ids"].shape[1]:].numel()
 
     merged = MergedGenerationCopy(model, amp).sync() if args.lora_r else model
@@ -100,10 +106,13 @@ def main() -> None:
     tps_b = statistics.median(n / s for s, n in b)
     tps_c = statistics.median(n / s for s, n in c)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
-    res = {"date": time.strftime("%Y-%m-%d"), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                                          "processor": platform.processor(), "device": str(device),
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": {"cpu_count": os.cpu_count(),
+                                                          "platform": platform.platform(),
+                                                          "processor": platform.processor(),
+                                                          "device": str(device),
                                                           "gpu": gpu},
-           "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "autocast": str(amp)},
+           "settings": {**{k: v for k, v in vars(args).items() if k != "out"},
+                        "autocast": str(amp)},
            "mogrpo_tokens_per_s": round(tps_a, 1), "bare_generate_tokens_per_s": round(tps_b, 1),
            "ratio_mogrpo_over_bare": round(tps_a / tps_b, 3),
            "bare_generate_merged_copy_tokens_per_s": round(tps_c, 1),

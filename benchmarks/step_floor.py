@@ -42,10 +42,12 @@ def shapes(cfg) -> dict[str, tuple[int, int]]:
     h, i = cfg.hidden_size, cfg.intermediate_size
     hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    return {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
+    return {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i),
+            "down": (i, h)}
 
 
-def gemm_throughput(cfg, tokens: int, dtype: torch.dtype | None, repeats: int = 5) -> dict[str, float]:
+def gemm_throughput(cfg, tokens: int, dtype: torch.dtype | None, repeats: int = 5) -> dict[str,
+                                                                                           float]:
     """FLOP/s of x [tokens, in] @ W [in, out] for each layer shape and the LM head, in the
     run's precision (bf16 autocast = bf16 operands), the best of `repeats`."""
     out = {}
@@ -89,7 +91,8 @@ def step_phases(cfg, prompts: list[int], G: int, L: float, lora_r: int, tput) ->
     B = len(prompts)
     N = B * G
     P_tok = float(sum(prompts))
-    # causal pairs: a prompt of p tokens p(p+1)/2; a completion of L tokens after its prompt L*p + L(L+1)/2
+    # causal pairs: a prompt of p tokens p(p+1)/2; a completion of L tokens after its prompt L*p +
+    # L(L+1)/2
     prompt_pairs = sum(p * (p + 1) / 2 for p in prompts)
     comp_pairs = sum(G * (L * p + L * (L + 1) / 2) for p in prompts)
     fwd = forward_flops(cfg, P_tok + N * L, prompt_pairs + comp_pairs, N * L, lora_r)
@@ -98,13 +101,15 @@ def step_phases(cfg, prompts: list[int], G: int, L: float, lora_r: int, tput) ->
     ref = forward_flops(cfg, P_tok + N * L, prompt_pairs + comp_pairs, N * L, 0)
     out = {}
     for name, f in (("generation", gen), ("reference", ref), ("policy_forward_backward", fb)):
-        out[name] = {"gflop": round(sum(f.values()) / 1e9, 2), "floor_seconds": round(floor_seconds(f, tput), 3)}
+        out[name] = {"gflop": round(sum(f.values()) / 1e9, 2),
+                     "floor_seconds": round(floor_seconds(f, tput), 3)}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "grpo_vs_trl_long.json"))
+    ap.add_argument("--results",
+                    default=str(ROOT / "benchmarks" / "results" / "grpo_vs_trl_long.json"))
     ap.add_argument("--side", default="mogrpo")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_floor.json"))
     a = ap.parse_args()
@@ -124,7 +129,8 @@ def main() -> None:
     results = Path(a.results).resolve()
     shown = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results.name
     report = {"results": str(shown), "side": a.side, "precision": str(dtype or "fp32"), "runs": {}}
-    lines = ["| run | phase | measured s | GFLOP | floor s | measured / floor |", "|---|---|---|---|---|---|"]
+    lines = ["| run | phase | measured s | GFLOP | floor s | measured / floor |",
+             "|---|---|---|---|---|---|"]
     for cell in st["cells"]:
         run = cell["run"]
         if not run.startswith("lora") or a.side not in res["summary"][run]:
@@ -134,7 +140,8 @@ def main() -> None:
         steps = cell["prompt_ids_per_step"][1:]  # the timed steps
         lengths = [[len(tok(t, add_special_tokens=False)["input_ids"])
                     for t in chat_texts(tok, [pool[i] for i in ids])] for ids in steps]
-        prompts = [round(sum(col) / len(col)) for col in zip(*lengths)]  # mean per slot over the timed steps
+        # mean per slot over the timed steps
+        prompts = [round(sum(col) / len(col)) for col in zip(*lengths)]
         G, L = cell["group_size"], s["mean_completion_length"]
         tput = gemm_throughput(cfg, int(sum(prompts) + len(prompts) * G * L), dtype)
         phases = step_phases(cfg, prompts, G, L, 16, tput)
@@ -143,7 +150,8 @@ def main() -> None:
             ph["measured_over_floor"] = round(ph["measured_seconds"] / ph["floor_seconds"], 1)
             lines.append(f"| {run} | {name} | {ph['measured_seconds']:.2f} | {ph['gflop']:.0f} | "
                          f"{ph['floor_seconds']:.2f} | {ph['measured_over_floor']:.1f} |")
-        report["runs"][run] = {"prompt_tokens": prompts, "group_size": G, "mean_completion_length": L,
+        report["runs"][run] = {"prompt_tokens": prompts, "group_size": G,
+                               "mean_completion_length": L,
                                "gemm_gflops_per_s": {k: round(v / 1e9, 1) for k, v in tput.items()},
                                "phases": phases}
     Path(a.out).write_text(json.dumps(report, indent=2))

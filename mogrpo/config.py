@@ -25,7 +25,8 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message says what to change."""
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING):
+def field(default: Any = dataclasses.MISSING, *, help: str,
+          default_factory: Any = dataclasses.MISSING):
     """A dataclass field that carries its help text."""
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={"help": help})
@@ -90,7 +91,8 @@ def _coerce(cls_name: str, name: str, tp: Any, value: Any) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build dataclass `cls` from a plain dict, rejecting unknown keys with the list of valid ones."""
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys with the list of valid
+    ones."""
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -126,12 +128,14 @@ def resolve_aliases(cls: type, data: dict[str, Any], names: set[str]) -> dict[st
         targets = (aliases[key],) if isinstance(aliases[key], str) else aliases[key]
         for target in targets:
             if target in out:
-                raise ConfigError(f"{cls.__name__}: {key!r} is another name for {target!r}; give only one of them")
+                raise ConfigError(f"{cls.__name__}: {key!r} is another name for {target!r}; give "
+                                  f"only one of them")
             out[target] = value
     return out
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
+def load_config(cls: type[T], path: str | os.PathLike | None,
+                overrides: list[str] | None = None) -> T:
     """Read YAML at `path` (may be None for the defaults), apply overrides, build `cls`."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -160,7 +164,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file so that readers see either the old or the new content, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # runfolder cleans stale ones
+    # runfolder cleans stale ones
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -182,7 +187,8 @@ def atomic_folder(path: str | os.PathLike):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))  # runfolder cleans stale ones
+    # runfolder cleans stale ones
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         yield tmp
         if path.exists():
@@ -193,7 +199,8 @@ def atomic_folder(path: str | os.PathLike):
             shutil.rmtree(tmp)
 
 
-def reconcile_resume(cfg: T, saved_path: str | os.PathLike, may_change: set[str]) -> tuple[T, list[str]]:
+def reconcile_resume(cfg: T, saved_path: str | os.PathLike,
+                     may_change: set[str]) -> tuple[T, list[str]]:
     """The config a resumed run continues with, and one line per key that differs from the
     run's saved config.yaml (`saved_path`): keys in `may_change` (how long, how often to save
     or log, threads, ...) take the new value; every other key keeps the run's own value, since
@@ -202,7 +209,8 @@ def reconcile_resume(cfg: T, saved_path: str | os.PathLike, may_change: set[str]
     try:
         saved = yaml.safe_load(Path(saved_path).read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{saved_path}: the run's saved config is unreadable ({exc}); resume needs it "
+        raise ConfigError(f"{saved_path}: the run's saved config is unreadable ({exc}); resume "
+                          f"needs it "
                           f"(or start a new run in another folder)") from None
     new, merged, notes = to_dict(cfg), {}, []
     for key, value in new.items():
@@ -213,8 +221,10 @@ def reconcile_resume(cfg: T, saved_path: str | os.PathLike, may_change: set[str]
             notes.append(f"{key}: {saved[key]!r} -> {value!r} (the new value is used)")
         else:
             merged[key] = saved[key]
-            notes.append(f"{key}: the run was started with {saved[key]!r}; {value!r} is ignored and the run keeps "
-                         f"{saved[key]!r} (its checkpoint was made with it; start a new run in another folder "
+            notes.append(f"{key}: the run was started with {saved[key]!r}; {value!r} is ignored "
+                         f"and the run keeps "
+                         f"{saved[key]!r} (its checkpoint was made with it; start a new run in "
+                         f"another folder "
                          f"to change it)")
     return (from_dict(type(cfg), merged) if notes else cfg), notes
 

@@ -82,7 +82,8 @@ def unsupported(model) -> str | None:
         if hasattr(m, "lora_A"):
             if not isinstance(getattr(m, "base_layer", None), torch.nn.Linear):
                 return f"a LoRA adapter on {name}, which is not a Linear layer"
-            if any(getattr(m, "use_dora", {}).values()) or any(getattr(m, "lora_bias", {}).values()):
+            if any(getattr(m, "use_dora", {}).values()) or any(getattr(m, "lora_bias",
+                                                                       {}).values()):
                 return f"a DoRA or bias-carrying LoRA adapter on {name}"
         elif hasattr(m, "modules_to_save"):
             return f"a PEFT modules_to_save copy of {name}"
@@ -100,7 +101,8 @@ def write_linear(module: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
     if base is not None and not module.merged and not module.disable_adapters:
         for adapter in module.active_adapters:
             if adapter in module.lora_A:
-                out.add_(module.get_delta_weight(adapter).detach())  # computed in fp32, rounded once
+                # computed in fp32, rounded once
+                out.add_(module.get_delta_weight(adapter).detach())
     return out
 
 
@@ -133,7 +135,8 @@ def _fuse(modules: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor
     biases = [_bias(m) for m in modules]
     if all(b is None for b in biases):
         return w, None
-    return w, torch.cat([(b.detach() if b is not None else torch.zeros(r, device=w.device)).to(dtype)
+    return w, torch.cat([(b.detach() if b is not None else torch.zeros(r,
+                                                                       device=w.device)).to(dtype)
                          for b, r in zip(biases, rows)])
 
 
@@ -158,7 +161,8 @@ class DecoderWeights:
         cfg, body = base.config, base.model
         attn = body.layers[0].self_attn
         self.dtype = dtype
-        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+        self.heads, self.kv_heads, self.head_dim = (cfg.num_attention_heads,
+                                                    cfg.num_key_value_heads, attn.head_dim)
         self.scale = attn.scaling
         self.eps = cfg.rms_norm_eps
         self.embed = body.embed_tokens.weight.detach()  # [V, h]
@@ -173,7 +177,8 @@ class DecoderWeights:
                 gate_up, _ = _fuse([m.gate_proj, m.up_proj], dtype)
                 down, _ = _fuse([m.down_proj], dtype)
                 self.layers.append(_Layer(layer.input_layernorm.weight.detach(), qkv, qkv_b, o, o_b,
-                                          layer.post_attention_layernorm.weight.detach(), gate_up, down))
+                                          layer.post_attention_layernorm.weight.detach(), gate_up,
+                                          down))
             head, head_b = _fuse([base.get_output_embeddings()], dtype)
         self.head, self.head_b = head, head_b  # [V, h]
 
@@ -197,9 +202,11 @@ class DecoderWeights:
         """q [R, S, H, d] and k, v [R, S, KV, d] in the compute dtype, rotary applied to q, k."""
         R, S, _ = x.shape
         H, KV, d = self.heads, self.kv_heads, self.head_dim
-        qkv = F.linear(self._rms(x, layer.ln1).to(self.dtype), layer.qkv, layer.qkv_b)  # [R, S, (H + 2 KV) d]
+        # [R, S, (H + 2 KV) d]
+        qkv = F.linear(self._rms(x, layer.ln1).to(self.dtype), layer.qkv, layer.qkv_b)
         qk = qkv[..., :(H + KV) * d].view(R, S, H + KV, d)
-        qk = (qk * cos + qk.roll(d // 2, dims=-1) * sin).to(self.dtype)  # rotary in cos/sin's dtype, as Llama's
+        # rotary in cos/sin's dtype, as Llama's
+        qk = (qk * cos + qk.roll(d // 2, dims=-1) * sin).to(self.dtype)
         return qk[:, :, :H], qk[:, :, H:], qkv[..., (H + KV) * d:].view(R, S, KV, d)
 
     def _mlp_out(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -228,10 +235,12 @@ class DecoderWeights:
         def buf(n, t):
             return torch.empty(n, self.kv_heads, t, self.head_dim, dtype=self.dtype, device=device)
         if repeat > 1 and P >= self.SHARED_PROMPT_MIN:
-            return [(buf(R, P), buf(R, P), buf(R * repeat, L), buf(R * repeat, L)) for _ in self.layers]
+            return [(buf(R, P), buf(R, P), buf(R * repeat, L), buf(R * repeat,
+                                                                   L)) for _ in self.layers]
         return [(None, None, buf(R * repeat, P + L), buf(R * repeat, P + L)) for _ in self.layers]
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: list) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: list) -> torch.Tensor:
         """Run the R left-padded prompts [R, P] once; write their keys/values into the prompt
         part of `cache` (`new_cache`); last hidden [R, h]."""
         R, P = input_ids.shape
@@ -253,8 +262,10 @@ class DecoderWeights:
                 N = sk.shape[0]
                 sk.view(R, N // R, *sk.shape[1:])[:, :, :, :P] = k.transpose(1, 2)[:, None]
                 sv.view(R, N // R, *sv.shape[1:])[:, :, :, :P] = v.transpose(1, 2)[:, None]
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  attn_mask=allowed, scale=self.scale, enable_gqa=True)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                  v.transpose(1, 2),
+                                                  attn_mask=allowed, scale=self.scale,
+                                                  enable_gqa=True)
             x = self._mlp_out(layer, x, attn.transpose(1, 2).reshape(R, P, -1))
         return x[:, -1]
 
@@ -285,12 +296,16 @@ class DecoderWeights:
             qg = q.view(R, G, KV, g, d).transpose(1, 2).reshape(R * KV, G * g, d)
             s_prompt = torch.bmm(qg, pk.view(R * KV, P, d).transpose(1, 2))  # [R KV, G g, P]
             s_prompt = s_prompt.view(R, KV, G, g, P).transpose(1, 2).reshape(N, KV, g, P)
-            s_own = torch.bmm(q.reshape(N * KV, g, d), sk[:, :, :t].reshape(N * KV, t, d).transpose(1, 2))
+            s_own = torch.bmm(q.reshape(N * KV, g, d), sk[:, :, :t].reshape(N * KV, t,
+                                                                            d).transpose(1, 2))
             scores = torch.cat([s_prompt, s_own.view(N, KV, g, t)], -1)  # [N, KV, g, P + t]
             probs = (scores.float() * self.scale + bias).softmax(-1).to(self.dtype)
-            p_prompt = probs[..., :P].reshape(R, G, KV, g, P).transpose(1, 2).reshape(R * KV, G * g, P)
-            a_prompt = torch.bmm(p_prompt, pv.view(R * KV, P, d)).view(R, KV, G, g, d).transpose(1, 2)
-            a_own = torch.bmm(probs[..., P:].reshape(N * KV, g, t), sv[:, :, :t].reshape(N * KV, t, d))
+            p_prompt = probs[..., :P].reshape(R, G, KV, g, P).transpose(1, 2).reshape(R * KV, G * g,
+                                                                                      P)
+            a_prompt = torch.bmm(p_prompt, pv.view(R * KV, P, d)).view(R, KV, G, g, d).transpose(1,
+                                                                                                 2)
+            a_own = torch.bmm(probs[..., P:].reshape(N * KV, g, t), sv[:, :, :t].reshape(N * KV, t,
+                                                                                         d))
             attn = a_prompt.reshape(N, KV, g, d) + a_own.view(N, KV, g, d)
             x = self._mlp_out(layer, x, attn.reshape(N, 1, H * d))
         return x[:, 0]
@@ -304,7 +319,8 @@ class DecoderWeights:
         ck[:, :, t - 1] = k[:, 0]
         cv[:, :, t - 1] = v[:, 0]
         keys = ck[:, :, :t].reshape(N * KV, t, d)
-        scores = torch.bmm(q.reshape(N * KV, H // KV, d), keys.transpose(1, 2)).view(N, KV, H // KV, t)
+        scores = torch.bmm(q.reshape(N * KV, H // KV, d), keys.transpose(1, 2)).view(N, KV, H // KV,
+                                                                                     t)
         probs = (scores.float() * self.scale + bias).softmax(-1).to(self.dtype)
         attn = torch.bmm(probs.view(N * KV, H // KV, t), cv[:, :, :t].reshape(N * KV, t, d))
         return self._mlp_out(layer, x, attn.view(N, 1, H * d))
@@ -319,14 +335,16 @@ def compute_dtype(model) -> torch.dtype:
     return weight.dtype
 
 
-def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, cdf: torch.Tensor | None = None) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor,
+                cdf: torch.Tensor | None = None) -> torch.Tensor:
     """Token ids [N]: for each row of probs [N, V] (unnormalised, >= 0), the token whose
     interval of the cumulative distribution holds u [N] in (0, 1] of the total mass. The
     sum runs in fp64, so every token keeps its probability to ~1e-16 and a zero-probability
     token is never returned. `cdf`: an fp64 [N, V] buffer to reuse (a fresh 6 MB tensor per
     step costs its page faults again: ~3 ms at 16 x 49k on CPU)."""
     cdf = torch.cumsum(probs, -1, dtype=torch.float64, out=cdf)  # [N, V]
-    return torch.searchsorted(cdf, (u.to(torch.float64) * cdf[:, -1])[:, None]).squeeze(1).clamp(max=probs.shape[1] - 1)
+    return (torch.searchsorted(cdf, (u.to(torch.float64) * cdf[:, -1])[:, None]).squeeze(1)
+            .clamp(max=probs.shape[1] - 1))
 
 
 def next_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float, top_p: float,
@@ -360,8 +378,9 @@ def next_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float, top_p
 
 
 @torch.no_grad()
-def sample(weights: DecoderWeights, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, repeat: int,
-           max_new_tokens: int, eos_ids: set[int], pad_id: int, greedy: bool = False, temperature: float = 1.0,
+def sample(weights: DecoderWeights, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+           repeat: int, max_new_tokens: int, eos_ids: set[int], pad_id: int, greedy: bool = False,
+           temperature: float = 1.0,
            top_p: float = 1.0, draws: str = "inverse_cdf") -> torch.Tensor:
     """New tokens [R * repeat, L'] for R left-padded prompts [R, P] (row r * repeat + j is
     sample j of prompt r), L' <= max_new_tokens: pad after a row's first EOS; stops when
@@ -370,18 +389,23 @@ def sample(weights: DecoderWeights, input_ids: torch.Tensor, attention_mask: tor
     N, T = R * repeat, P + max_new_tokens
     device = input_ids.device
     cache = weights.new_cache(R, repeat, P, max_new_tokens, device)
-    bias = torch.zeros(N, 1, 1, T, device=device)  # 0 on visible keys, -inf on the prompts' left padding
-    bias[:, 0, 0, :P].masked_fill_(~attention_mask.bool().repeat_interleave(repeat, 0), float("-inf"))
-    position = attention_mask.long().sum(-1).repeat_interleave(repeat, 0)  # [N]: the next token's position
+    # 0 on visible keys, -inf on the prompts' left padding
+    bias = torch.zeros(N, 1, 1, T, device=device)
+    bias[:, 0, 0, :P].masked_fill_(~attention_mask.bool().repeat_interleave(repeat, 0),
+                                   float("-inf"))
+    # [N]: the next token's position
+    position = attention_mask.long().sum(-1).repeat_interleave(repeat, 0)
     eos = torch.tensor(sorted(eos_ids), device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    cdf = None if greedy or draws != "inverse_cdf" else torch.empty(N, weights.head.shape[0], dtype=torch.float64,
+    cdf = None if greedy or draws != "inverse_cdf" else torch.empty(N, weights.head.shape[0],
+                                                                    dtype=torch.float64,
                                                                       device=device)
     sampling = dict(greedy=greedy, temperature=temperature, top_p=top_p, draws=draws, cdf=cdf)
     with torch.autocast(device.type, enabled=False):  # dtypes are explicit here
         logits = weights.logits(weights.prefill(input_ids, attention_mask, cache))  # [R, V]
-        logits = logits.repeat_interleave(repeat, 0)  # [N, V]: the group's samples share the prefill
+        # [N, V]: the group's samples share the prefill
+        logits = logits.repeat_interleave(repeat, 0)
         steps = 0
         for s in range(max_new_tokens):
             tok = torch.where(done, pad_id, next_tokens(logits, **sampling))
@@ -390,11 +414,13 @@ def sample(weights: DecoderWeights, input_ids: torch.Tensor, attention_mask: tor
             steps = s + 1
             if s + 1 == max_new_tokens or bool(done.all()):
                 break
-            logits = weights.logits(weights.step(tok, position + s, s, cache, bias[..., :P + s + 1]))
+            logits = weights.logits(weights.step(tok, position + s, s, cache, bias[...,
+                                                                                   :P + s + 1]))
     return out[:, :steps]
 
 
-_KEPT: dict[int, tuple | None] = {}  # id(model) -> (signature, DecoderWeights) inside `keep_weights`
+# id(model) -> (signature, DecoderWeights) inside `keep_weights`
+_KEPT: dict[int, tuple | None] = {}
 
 
 @contextmanager

@@ -76,7 +76,8 @@ class Shape:
 
     def linear_params(self) -> int:
         """Parameters in Linear layers: the decoder layers' (+ the output head when untied)."""
-        per_layer = sum(a * b for a, b in self.linears()) + (self.hidden + 2 * self.kv_dim if self.qkv_bias else 0)
+        per_layer = (sum(a * b for a, b in self.linears())
+                     + (self.hidden + 2 * self.kv_dim if self.qkv_bias else 0))
         return self.layers * per_layer + (0 if self.tied else self.vocab * self.hidden)
 
     def params(self) -> int:
@@ -156,8 +157,9 @@ def plan(shape: Shape, s: Setting) -> dict[str, float]:
         out["merged generation copy"] = 0.0
         # the engine's snapshot in the compute dtype (fp32 storage under autocast: a bf16 copy
         # of the layers and of a tied head; bf16 storage: the fused q/k/v and gate/up copies)
-        out["rollout snapshot"] = (layer_lin * 2 + tied_head_cast if (s.amp or wb == 2) else layer_lin * 4) \
-            if engine == "mogrpo" else 0.0
+        out["rollout snapshot"] = ((layer_lin * 2 + tied_head_cast if (s.amp or wb == 2)
+                                    else layer_lin * 4)
+                                   if engine == "mogrpo" else 0.0)
         head = shape.vocab * shape.hidden if shape.tied else 0
         out["autocast weight cache"] = 2 * (lin + head) if (s.amp and wb == 4) else 0.0
         out["optimizer step temporary"] = total_p * wb / shard
@@ -166,39 +168,46 @@ def plan(shape: Shape, s: Setting) -> dict[str, float]:
         c_lin, c_all = c.linear_params(), c.params()
         if s.lora_r > 0:
             t = c.lora_params(s.lora_r)
-            out["critic"] = (c_lin * frozen_linear_b + (c_all - c_lin) * wb) / shard + 16 * t / shard
+            out["critic"] = ((c_lin * frozen_linear_b + (c_all - c_lin) * wb) / shard
+                             + 16 * t / shard)
         else:
             out["critic"] = 4 * c_all * wb / shard
     T = s.prompt_tokens + s.completion_tokens
     kv_b = 2 if s.amp else 4
     G = max(1, s.group_size)
     kv_tokens = s.sequences_sampled * T
-    if engine == "mogrpo" and G > 1 and s.prompt_tokens >= SHARED_PROMPT_MIN:  # a prompt's keys once per group
-        kv_tokens = -(-s.sequences_sampled // G) * s.prompt_tokens + s.sequences_sampled * s.completion_tokens
+    # a prompt's keys once per group
+    if engine == "mogrpo" and G > 1 and s.prompt_tokens >= SHARED_PROMPT_MIN:
+        kv_tokens = (-(-s.sequences_sampled // G) * s.prompt_tokens
+                     + s.sequences_sampled * s.completion_tokens)
     out["KV cache (sampling)"] = 2 * shape.layers * shape.kv_dim * kv_tokens * kv_b
     tokens = s.micro_batch_size * T
     if s.shared_prefix:  # a prompt once per micro-batch (whole groups, or part of one)
-        tokens = -(-s.micro_batch_size // G) * s.prompt_tokens + s.micro_batch_size * s.completion_tokens
+        tokens = (-(-s.micro_batch_size // G) * s.prompt_tokens
+                  + s.micro_batch_size * s.completion_tokens)
     per_layer = 20 * shape.hidden + 6 * shape.kv_dim + 8 * shape.intermediate
     if s.gradient_checkpointing:
         out["activations"] = tokens * (shape.layers * 4 * shape.hidden + per_layer)
     else:
         out["activations"] = tokens * shape.layers * per_layer
     out["log-prob head"] = 6 * s.micro_batch_size * (s.completion_tokens + 1) * shape.vocab
-    # Three moments that never overlap: sampling (KV cache, the engine's snapshot), the forward/backward inside autocast
+    # Three moments that never overlap: sampling (KV cache, the engine's snapshot), the
+    # forward/backward inside autocast
     # (activations, log-prob head, autocast's weight cache; gradients filling up) and the
     # optimiser step after it (autocast's cache is gone, the step's temporary is there).
     held = sum(out[k] for k in ("weights", "trainable (fp32)", "optimizer (AdamW)", "reference",
                                 "merged generation copy", "critic") if k in out)
     sampling = held + out["KV cache (sampling)"] + out["rollout snapshot"]
-    backward = held + out["gradients"] + out["activations"] + out["log-prob head"] + out["autocast weight cache"]
+    backward = (held + out["gradients"] + out["activations"] + out["log-prob head"]
+                + out["autocast weight cache"])
     step = held + out["gradients"] + out["optimizer step temporary"]
     out["total"] = max(sampling, backward, step)
     return out
 
 
 def largest_micro_batch(shape: Shape, s: Setting, budget_bytes: float, cap: int = 64) -> int:
-    """The largest micro-batch (power of two up to `cap`) whose plan fits `budget_bytes`; 0 if none."""
+    """The largest micro-batch (power of two up to `cap`) whose plan fits `budget_bytes`; 0 if
+    none."""
     best = 0
     m = 1
     while m <= cap:
@@ -208,7 +217,8 @@ def largest_micro_batch(shape: Shape, s: Setting, budget_bytes: float, cap: int 
     return best
 
 
-def gpus_needed(shape: Shape, s: Setting, card_gib: float, reserve_gib: float = 4.0, max_gpus: int = 64) -> int:
+def gpus_needed(shape: Shape, s: Setting, card_gib: float, reserve_gib: float = 4.0,
+                max_gpus: int = 64) -> int:
     """The fewest processes (GPUs) at which one micro-batch of `s` fits a card, sharded (FSDP)
     when s.sharded; 0 if none up to max_gpus."""
     for world in range(1, max_gpus + 1):
@@ -222,7 +232,8 @@ def gpus_needed(shape: Shape, s: Setting, card_gib: float, reserve_gib: float = 
 def table(shape: Shape, s: Setting) -> str:
     parts = plan(shape, s)
     rows = [f"| {k} | {v / GiB:.2f} |" for k, v in parts.items() if k != "total"]
-    return "\n".join(["| part | GiB |", "|---|---|", *rows, f"| **peak** | **{parts['total'] / GiB:.2f}** |"])
+    return "\n".join(["| part | GiB |", "|---|---|", *rows,
+                      f"| **peak** | **{parts['total'] / GiB:.2f}** |"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,11 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"full fine-tuning, fp32 master weights": Setting(lora_r=0),
             "LoRA r=64, bf16 base, gradient checkpointing": Setting(lora_r=64, policy_dtype="bf16",
                                                                    gradient_checkpointing=True)}
-    for size, shape in QWEN25.items():
+    for _size, shape in QWEN25.items():
         print(f"\n### {shape.name}: {shape.params() / 1e9:.2f} B parameters "
               f"({shape.lora_params(64) / 1e6:.1f} M in LoRA r=64)\n")
         for name, s in runs.items():
-            print(f"{name}, micro-batch {s.micro_batch_size} x {s.prompt_tokens}+{s.completion_tokens} tokens, "
+            print(f"{name}, micro-batch {s.micro_batch_size} x "
+                  f"{s.prompt_tokens}+{s.completion_tokens} tokens, "
                   f"{s.sequences_sampled} sequences sampled at once, one process:\n")
             print(table(shape, s) + "\n")
             for card in a.card_gib:
@@ -246,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"does not fit one {card:.0f} GB GPU unsharded"
                 mb = largest_micro_batch(shape, replace(s, sharded=fs > 1, world=max(fs, 1)),
                                          (card - 4) * GiB) if fs else 0
-                print(f"- {card:.0f} GB: {fits}; FSDP: {fs or 'more than 64'} GPU(s); largest micro-batch there: "
+                print(f"- {card:.0f} GB: {fits}; FSDP: {fs or 'more than 64'} GPU(s); largest "
+                      f"micro-batch there: "
                       f"{mb}{' or more' if mb == 64 else ''}")
             print()
 

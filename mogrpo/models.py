@@ -48,12 +48,14 @@ def _gguf_cache_folder(gguf_path: Path, cache: str | os.PathLike | None) -> Path
 
     from mogrpo.assets import cache_dir
 
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf_path.resolve()}:"
+                         f"{gguf_path.stat().st_size}".encode()).hexdigest()[:16]
     return cache_dir(cache) / "converted" / f"{gguf_path.stem}-{key}"
 
 
 def resolve_policy_path(ref: str, cache: str | os.PathLike | None = None) -> str:
-    """A loadable folder or hub id for `ref`: builtin names, GGUF files (converted once), or as is."""
+    """A loadable folder or hub id for `ref`: builtin names, GGUF files (converted once), or as
+    is."""
     from mogrpo.assets import resolve_model_ref
 
     ref = resolve_model_ref(ref, cache)
@@ -74,10 +76,12 @@ class ModelLoadError(ValueError):
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
+                   "vocab.json")
 
 
-def check_model_ref(ref: str, what: str, *, need_weights: bool = True, need_tokenizer: bool = True) -> None:
+def check_model_ref(ref: str, what: str, *, need_weights: bool = True,
+                    need_tokenizer: bool = True) -> None:
     """Before loading: a reference meant as a path (runfolder.looks_local) must exist, and a
     folder must hold a config, weights (every safetensors file whole: its header must cover
     the file) and tokenizer files. Hub ids pass through to the hub."""
@@ -90,7 +94,8 @@ def check_model_ref(ref: str, what: str, *, need_weights: bool = True, need_toke
     p = Path(ref).expanduser()
     if not p.exists():
         if looks_local(ref):
-            raise ModelLoadError(f"{what} {ref}: no such file or folder (a local path was meant; a hub id looks like "
+            raise ModelLoadError(f"{what} {ref}: no such file or folder (a local path was meant; "
+                                 f"a hub id looks like "
                                  f"org/name)")
         return
     if not p.is_dir():
@@ -99,17 +104,21 @@ def check_model_ref(ref: str, what: str, *, need_weights: bool = True, need_toke
     if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
         raise ModelLoadError(f"{what} {p}: not a model folder (no config.json; found {found[:8]})")
     if need_weights and not any((p / f).is_file() for f in WEIGHT_FILES):
-        raise ModelLoadError(f"{what} {p}: no weights (expected one of {', '.join(WEIGHT_FILES[:3])}; found "
-                             f"{found[:8]}); copy the weight files into it, or save the model again")
+        raise ModelLoadError(f"{what} {p}: no weights (expected one of "
+                             f"{', '.join(WEIGHT_FILES[:3])}; found "
+                             f"{found[:8]}); copy the weight files into it, or save the model "
+                             f"again")
     for f in sorted(p.glob("*.safetensors")):
         try:
             with safe_open(str(f), "pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{what} {f}: damaged weights file ({exc}; truncated by a copy or a full "
+            raise ModelLoadError(f"{what} {f}: damaged weights file ({exc}; truncated by a copy "
+                                 f"or a full "
                                  f"disk?); copy or save it again") from None
     if need_tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelLoadError(f"{what} {p}: no tokenizer files (expected tokenizer.json or tokenizer_config.json); "
+        raise ModelLoadError(f"{what} {p}: no tokenizer files (expected tokenizer.json or "
+                             f"tokenizer_config.json); "
                              f"save the tokenizer into the folder (tokenizer.save_pretrained)")
 
 
@@ -127,9 +136,11 @@ def loading(ref: str, what: str):
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         hint = ("" if Path(ref).expanduser().exists() else
-                " (not a local path, so it was looked up on the Hugging Face hub: check the id and the network, "
+                " (not a local path, so it was looked up on the Hugging Face hub: check the id "
+                "and the network, "
                 "or give a local folder)")
-        raise ModelLoadError(f"{what} {ref}: could not be loaded: {first_line(exc)[:300]}{hint}") from None
+        raise ModelLoadError(f"{what} {ref}: could not be loaded: "
+                             f"{first_line(exc)[:300]}{hint}") from None
 
 
 def load_tokenizer(path: str):
@@ -144,7 +155,8 @@ def load_tokenizer(path: str):
 
 
 def load_policy(ref: str, *, lora_r: int = 0, lora_alpha: int = 32, lora_dropout: float = 0.0,
-                lora_target_modules: list[str] | None = None, cache: str | os.PathLike | None = None,
+                lora_target_modules: list[str] | None = None,
+                cache: str | os.PathLike | None = None,
                 dtype: torch.dtype = torch.float32):
     """Load a causal LM (hub id, folder, GGUF file or builtin name) and its tokenizer.
 
@@ -166,7 +178,8 @@ def load_policy(ref: str, *, lora_r: int = 0, lora_alpha: int = 32, lora_dropout
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            target_modules=lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+                            target_modules=lora_target_modules or "all-linear",
+                            task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     return model, tok
 
@@ -200,7 +213,8 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype | None) -> in
     tied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     n = 0
     for m in model.modules():
-        if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.data_ptr() not in tied:
+        if (type(m) is torch.nn.Linear and not m.weight.requires_grad
+                and m.weight.data_ptr() not in tied):
             m.weight.data = m.weight.data.to(dtype)
             if m.bias is not None and not m.bias.requires_grad:
                 m.bias.data = m.bias.data.to(dtype)
@@ -228,13 +242,15 @@ class MergedGenerationCopy:
 
         for module in peft_model.modules():
             if getattr(module, "use_dora", {}) and any(module.use_dora.values()):
-                raise ValueError("merged generation does not support DoRA adapters; set merged_generation=false")
+                raise ValueError("merged generation does not support DoRA adapters; set "
+                                 "merged_generation=false")
         self.model = copy.deepcopy(peft_model).merge_and_unload().eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         cast_frozen_linears(self.model, dtype)
         out = self.model.get_output_embeddings()
-        if dtype is not None and dtype != torch.float32 and out is not None and out.weight.dtype != dtype:
+        if (dtype is not None and dtype != torch.float32 and out is not None
+                and out.weight.dtype != dtype):
             # A tied output head (SmolLM2) stays fp32 in cast_frozen_linears and autocast would
             # re-cast its vocabulary x hidden weight at every decoding step: give the copy its own
             # head in `dtype` (the input embedding keeps its fp32 weight).
@@ -285,7 +301,8 @@ def resolve_model(ref: str, cache=None, base_override: str | None = None):
     check_model_ref(ref, "model")
     model, tok = load_policy(ref, cache=cache)
     base = None
-    if base_override and resolve_policy_path(base_override, cache) != resolve_policy_path(ref, cache):
+    if base_override and resolve_policy_path(base_override, cache) != resolve_policy_path(ref,
+                                                                                          cache):
         base = base_override
     return model, tok, base
 

@@ -86,7 +86,8 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n
             return {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask(model),
                     "position_ids": packed.position_ids}, packed, packed.width
     ids, attn, width = trim_columns(input_ids, attention_mask, n_completion)
-    return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}, None, width
+    return {"input_ids": ids, "attention_mask": attn,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}, None, width
 
 
 def trim_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int):
@@ -95,13 +96,16 @@ def trim_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_comple
     padding in every row and completion columns after the last real completion token.
     Returns (ids, mask, L') with L' >= 1: the kept completion columns are the first L'."""
     P = input_ids.shape[1] - n_completion
-    move = torch.argsort(attention_mask[:, :P], dim=1, stable=True)  # [n, P] padding first, order kept
+    # [n, P] padding first, order kept
+    move = torch.argsort(attention_mask[:, :P], dim=1, stable=True)
     input_ids = torch.cat([input_ids[:, :P].gather(1, move), input_ids[:, P:]], dim=1)
-    attention_mask = torch.cat([attention_mask[:, :P].gather(1, move), attention_mask[:, P:]], dim=1)
+    attention_mask = torch.cat([attention_mask[:, :P].gather(1, move), attention_mask[:, P:]],
+                               dim=1)
     p_keep = attention_mask[:, :P].any(0)  # [P]
     real = attention_mask[:, P:].any(0).nonzero()
     width = int(real.max()) + 1 if len(real) else 1
-    cols = torch.cat([p_keep.nonzero().squeeze(1), torch.arange(P, P + width, device=input_ids.device)])
+    cols = torch.cat([p_keep.nonzero().squeeze(1), torch.arange(P, P + width,
+                                                                device=input_ids.device)])
     return input_ids[:, cols], attention_mask[:, cols], width
 
 
@@ -110,7 +114,8 @@ class Packed:
     input_ids: torch.Tensor  # [R, T]
     position_ids: torch.Tensor  # [R, T]
     allowed: torch.Tensor  # [R, T, T] bool: query t may attend key s
-    keep: torch.Tensor  # [S*L'] positions whose outputs are read: per slot, the one before each token
+    # [S*L'] positions whose outputs are read: per slot, the one before each token
+    keep: torch.Tensor
     targets: torch.Tensor  # [R*S, L'] each slot's completion tokens (0 in empty slots)
     seq_slot: torch.Tensor  # [n] the slot (index into R*S) of each input sequence
     slots: int  # S
@@ -144,7 +149,8 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: in
     p_ids, p_mask = ids[:, :P], mask[:, :P]  # [n, P]
     c_ids, c_mask = ids[:, P:], mask[:, P:]  # [n, L']
     key = torch.cat([p_ids * p_mask, p_mask], dim=1)
-    uniq, group = torch.unique(key, dim=0, return_inverse=True)  # group [n]: the row of each sequence
+    # group [n]: the row of each sequence
+    uniq, group = torch.unique(key, dim=0, return_inverse=True)
     R = len(uniq)
     counts = torch.bincount(group, minlength=R)
     S = int(counts.max())
@@ -180,10 +186,12 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: in
     causal = idx[None, :] <= idx[:, None]  # [T(query), T(key)]
     same = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])
     allowed = (causal & same)[None] & valid[:, None, :]
-    allowed |= torch.eye(T, dtype=torch.bool, device=device)[None]  # padding queries attend to themselves
+    # padding queries attend to themselves
+    allowed |= torch.eye(T, dtype=torch.bool, device=device)[None]
     # the output before each completion token: the prompt's last for token 0, then the slot's own
     keep = torch.cat([torch.cat([torch.tensor([P - 1], device=device),
-                                 P + g * width + torch.arange(width - 1, device=device)]) for g in range(S)])
+                                 P + g * width + torch.arange(width - 1,
+                                                              device=device)]) for g in range(S)])
     targets = torch.zeros(R * S, width, dtype=ids.dtype, device=device)
     targets[seq_slot] = c_ids
     return Packed(packed_ids, positions, allowed, keep, targets, seq_slot, S, width, n_completion)

@@ -42,11 +42,15 @@ class Rollout:
     completions: list[str]  # [N] decoded completions (special tokens removed)
     group_size: int  # G
     finished: torch.Tensor = field(default=None)  # [N] bool: ended with EOS (not cut at L)
-    guided: torch.Tensor = field(default=None)  # [N] bool: started from a forced opener (guided sample)
-    opener_len: torch.Tensor = field(default=None)  # [N] long: tokens of the forced opener (0 for own samples)
-    loss_mask: torch.Tensor | None = None  # [N, L] tokens the loss trains (default: completion_mask); set
+    # [N] bool: started from a forced opener (guided sample)
+    guided: torch.Tensor = field(default=None)
+    # [N] long: tokens of the forced opener (0 for own samples)
+    opener_len: torch.Tensor = field(default=None)
+    # [N, L] tokens the loss trains (default: completion_mask); set
+    loss_mask: torch.Tensor | None = None
     # by an algorithm that leaves some tokens out, e.g. openers whose sample did not refuse
-    old_logp: torch.Tensor | None = None  # [N, L] behaviour log-probs; set by the loop when it makes
+    # [N, L] behaviour log-probs; set by the loop when it makes
+    old_logp: torch.Tensor | None = None
     # several passes over the rollout (with one pass they are the training forward's, detached)
     requests: list[str] | None = None  # [B] the bare request of a prompt that wraps one (attack
     # templates): what the reward model judges the answer against; None = `prompts`
@@ -124,7 +128,8 @@ class _Sampler:
     generation_config (Qwen2.5: repetition_penalty 1.05, top_k 20) never changes the
     behaviour distribution the loss assumes."""
 
-    def __init__(self, model, engine: str, *, greedy: bool, temperature: float, top_p: float, eos: set[int],
+    def __init__(self, model, engine: str, *, greedy: bool, temperature: float, top_p: float,
+                 eos: set[int],
                  pad: int):
         from mogrpo import generation
 
@@ -149,10 +154,12 @@ class _Sampler:
         device = next(self.model.parameters()).device
         ids, mask = input_ids.to(device), attention_mask.to(device)
         if self.weights is not None:
-            return sample(self.weights, ids, mask, repeat=repeat, max_new_tokens=max_new_tokens, eos_ids=self.eos,
+            return sample(self.weights, ids, mask, repeat=repeat, max_new_tokens=max_new_tokens,
+                          eos_ids=self.eos,
                           pad_id=self.pad, **self.sampling).cpu()
         greedy = self.sampling["greedy"]
-        extra = {} if greedy else {"temperature": self.sampling["temperature"], "top_p": self.sampling["top_p"],
+        extra = {} if greedy else {"temperature": self.sampling["temperature"],
+                                   "top_p": self.sampling["top_p"],
                                    "top_k": 0}
         out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=not greedy, **extra,
                                   repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
@@ -166,7 +173,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      seed: int = 0, step: int = 0, first_index: int = 0,
                      chunk_prompts: int | None = None, greedy: bool = False, guided: int = 0,
-                     openers: tuple[str, ...] | list[str] = REFUSAL_OPENERS, engine: str = "auto") -> Rollout:
+                     openers: tuple[str, ...] | list[str] = REFUSAL_OPENERS,
+                     engine: str = "auto") -> Rollout:
     """Sample `group_size` completions for each prompt with the KV cache, in chunks
     (`greedy`: the single most likely completion instead; group_size must be 1).
 
@@ -181,7 +189,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     if greedy and group_size != 1:
         raise ValueError("greedy decoding gives one completion per prompt: use group_size=1")
     if not 0 <= guided < group_size:
-        raise ValueError(f"guided = {guided} samples per group of {group_size}: use 0 <= guided < group_size "
+        raise ValueError(f"guided = {guided} samples per group of {group_size}: use 0 <= guided < "
+                         f"group_size "
                          "(at least one sample per group must be the policy's own)")
     if guided and not openers:
         raise ValueError("guided samples need at least one opener")
@@ -193,11 +202,13 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     was_training = model.training
     model.eval()
     own = group_size - guided
-    opener_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in openers] if guided else []
+    opener_ids = ([tokenizer(o, add_special_tokens=False)["input_ids"] for o in openers]
+                  if guided else [])
     if any(len(o) >= max_new_tokens for o in opener_ids):
         raise ValueError(f"an opener is {max(map(len, opener_ids))} tokens, not shorter than "
                          f"max_new_tokens = {max_new_tokens}; use shorter openers or more tokens")
-    draw = _Sampler(model, engine, greedy=greedy, temperature=temperature, top_p=top_p, eos=eos, pad=pad)
+    draw = _Sampler(model, engine, greedy=greedy, temperature=temperature, top_p=top_p, eos=eos,
+                    pad=pad)
     guided_flags, opener_lens = [], []
     for start in range(0, len(prompts), chunk):
         enc = tokenizer(texts[start:start + chunk], return_tensors="pt", padding=True,
@@ -207,10 +218,12 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
         comp = draw(enc["input_ids"], enc["attention_mask"], own, max_new_tokens)  # [n * own, L']
         lens = [0] * (n * group_size)
         if guided:
-            comp, g_lens = _with_guided(draw, enc, comp, n, own, guided, opener_ids, first_index + start, step,
+            comp, g_lens = _with_guided(draw, enc, comp, n, own, guided, opener_ids,
+                                        first_index + start, step,
                                         seed, max_new_tokens, pad)
             for i in range(n):
-                lens[i * group_size + own:(i + 1) * group_size] = g_lens[i * guided:(i + 1) * guided]
+                lens[i * group_size + own:(i + 1) * group_size] = \
+                    g_lens[i * guided:(i + 1) * guided]
         guided_flags.append(torch.tensor(([False] * own + [True] * guided) * n))
         opener_lens.append(torch.tensor(lens, dtype=torch.long))
         parts.append((enc["input_ids"].repeat_interleave(group_size, 0),
@@ -230,11 +243,14 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     completion_ids = torch.cat(cids)
     cmask, finished = completion_mask_from(completion_ids, eos)
     completion_ids = torch.where(cmask.bool(), completion_ids, torch.full_like(completion_ids, pad))
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # padded past EOS already
-    return Rollout(prompt_ids=torch.cat(pids), prompt_mask=torch.cat(pmask), completion_ids=completion_ids,
+    # padded past EOS already
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(prompt_ids=torch.cat(pids), prompt_mask=torch.cat(pmask),
+                   completion_ids=completion_ids,
                    completion_mask=cmask, prompts=list(prompts), kinds=list(kinds),
                    completions=[c.strip() for c in completions], group_size=group_size,
-                   finished=finished, guided=torch.cat(guided_flags), opener_len=torch.cat(opener_lens))
+                   finished=finished, guided=torch.cat(guided_flags),
+                   opener_len=torch.cat(opener_lens))
 
 
 def _with_guided(draw, enc, comp, n, own, guided, opener_ids, first, step, seed, max_new_tokens, pad
@@ -246,11 +262,13 @@ def _with_guided(draw, enc, comp, n, own, guided, opener_ids, first, step, seed,
     for i in range(n):
         ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
         for j in range(guided):
-            k = (first + i + j * 7 + step) % len(opener_ids)  # deterministic, varied across prompts/steps
+            # deterministic, varied across prompts/steps
+            k = (first + i + j * 7 + step) % len(opener_ids)
             rows.append(ids + opener_ids[k])
             which.append(k)
     width = max(map(len, rows))
-    g_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded [n * guided, P']
+    # left-padded [n * guided, P']
+    g_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     g_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     torch.manual_seed(hash((seed, step, first, 1)) % (2 ** 31))
     shortest = min(len(o) for o in opener_ids)
@@ -299,9 +317,11 @@ class _TokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature: float, chunk_rows: int, with_entropy: bool):
-        # logits [N, L, V] (any float dtype), targets [N, L] -> logp [N, L] fp32 (and entropy [N, L])
+        # logits [N, L, V] (any float dtype), targets [N, L] -> logp [N, L] fp32 (and entropy [N,
+        # L])
         logp = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-        ent = torch.empty(targets.shape, dtype=torch.float32, device=logits.device) if with_entropy else None
+        ent = torch.empty(targets.shape, dtype=torch.float32,
+                          device=logits.device) if with_entropy else None
         for s in range(0, logits.shape[0], chunk_rows):
             lsm = torch.log_softmax(logits[s:s + chunk_rows].float() / temperature, dim=-1)
             logp[s:s + chunk_rows] = lsm.gather(-1, targets[s:s + chunk_rows, :, None]).squeeze(-1)
@@ -327,8 +347,10 @@ class _TokenLogProbs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                        *, temperature: float = 1.0, with_entropy: bool = False, chunk_rows: int = 8,
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        n_completion: int,
+                        *, temperature: float = 1.0, with_entropy: bool = False,
+                        chunk_rows: int = 8,
                         shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [N, L] of the last `n_completion` tokens (and their entropies [N, L]); 0 at
     completion positions after the last real token of every row.
@@ -344,14 +366,19 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     from mogrpo import packing
 
-    inputs, packed, width = packing.model_inputs(model, input_ids, attention_mask, n_completion, shared_prefix)
-    out = model(**inputs, logits_to_keep=packed.keep if packed is not None else width + 1, use_cache=False)
+    inputs, packed, width = packing.model_inputs(model, input_ids, attention_mask, n_completion,
+                                                 shared_prefix)
+    out = model(**inputs, logits_to_keep=packed.keep if packed is not None else width + 1,
+                use_cache=False)
     if packed is not None:
-        logits, targets = out.logits.reshape(-1, width, out.logits.shape[-1]), packed.targets  # [R*S, L', V]
+        # [R*S, L', V]
+        logits, targets = out.logits.reshape(-1, width, out.logits.shape[-1]), packed.targets
     else:
-        logits, targets = out.logits[:, :-1], inputs["input_ids"][:, -width:]  # position t predicts token t
+        # position t predicts token t
+        logits, targets = out.logits[:, :-1], inputs["input_ids"][:, -width:]
     logp, ent = _TokenLogProbs.apply(logits, targets, temperature, chunk_rows, with_entropy)
     if packed is not None:
         return packed.unpack(logp), (packed.unpack(ent) if with_entropy else None)
     pad = (0, n_completion - width)
-    return torch.nn.functional.pad(logp, pad), (torch.nn.functional.pad(ent, pad) if with_entropy else None)
+    return torch.nn.functional.pad(logp, pad), (torch.nn.functional.pad(ent, pad)
+                                                if with_entropy else None)

@@ -49,7 +49,8 @@ def _check_writable(path: Path, what: str) -> None:
     if base.exists() and not base.is_dir():
         raise OutputError(f"{what} {path}: {base} is a file, not a folder; choose another path")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} {path}: cannot write in {base} (permission denied); choose a folder you "
+        raise OutputError(f"{what} {path}: cannot write in {base} (permission denied); choose a "
+                          f"folder you "
                           f"can write, e.g. under your home")
 
 
@@ -62,17 +63,22 @@ def made_by_mogrpo(folder: Path) -> bool:
         (c / ".stage-hash").is_file() for c in folder.iterdir() if c.is_dir())
 
 
-def claim_output(folder: str | os.PathLike, command: str, *, what: str = "--output") -> "FolderLock":
+def claim_output(folder: str | os.PathLike, command: str, *,
+                 what: str = "--output") -> "FolderLock":
     """Check, create, mark and lock an output folder; return the held lock (see module doc)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{what} {folder} is an existing file; give a folder path (mogrpo writes several "
+        raise OutputError(f"{what} {folder} is an existing file; give a folder path (mogrpo "
+                          f"writes several "
                           f"files into it)")
     _check_writable(folder, what)
     if folder.is_dir() and any(folder.iterdir()) and not made_by_mogrpo(folder):
-        raise OutputError(f"{what} {folder} is not empty and was not created by mogrpo (no {MARKER} marker): "
-                          f"mogrpo never writes into or replaces a folder it did not make. Choose a new or empty "
-                          f"folder (if it is a run folder of an older mogrpo, `touch {folder / MARKER}`)")
+        raise OutputError(f"{what} {folder} is not empty and was not created by mogrpo (no "
+                          f"{MARKER} marker): "
+                          f"mogrpo never writes into or replaces a folder it did not make. Choose "
+                          f"a new or empty "
+                          f"folder (if it is a run folder of an older mogrpo, "
+                          f"`touch {folder / MARKER}`)")
     folder.mkdir(parents=True, exist_ok=True)
     lock = FolderLock.take(folder)
     marker = folder / MARKER
@@ -92,7 +98,8 @@ def check_output_file(path: str | os.PathLike, what: str = "--output") -> Path:
         raise OutputError(f"{what} {path} is a folder; give a file path, e.g. {path / 'out.jsonl'}")
     _check_writable(path.parent, what)
     if path.exists() and not os.access(path, os.W_OK):
-        raise OutputError(f"{what} {path}: the file exists and cannot be written (permission denied)")
+        raise OutputError(f"{what} {path}: the file exists and cannot be written (permission "
+                          f"denied)")
     return path
 
 
@@ -100,7 +107,7 @@ def clean_stale_temps(folder: Path) -> list[str]:
     """Remove the temp files/folders of writes that a killed process left in `folder` and its
     checkpoint folders (only ever called with the folder's lock held). Returns their names."""
     removed = []
-    for d in (folder, folder / "checkpoints", folder / "checkpoint"):
+    for d in (folder, folder / "checkpoints"):
         if not d.is_dir():
             continue
         for p in d.iterdir():
@@ -139,7 +146,8 @@ class FolderLock:
             self.fh.seek(0)
             holder = self.fh.read().strip() or "unknown"
             self.fh.close()
-            raise OutputError(f"{folder} is in use by another mogrpo process ({holder}); wait for it to finish, "
+            raise OutputError(f"{folder} is in use by another mogrpo process ({holder}); wait for "
+                              f"it to finish, "
                               f"or choose another --output") from None
         self.fh.seek(0)
         self.fh.truncate()
@@ -172,8 +180,10 @@ def load_state(path: str | os.PathLike, what: str):
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         raise CheckpointError(f"{path}: {what} holds objects other than tensors and plain values"
-                              f"{f' ({found.group(1)})' if found else ''}, which mogrpo never writes and will not "
-                              f"load: a crafted or foreign file? Use the run's own checkpoints") from None
+                              f"{f' ({found.group(1)})' if found else ''}, which mogrpo never "
+                              f"writes and will not "
+                              f"load: a crafted or foreign file? Use the run's own "
+                              f"checkpoints") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: {what} is unreadable (truncated or corrupt: "
                               f"{first_line(exc)[:160]})") from None
@@ -197,7 +207,8 @@ def load_newest(files: list[Path], what: str, restore, *, where: str, label=str,
             continue
         return path, state
     if problems:
-        raise CheckpointError(f"no {where} loads ({'; '.join(problems)}); move it away to start again, or resume "
+        raise CheckpointError(f"no {where} loads ({'; '.join(problems)}); move it away to start "
+                              f"again, or resume "
                               f"from a copy")
     return None
 
@@ -214,7 +225,8 @@ def looks_local(ref: str) -> bool:
     """True when `ref` can only be meant as a local path: absolute, ./ ../ ~, a Windows-style
     or more-than-one-slash path, a file suffix a hub id never has, or a first component that
     exists here. Hub ids are `name` or `org/name`."""
-    if ref.startswith(("/", "./", "../", "~", ".\\")) or "\\" in ref or ref.endswith((".gguf", ".safetensors")):
+    if (ref.startswith(("/", "./", "../", "~", ".\\")) or "\\" in ref
+            or ref.endswith((".gguf", ".safetensors"))):
         return True
     if not _HUB_ID.match(ref):
         return True
@@ -232,7 +244,8 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                      float(cached)]}
 
 
 def restore_rng(state: dict) -> None:

@@ -70,7 +70,8 @@ def templates_dir(pyrit_dir: str | os.PathLike) -> Path:
 
 
 def read_templates(pyrit_dir: str | os.PathLike) -> list[Template]:
-    """Every single-prompt template (one `{{ prompt }}` slot, parameters [prompt]), sorted by name."""
+    """Every single-prompt template (one `{{ prompt }}` slot, parameters [prompt]), sorted by
+    name."""
     root = templates_dir(pyrit_dir)
     files = sorted(root.rglob("*.yaml"))
     if not files:
@@ -86,7 +87,8 @@ def read_templates(pyrit_dir: str | os.PathLike) -> list[Template]:
         except (OSError, yaml.YAMLError) as exc:
             raise DataError(f"{path}: cannot read the template ({exc})") from exc
         value = doc.get("value") if isinstance(doc, dict) else None
-        if not isinstance(value, str) or len(SLOT.findall(value)) != 1 or doc.get("parameters") != ["prompt"]:
+        if (not isinstance(value, str) or len(SLOT.findall(value)) != 1
+                or doc.get("parameters") != ["prompt"]):
             continue
         out.append(Template(name=name, text=value, source=str(doc.get("source") or "")))
     return out
@@ -144,7 +146,8 @@ def assign_families(templates: list[Template]) -> list[Template]:
 
 
 def render(template: Template, request: str) -> str:
-    """The template with `request` in its slot (PyRIT's templates are Jinja; rendered in a sandbox)."""
+    """The template with `request` in its slot (PyRIT's templates are Jinja; rendered in a
+    sandbox)."""
     from jinja2.sandbox import SandboxedEnvironment
 
     return SandboxedEnvironment().from_string(template.text).render(prompt=request).strip()
@@ -173,7 +176,8 @@ def wrap(requests: list[PromptRecord], templates: list[Template], per_request: i
             for k in range(per_request) for p, ts in zip(requests, chosen) if k < len(ts)]
 
 
-def attack_set(pyrit_dir: str | os.PathLike, requests: dict[str, list[PromptRecord]], *, seed: int = 0,
+def attack_set(pyrit_dir: str | os.PathLike, requests: dict[str, list[PromptRecord]], *,
+               seed: int = 0,
                max_chars: int = MAX_CHARS, per_request: dict[str, int] | None = None,
                benign_share: dict[str, float] | None = None,
                request_share: dict[str, float] | None = None) -> AttackSet:
@@ -204,12 +208,14 @@ def attack_set(pyrit_dir: str | os.PathLike, requests: dict[str, list[PromptReco
     out: dict[str, list[PromptRecord]] = {}
     for part, temps in by_part.items():
         harmful = [p for p in requests.get(part, []) if p.kind == "harmful"
-                   and split_of(f"wrap:{p.id}", seed, (share[part], 1.0 - share[part], 0.0)) == "train"]
+                   and split_of(f"wrap:{p.id}", seed, (share[part], 1.0 - share[part],
+                                                       0.0)) == "train"]
         benign = [p for p in requests.get(part, []) if p.kind == "benign"]
         wrapped = wrap(harmful, temps, per[part], f"{seed}:{part}", "attack")
         n_benign = round(per[part] * len(harmful) * (benign_share or {}).get(part, 1.0))
         k = -(-n_benign // len(benign)) if benign else 0  # ceil: templates per benign request
         wrapped += wrap(benign, temps, k, f"{seed}:{part}", "attack")[:n_benign] if k else []
         out[part] = wrapped
-    return AttackSet(train=out["train"], validation=out["validation"], test=out["test"], templates=by_part,
+    return AttackSet(train=out["train"], validation=out["validation"], test=out["test"],
+                     templates=by_part,
                      skipped=dict(skipped))

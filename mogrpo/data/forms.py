@@ -13,7 +13,8 @@ Two pure steps, written for this project:
   "What's the best way to ...?", "Can you ...?"); None when no rule applies (the prompt
   then keeps its own wording).
 - `render(phrase, family, key, howto)`: the phrase in one of `FAMILIES`, the template picked
-  by a hash of `key` (deterministic on every machine) among those that read well for it. `restate(text, key, ...)` does both and
+  by a hash of `key` (deterministic on every machine) among those that read well for it.
+  `restate(text, key, ...)` does both and
   picks the family by hash too.
 
 The templates never say anything about harm, and every one is used for both kinds; a
@@ -34,46 +35,70 @@ FAMILIES = ("imperative", "question", "first_person", "request")
 # ("give me five ideas") only in the second. Every family has both, so every phrase can take
 # every family.
 TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
-    "imperative": (("task", "{B}."), ("self", "Explain how to {b}."), ("self", "Tell me how to {b}."),
-                   ("self", "Give me step-by-step instructions to {b}."), ("self", "Describe how to {b}."),
+    "imperative": (("task", "{B}."), ("self", "Explain how to {b}."), ("self",
+                                                                       "Tell me how to {b}."),
+                   ("self", "Give me step-by-step instructions to {b}."), ("self",
+                                                                           "Describe how to {b}."),
                    ("self", "Show me how to {b}."), ("task", "{C} {B}.")),
-    "question": (("self", "How can I {b}?"), ("self", "How would someone {b}?"), ("self", "What's the best way to {b}?"),
-                 ("task", "Can you {b}?"), ("task", "Could you {b}?"), ("self", "Is there a way to {b}?"),
-                 ("self", "Do you know how to {b}?"), ("self", "How do I {b}?"), ("task", "Would you {b}?")),
-    "first_person": (("self", "I need to {b}. Where do I start?"), ("self", "I've been asked to {b}. What should I do first?"),
+    "question": (("self", "How can I {b}?"), ("self", "How would someone {b}?"), ("self",
+                                                                                  "What's the "
+                                                                                  "best way to "
+                                                                                  "{b}?"),
+                 ("task", "Can you {b}?"), ("task", "Could you {b}?"), ("self",
+                                                                        "Is there a way to {b}?"),
+                 ("self", "Do you know how to {b}?"), ("self", "How do I {b}?"),
+                 ("task", "Would you {b}?")),
+    "first_person": (("self", "I need to {b}. Where do I start?"), ("self",
+                                                                    "I've been asked to {b}. What "
+                                                                    "should I do first?"),
                      ("self", "I'm trying to {b}. Any advice?"),
                      ("self", "For a project of mine I have to {b}. How should I go about it?"),
-                     ("self", "{C} I want to {b}. What could I do?"), ("self", "{C} How would I {b}?"),
-                     ("task", "{C} Could you {b}?"), ("task", "I'm stuck on something. Can you {b}?")),
-    "request": (("task", "Please {b}."), ("task", "I'd like you to {b}."), ("task", "I want you to {b}."),
-                ("self", "Help me {b}."), ("task", "{C} Please {b}."), ("task", "Would you {b} for me?"),
+                     ("self", "{C} I want to {b}. What could I do?"), ("self",
+                                                                       "{C} How would I {b}?"),
+                     ("task", "{C} Could you {b}?"), ("task",
+                                                      "I'm stuck on something. Can you {b}?")),
+    "request": (("task", "Please {b}."), ("task", "I'd like you to {b}."), ("task",
+                                                                            "I want you to {b}."),
+                ("self", "Help me {b}."), ("task", "{C} Please {b}."), ("task",
+                                                                        "Would you {b} for me?"),
                 ("self", "Please help me {b}.")),
 }
 # Written for mogrpo: neutral context sentences (no hint of intent either way).
 CONTEXTS: tuple[str, ...] = (
     "A friend asked me about this last night.", "My neighbour and I were talking about this.",
-    "I have a free weekend coming up.", "My brother keeps bringing this up.", "This came up at work today.",
+    "I have a free weekend coming up.", "My brother keeps bringing this up.",
+    "This came up at work today.",
     "I've been thinking about this for a while.", "My roommate is curious about it too.",
     "I saw something about this online.",
 )
 
 _LEADS = (  # (pattern, how-to?) turning a question or an indirect imperative into the bare phrase
-    (re.compile(r"^how (?:do|can|should|would|could|might) (?:i|we|you|one|someone) (.+?)\?*$", re.I), True),
-    (re.compile(r"^how to (.+?)\?*$", re.I), True),
-    (re.compile(r"^what(?:'s| is) the (?:best|easiest|right|quickest|fastest|simplest) way to (.+?)\?*$", re.I), True),
-    (re.compile(r"^(?:can|could|would) you (?:please )?(.+?)\?*$", re.I), False),
-    (re.compile(r"^(?:please )?(?:explain|tell me|show me|describe) how (?:to|i can|i should|i would) (.+?)\.*$",
+    (re.compile(r"^how (?:do|can|should|would|could|might) (?:i|we|you|one|someone) (.+?)\?*$",
                 re.I), True),
-    (re.compile(r"^(?:please )?(?:give me step-by-step instructions|give me instructions) (?:to|for how to) (.+?)\.*$",
+    (re.compile(r"^how to (.+?)\?*$", re.I), True),
+    (re.compile(r"^what(?:'s| is) the (?:best|easiest|right|quickest|fastest|simplest) "
+                r"way to (.+?)\?*$", re.I), True),
+    (re.compile(r"^(?:can|could|would) you (?:please )?(.+?)\?*$", re.I), False),
+    (re.compile(r"^(?:please )?(?:explain|tell me|show me|describe) how "
+                r"(?:to|i can|i should|i would) (.+?)\.*$",
+                re.I), True),
+    (re.compile(r"^(?:please )?(?:give me step-by-step instructions|give me instructions) "
+                r"(?:to|for how to) (.+?)\.*$",
                 re.I), True),
 )
 # Imperative verbs that start a request in AdvBench, PyRIT objectives and mogrpo's benign set.
-_VERBS = frozenset("""write create develop provide give teach explain design generate outline instruct produce
-publish describe show suggest post make offer hack release build draft compose demonstrate program train spread
-exploit manipulate conduct plan interfere encourage promote steal list name summarize summarise translate solve
-rewrite recommend calculate work come conjugate tell find help draw compare convert prepare organise organize
-share send craft guide detail compile devise invent construct deliver set pick choose""".split())
-_BAD_PHRASE = re.compile(r"\b(you|your|yourself)\b", re.I)  # "can you ..." phrases that address the assistant
+_VERBS = frozenset(("write create develop provide give teach explain design generate outline "
+                    "instruct produce\n"
+                    "publish describe show suggest post make offer hack release build draft "
+                    "compose demonstrate program train spread\n"
+                    "exploit manipulate conduct plan interfere encourage promote steal list name "
+                    "summarize summarise translate solve\n"
+                    "rewrite recommend calculate work come conjugate tell find help draw compare "
+                    "convert prepare organise organize\n"
+                    "share send craft guide detail compile devise invent construct deliver set "
+                    "pick choose").split())
+# "can you ..." phrases that address the assistant
+_BAD_PHRASE = re.compile(r"\b(you|your|yourself)\b", re.I)
 
 
 def parse(text: str) -> tuple[str, bool] | None:
@@ -82,7 +107,7 @@ def parse(text: str) -> tuple[str, bool] | None:
     t = " ".join(text.strip().split())
     if not t or "\n" in text.strip() or len(t) > 300:
         return None
-    for pattern, howto in _LEADS:
+    for pattern, howto in _LEADS:  # noqa: B007 -- howto is read after the loop
         m = pattern.match(t)
         if m:
             phrase = m.group(1).strip().rstrip(".?!")

@@ -173,7 +173,8 @@ HELPSTEER2_RATINGS = ("helpfulness", "correctness", "coherence", "complexity", "
 
 def helpsteer2_to_labelled(row: Mapping[str, Any], where: str,
                            aspects: tuple[str, ...] = DEFAULT_ASPECTS) -> list[LabelledResponse]:
-    """One HelpSteer2 row -> one labelled row (actionability, meaningfulness); see module docstring."""
+    """One HelpSteer2 row -> one labelled row (actionability, meaningfulness); see module
+    docstring."""
     row = _as_row(row, where)
     prompt = _text(row, "prompt", where)
     response = _text(row, "response", where, allow_empty=True)
@@ -315,7 +316,8 @@ def saferlhf_pairs(rows: Iterable[Mapping[str, Any]] | Iterable[tuple[str, Mappi
         report.read += 1
         prompt = _text(row, "prompt", where)
         responses = [_text(row, f"response_{i}", where, allow_empty=True) for i in (0, 1)]
-        better = _int_in(_require(row, "better_response_id", where), "better_response_id", 0, 1, where)
+        better = _int_in(_require(row, "better_response_id", where), "better_response_id", 0, 1,
+                         where)
         if responses[0].strip() == responses[1].strip():
             report.skip("identical responses")
             continue

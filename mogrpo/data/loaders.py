@@ -59,7 +59,8 @@ def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                        f"{exc.start + 1}); "
                         f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
@@ -78,7 +79,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise DataError(f"{where}: not valid JSON ({exc.msg} at column "
+                                f"{exc.colno})") from None
             n += 1
             yield where, row
     if n == 0:
@@ -86,7 +88,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
 
 
 
-def iter_csv(path: str | os.PathLike, *, comment_prefix: str = "#") -> Iterator[tuple[str, dict[str, str]]]:
+def iter_csv(path: str | os.PathLike, *,
+             comment_prefix: str = "#") -> Iterator[tuple[str, dict[str, str]]]:
     """Yield (where, row) for a CSV with a header; leading lines starting with `#` are skipped.
 
     `where` is 'file:line' with the physical line on which the record starts (records may
@@ -140,7 +143,8 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv")
 
 
-def load_prompts(path: str | os.PathLike, *, report: LoadReport | None = None) -> list[PromptRecord]:
+def load_prompts(path: str | os.PathLike, *,
+                 report: LoadReport | None = None) -> list[PromptRecord]:
     """Prompt records from JSONL/CSV. Ids must be unique within the file."""
     path = Path(path)
     report = report if report is not None else LoadReport()
@@ -164,7 +168,8 @@ def load_prompts(path: str | os.PathLike, *, report: LoadReport | None = None) -
 
 def load_labelled(path: str | os.PathLike, aspects: tuple[str, ...] | list[str],
                   *, report: LoadReport | None = None) -> list[LabelledResponse]:
-    """Labelled responses from JSONL/CSV; rows that label none of `aspects` are skipped and counted."""
+    """Labelled responses from JSONL/CSV; rows that label none of `aspects` are skipped and
+    counted."""
     path = Path(path)
     report = report if report is not None else LoadReport()
     out: list[LabelledResponse] = []

@@ -60,7 +60,8 @@ def label_rows(prompts: list[str], kinds: list[str], responses: list[str], refus
         elif k == "benign":
             labels = {"safety": 1.0, "actionability": 1.0 - q}
         else:
-            raise ValueError(f"prompt kind must be harmful or benign for on-policy labels, got {k!r}")
+            raise ValueError(f"prompt kind must be harmful or benign for on-policy labels, got "
+                             f"{k!r}")
         labels.update({"politeness": math.nan, "meaningfulness": math.nan})
         meta = {"construction": "onpolicy", "kind": k, "p_refusal": round(q, 4)}
         if guided is not None:
@@ -75,14 +76,17 @@ def disclaimer_rows(rows: list[LabelledResponse], disclaimers: tuple[str, ...], 
     (P(refusal) < 0.5): the same content behind a disclaimer is just as unsafe (safety 0)."""
     out = []
     for r in rows:
-        if r.meta.get("kind") != "harmful" or r.meta.get("p_refusal", 1.0) >= 0.5 or rng.random() >= fraction:
+        if r.meta.get("kind") != "harmful" or r.meta.get("p_refusal",
+                                                         1.0) >= 0.5 or rng.random() >= fraction:
             continue
         text = f"{rng.choice(disclaimers)} {r.response}"
         out.append(LabelledResponse(prompt=r.prompt, response=text,
-                                    labels={"safety": 0.0, "actionability": math.nan, "politeness": math.nan,
+                                    labels={"safety": 0.0, "actionability": math.nan,
+                                            "politeness": math.nan,
                                             "meaningfulness": math.nan},
                                     source="constructed/disclaimer_then_comply",
-                                    meta={"construction": "disclaimer_then_comply", "kind": "harmful"}))
+                                    meta={"construction": "disclaimer_then_comply",
+                                          "kind": "harmful"}))
     return out
 
 

@@ -40,7 +40,8 @@ def read_pyrit_scored(path: str | os.PathLike) -> list[ScoredRow]:
             raise DataError(f"{where}: no human_score column (columns: {', '.join(row)})")
         if "objective" not in row or "assistant_response" not in row:
             raise DataError(f"{where}: expected 'objective' and 'assistant_response' columns")
-        values = [v for v in (parse_label(row[c], c, where) for c in score_cols) if not math.isnan(v)]
+        values = [v for v in (parse_label(row[c], c,
+                                          where) for c in score_cols) if not math.isnan(v)]
         if not values:
             raise DataError(f"{where}: every human_score column is empty (or NaN)")
         if not row["objective"].strip():
@@ -73,7 +74,8 @@ def read_advbench(pyrit_dir: str | os.PathLike) -> list[PromptRecord]:
         raise DataError(f"{path}: expected a 'seeds' list")
     out = []
     for i, seed in enumerate(seeds):
-        if not isinstance(seed, dict) or not isinstance(seed.get("value"), str) or not seed["value"].strip():
+        if not isinstance(seed, dict) or not isinstance(seed.get("value"),
+                                                        str) or not seed["value"].strip():
             raise DataError(f"{path}: seed #{i} has no text 'value'")
         cats = seed.get("harm_categories") or []
         out.append(PromptRecord(id=f"advbench-{i:04d}", text=seed["value"].strip(), kind="harmful",
@@ -152,12 +154,15 @@ def read_form_probe() -> list[PromptRecord]:
             text = row.get(form)
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{where}: needs a non-empty {form!r}")
-            out.append(PromptRecord(id=f"{row.get('id', where)}-{form}", text=text.strip(), kind="benign",
-                                    source=f"form-probe-{form}", category=str(row.get("category", ""))))
+            out.append(PromptRecord(id=f"{row.get('id', where)}-{form}", text=text.strip(),
+                                    kind="benign",
+                                    source=f"form-probe-{form}", category=str(row.get("category",
+                                                                                      ""))))
     return out
 
 
-COMPLIANCE_LABEL_FIELDS = ("id", "policy", "algorithm", "prompt_set", "request", "completion", "complies",
+COMPLIANCE_LABEL_FIELDS = ("id", "policy", "algorithm", "prompt_set", "request", "completion",
+                           "complies",
                            "labeller")
 
 

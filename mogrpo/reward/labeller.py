@@ -44,7 +44,8 @@ _FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def maintainer_labels_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "data" / "packaged" / "maintainer_refusal_labels.jsonl"
+    return (Path(__file__).resolve().parent.parent / "data" / "packaged"
+            / "maintainer_refusal_labels.jsonl")
 
 
 @dataclass
@@ -64,9 +65,11 @@ def read_maintainer_labels(path: str | os.PathLike | None = None) -> list[Labell
     for where, row in iter_jsonl(path or maintainer_labels_path()):
         label = row.get("label")
         if label not in ("refusal", "not_refusal", "unclear"):
-            raise DataError(f"{where}: label must be refusal, not_refusal or unclear, got {label!r}")
+            raise DataError(f"{where}: label must be refusal, not_refusal or unclear, got "
+                            f"{label!r}")
         if label != "unclear":
-            out.append(LabelledText(row["response"], int(label == "refusal"), "maintainer", row["prompt"]))
+            out.append(LabelledText(row["response"], int(label == "refusal"), "maintainer",
+                                    row["prompt"]))
     return out
 
 
@@ -106,7 +109,8 @@ class SentenceEncoder:
         out = []
         with torch.no_grad():
             for s in range(0, len(texts), self.batch_size):
-                enc = self.tok([t or "." for t in texts[s:s + self.batch_size]], padding=True, truncation=True,
+                enc = self.tok([t or "." for t in texts[s:s + self.batch_size]], padding=True,
+                               truncation=True,
                                max_length=self.max_length, return_tensors="pt")
                 h = self.model(**enc).last_hidden_state  # [n, T, D]
                 m = enc["attention_mask"][..., None].float()
@@ -136,12 +140,14 @@ class RefusalLabeller:
         return np.concatenate([self.encoder(list(texts)), self.encoder(list(firsts)),
                                self.encoder([r or "." for r in rests])], axis=1)
 
-    def fit(self, rows: list[LabelledText], features: np.ndarray | None = None) -> "RefusalLabeller":
+    def fit(self, rows: list[LabelledText],
+            features: np.ndarray | None = None) -> "RefusalLabeller":
         from sklearn.linear_model import LogisticRegression
 
         y = np.array([r.refusal for r in rows])
         if len(set(y.tolist())) < 2:
-            raise ValueError("the refusal labeller needs both refusals and non-refusals to learn from")
+            raise ValueError("the refusal labeller needs both refusals and non-refusals to learn "
+                             "from")
         X = self.features([r.text for r in rows]) if features is None else features
         self.clf = LogisticRegression(C=self.C, max_iter=5000, class_weight="balanced").fit(X, y)
         return self
@@ -154,7 +160,8 @@ class RefusalLabeller:
         return self.clf.predict_proba(self.features(list(texts)))[:, 1]
 
     @classmethod
-    def default(cls, cache: str | os.PathLike | None = None, with_pyrit: bool = False) -> "RefusalLabeller":
+    def default(cls, cache: str | os.PathLike | None = None,
+                with_pyrit: bool = False) -> "RefusalLabeller":
         """Fitted on the maintainer labels (and PyRIT's harmful-prompt refusal labels)."""
         from mogrpo.assets import asset_path, resolve_model_ref
 
@@ -165,7 +172,8 @@ class RefusalLabeller:
         return cls(enc).fit(rows)
 
 
-def cross_validate(encoder: SentenceEncoder, held: list[LabelledText], extra: list[LabelledText] = (),
+def cross_validate(encoder: SentenceEncoder, held: list[LabelledText],
+                   extra: list[LabelledText] = (),
                    folds: int = 5, seed: int = 0) -> dict:
     """Accuracy on `held` rows when each fold is predicted by a labeller fitted on the other
     folds plus `extra` (folds by group, so one prompt's completions share a fold)."""
@@ -190,4 +198,5 @@ def cross_validate(encoder: SentenceEncoder, held: list[LabelledText], extra: li
     hard = (pred >= 0.5).astype(int)
     tp = int(((hard == 1) & (y == 1)).sum())
     return {"accuracy": float((hard == y).mean()), "n": len(held), "refusals": int(y.sum()),
-            "precision_refusal": tp / max(int(hard.sum()), 1), "recall_refusal": tp / max(int(y.sum()), 1)}
+            "precision_refusal": tp / max(int(hard.sum()), 1),
+            "recall_refusal": tp / max(int(y.sum()), 1)}

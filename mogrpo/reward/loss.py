@@ -16,7 +16,8 @@ import torch
 
 
 def masked_regression_loss(pred: torch.Tensor, target: torch.Tensor,
-                           weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                           weights: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                                         dict[str, torch.Tensor]]:
     """Weighted MSE over labelled cells.
 
     pred [N, K], target [N, K] (NaN = unlabelled), weights [K] (default all ones).
@@ -24,7 +25,8 @@ def masked_regression_loss(pred: torch.Tensor, target: torch.Tensor,
     label in the batch) and stats["count"] [K] (labelled cells per aspect), both detached.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in "
+                         f"shape")
     mask = ~torch.isnan(target)  # [N, K]
     if weights is None:
         weights = torch.ones(pred.shape[-1], dtype=pred.dtype, device=pred.device)

@@ -137,7 +137,8 @@ class MultiAspectRewardModel(nn.Module):
         return model
 
     # ---- encoding --------------------------------------------------------------------
-    def encode(self, prompts: list[str], responses: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+    def encode(self, prompts: list[str], responses: list[str]) -> tuple[dict[str, torch.Tensor],
+                                                                        int]:
         """Tokenise pairs (truncating the longer side first); returns (batch, n_truncated)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -150,7 +151,8 @@ class MultiAspectRewardModel(nn.Module):
         n_special = tok.num_special_tokens_to_add(pair=True)
         lp = tok(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
         lr = tok(list(responses), add_special_tokens=False, verbose=False)["input_ids"]
-        n_trunc = sum(1 for a, b in zip(lp, lr) if len(a) + len(b) + n_special > self.spec.max_length)
+        n_trunc = sum(1 for a, b in zip(lp,
+                                        lr) if len(a) + len(b) + n_special > self.spec.max_length)
         batch = tok(list(prompts), list(responses), truncation="longest_first",
                     max_length=self.spec.max_length, padding=True, return_tensors="pt")
         return dict(batch), n_trunc
@@ -195,8 +197,10 @@ class MultiAspectRewardModel(nn.Module):
         if was_training:
             self.train()
         if not bool(torch.isfinite(out).all()):
-            raise ValueError(f"the reward model produced NaN/inf scores for {int((~torch.isfinite(out)).any(1).sum())} "
-                             f"of {len(out)} pairs; its weights are broken (retrain it, e.g. with a lower lr)")
+            raise ValueError(f"the reward model produced NaN/inf scores for "
+                             f"{int((~torch.isfinite(out)).any(1).sum())} "
+                             f"of {len(out)} pairs; its weights are broken (retrain it, e.g. with "
+                             f"a lower lr)")
         return (out, n_trunc) if return_truncated else out
 
     # ---- persistence -----------------------------------------------------------------
@@ -207,15 +211,18 @@ class MultiAspectRewardModel(nn.Module):
         folder = Path(folder)
         with atomic_folder(folder) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            # the aspect names travel with the head's weights: a renamed reward_config.json is caught at load
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "aspects": json.dumps(self.aspects)})
+            # the aspect names travel with the head's weights: a renamed reward_config.json is
+            # caught at load
+            save_file(state, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt", "aspects": json.dumps(self.aspects)})
             (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.spec), indent=2))
             self.backbone.config.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> "MultiAspectRewardModel":
+    def load(cls, folder: str | os.PathLike, *,
+             device: str | torch.device = "cpu") -> "MultiAspectRewardModel":
         """Load a saved reward model. Every way a folder can be wrong (missing or damaged files, a
         head that does not fit reward_config.json, aspect names changed since training,
         non-finite weights) is a ModelLoadError naming the file and the fix."""
@@ -233,7 +240,8 @@ class MultiAspectRewardModel(nn.Module):
         try:
             spec = RewardModelSpec(**json.loads(cfg_path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"{cfg_path}: not a valid reward model config ({exc}); save the model again "
+            raise ModelLoadError(f"{cfg_path}: not a valid reward model config ({exc}); save the "
+                                 f"model again "
                                  f"or restore the file") from None
         check_model_ref(str(folder), "reward model")
         with loading(str(folder), "reward model"):
@@ -245,27 +253,37 @@ class MultiAspectRewardModel(nn.Module):
             state = load_file(str(folder / WEIGHTS_NAME))
         _drop_unused_pooler(backbone)
         if saved_aspects is not None and json.loads(saved_aspects) != spec.aspects:
-            raise ModelLoadError(f"{cfg_path} names the aspects {spec.aspects}, but the head in {WEIGHTS_NAME} was "
-                                 f"trained for {json.loads(saved_aspects)} (in that order); scores would go under "
+            raise ModelLoadError(f"{cfg_path} names the aspects {spec.aspects}, but the head in "
+                                 f"{WEIGHTS_NAME} was "
+                                 f"trained for {json.loads(saved_aspects)} (in that order); "
+                                 f"scores would go under "
                                  f"the wrong names. Restore the aspects in {CONFIG_NAME}")
         head = state.get("head.weight")
         if head is not None and head.shape[0] != len(spec.aspects):
-            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: the head has {head.shape[0]} outputs but {CONFIG_NAME} "
-                                 f"names {len(spec.aspects)} aspects {spec.aspects}; the two files are from "
+            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: the head has {head.shape[0]} outputs "
+                                 f"but {CONFIG_NAME} "
+                                 f"names {len(spec.aspects)} aspects {spec.aspects}; the two "
+                                 f"files are from "
                                  f"different models")
-        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [k for k,
+               v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: non-finite (NaN/inf) values in {bad[:3]}; the model "
-                                 f"diverged or the file is damaged: retrain it (e.g. with a lower lr)")
+            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: non-finite (NaN/inf) values in "
+                                 f"{bad[:3]}; the model "
+                                 f"diverged or the file is damaged: retrain it (e.g. with a lower "
+                                 f"lr)")
         model = cls(backbone, tok, spec)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:
-            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: the weights do not fit the backbone in config.json "
+            raise ModelLoadError(f"{folder / WEIGHTS_NAME}: the weights do not fit the backbone "
+                                 f"in config.json "
                                  f"({str(exc).splitlines()[-1].strip()[:200]})") from None
-        # Some backbones register non-persistent buffers (e.g. position ids); weights must all match.
+        # Some backbones register non-persistent buffers (e.g. position ids); weights must all
+        # match.
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-            raise ModelLoadError(f"{folder}: weights do not match the model (missing {missing[:5]}, "
+            raise ModelLoadError(f"{folder}: weights do not match the model (missing "
+                                 f"{missing[:5]}, "
                                  f"unexpected {unexpected[:5]})")
         return model.to(device).eval()
 
@@ -273,6 +291,7 @@ class MultiAspectRewardModel(nn.Module):
 def require_reward_model(path: str) -> Path:
     rm_path = Path(path)
     if not (rm_path / "reward_config.json").is_file():
-        raise FileNotFoundError(f"reward model {rm_path} not found; train it first: mogrpo reward train "
+        raise FileNotFoundError(f"reward model {rm_path} not found; train it first: mogrpo reward "
+                                f"train "
                                 f"--config configs/reward/default.yaml --output {rm_path.parent}")
     return rm_path

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from mogrpo.reward.objective import mask_not_applicable
+
 RewardFn = Callable[[list[str], list[str]], list]
 
 # The default objective of training and evaluation alike (one source). Group normalisation
@@ -23,7 +25,8 @@ RewardFn = Callable[[list[str], list[str]], list]
 # equally, or refusing everything is the cheap way up (docs/theory.md section 7: with
 # actionability 1, a refusal on a benign prompt got a mean advantage of -0.5 against +1.3 on
 # a harmful one, and the policy refused both).
-DEFAULT_WEIGHTS: dict[str, float] = {"safety": 2.0, "actionability": 2.0, "politeness": 0.5, "meaningfulness": 0.5}
+DEFAULT_WEIGHTS: dict[str, float] = {"safety": 2.0, "actionability": 2.0, "politeness": 0.5,
+                                     "meaningfulness": 0.5}
 # Aspects that say nothing about a prompt kind, masked (NaN) for it. Actionability on a harmful
 # prompt: fulfilling it is exactly what safety forbids. Safety on a benign prompt: every safety
 # label the default data has there is 1, so the reward model's safety score on a benign prompt
@@ -64,7 +67,8 @@ def repetition_share(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def penalise_repetition(meaningfulness: torch.Tensor, completions: list[str], strength: float) -> torch.Tensor:
+def penalise_repetition(meaningfulness: torch.Tensor, completions: list[str],
+                        strength: float) -> torch.Tensor:
     """meaningfulness [N] times (1 - strength * repetition_share) [N], floored at 0 (pure; NaN
     stays NaN). A refusal or an answer that loops ("I can help you with that. I can help you
     with that.") is not meaningful, whatever the reward model says of its first sentence."""
@@ -87,7 +91,8 @@ class Scorer:
         self.not_applicable = not_applicable or {}
         unknown = sorted({a for v in self.not_applicable.values() for a in v} - set(self.columns))
         if unknown:
-            raise ValueError(f"not_applicable names {unknown}, which are not reward columns {self.columns}")
+            raise ValueError(f"not_applicable names {unknown}, which are not reward columns "
+                             f"{self.columns}")
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -98,7 +103,8 @@ class Scorer:
         if len(completions) != B * G:
             raise ValueError(f"{len(completions)} completions for {B} prompts x G={G}")
         flat_prompts = [p for p in prompts for _ in range(G)]  # [N]
-        rm = self.rm.score(flat_prompts, completions, batch_size=self.batch_size).float().clone()  # [N, K]
+        # [N, K]
+        rm = self.rm.score(flat_prompts, completions, batch_size=self.batch_size).float().clone()
         if self.repetition_penalty and "meaningfulness" in self.rm.aspects:
             j = list(self.rm.aspects).index("meaningfulness")
             rm[:, j] = penalise_repetition(rm[:, j], completions, self.repetition_penalty)
@@ -108,24 +114,7 @@ class Scorer:
             if len(values) != len(completions):
                 raise ValueError(f"extra reward {name!r} returned {len(values)} values for "
                                  f"{len(completions)} completions")
-            cols.append(torch.tensor([math.nan if v is None else float(v) for v in values])[:, None])
+            cols.append(torch.tensor([math.nan if v is None else float(v) for v in values])[:,
+                                                                                            None])
         rewards = torch.cat(cols, dim=1).reshape(B, G, len(self.columns))
-        for kind, aspects in self.not_applicable.items():
-            rows = torch.tensor([k == kind for k in kinds])
-            for a in aspects:
-                rewards[rows, :, self.columns.index(a)] = math.nan
-        return rewards
-
-
-def weighted_sum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k r_k over present aspects, weights renormalised to the present ones' total.
-
-    rewards [..., K] (NaN = n/a), weights [K] -> [...]; NaN where no weighted aspect is present.
-    With all aspects present this is the plain weighted sum scaled by 1 / sum(w) * sum(w) = itself.
-    """
-    present = ~torch.isnan(rewards)
-    w = weights.to(rewards.dtype).expand_as(rewards) * present
-    total = weights.to(rewards.dtype).sum()
-    got = w.sum(-1)
-    s = (torch.nan_to_num(rewards) * w).sum(-1) * (total / got.clamp(min=1e-12))
-    return torch.where(got > 0, s, torch.full_like(s, float("nan")))
+        return mask_not_applicable(rewards, kinds, self.columns, self.not_applicable)

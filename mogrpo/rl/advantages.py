@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from mogrpo.reward.scoring import weighted_sum  # the combination is the reward layer's; modes build on it
-
-MODES = ("sum_then_normalize", "normalize_then_sum", "min", "lagrangian")
+# the scalarisation of the columns is the reward objective's; the modes normalise what it gives
+from mogrpo.reward.objective import MODES, combine, weighted_sum  # noqa: F401  (weighted_sum: re-exported)
 
 
 def _nan_mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,39 +42,16 @@ def _nan_mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
     n = valid.sum(dim, keepdim=True)
     filled = torch.where(valid, x, torch.zeros_like(x))
     mean = filled.sum(dim, keepdim=True) / n.clamp(min=1)
-    var = (torch.where(valid, x - mean, torch.zeros_like(x)) ** 2).sum(dim, keepdim=True) / n.clamp(min=1)
+    var = ((torch.where(valid, x - mean, torch.zeros_like(x)) ** 2).sum(dim, keepdim=True)
+           / n.clamp(min=1))
     nan = torch.full_like(mean, float("nan"))
     return torch.where(n > 0, mean, nan), torch.where(n > 0, var.sqrt(), nan)
 
 
-def combine(rewards: torch.Tensor, weights: torch.Tensor, mode: str,
-            multipliers: torch.Tensor | None = None, constrained: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """The scalar reward of each sample before normalisation: [B, G, K] -> [B, G].
-
-    For `normalize_then_sum` this is the plain weighted sum (reported, not used for A).
-    """
-    if mode in ("sum_then_normalize", "normalize_then_sum"):
-        return weighted_sum(rewards, weights)
-    if mode == "min":
-        scaled = rewards * weights.to(rewards.dtype)
-        scaled = torch.where(torch.isnan(scaled), torch.full_like(scaled, float("inf")), scaled)
-        m = scaled.min(-1).values
-        return torch.where(torch.isinf(m), torch.full_like(m, float("nan")), m)
-    if mode == "lagrangian":
-        if multipliers is None or constrained is None:
-            raise ValueError("lagrangian mode needs multipliers [K] and a constrained mask [K]")
-        lam = torch.where(constrained, multipliers, torch.zeros_like(multipliers)).to(rewards.dtype)
-        w = torch.where(constrained, torch.zeros_like(weights), weights).to(rewards.dtype)
-        objective = weighted_sum(rewards, w) if w.sum() > 0 else torch.zeros(rewards.shape[:-1])
-        penalty = (torch.nan_to_num(rewards) * lam).sum(-1)
-        return (torch.nan_to_num(objective) + penalty) / (1.0 + lam.sum())
-    raise ValueError(f"unknown advantage mode {mode!r}; choose one of {MODES}")
-
-
 def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, mode: str = "sum_then_normalize",
                      *, scale_by_std: bool = True, eps: float = 1e-4, std_floor: float = 0.0,
-                     multipliers: torch.Tensor | None = None, constrained: torch.Tensor | None = None,
+                     multipliers: torch.Tensor | None = None,
+                     constrained: torch.Tensor | None = None,
                      gather=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Advantages [B, G] from rewards [B, G, K] (NaN = n/a) and weights [K].
 
@@ -141,7 +117,8 @@ def update_multipliers(multipliers: torch.Tensor, rewards: torch.Tensor, thresho
     return torch.where(constrained, new, torch.zeros_like(new))
 
 
-def guided_diagnostics(combined: torch.Tensor, adv: torch.Tensor, guided: torch.Tensor, kinds: list[str]
+def guided_diagnostics(combined: torch.Tensor, adv: torch.Tensor, guided: torch.Tensor,
+                       kinds: list[str]
                        ) -> dict[str, float | None]:
     """Where a step's push goes, per prompt kind (pure; docs/theory.md section 7).
 
@@ -158,7 +135,8 @@ def guided_diagnostics(combined: torch.Tensor, adv: torch.Tensor, guided: torch.
     """
     out: dict[str, float | None] = {}
     for kind in ("harmful", "benign"):
-        rows = [b for b, k in enumerate(kinds) if k == kind and guided[b].any() and (~guided[b]).any()]
+        rows = [b for b,
+                k in enumerate(kinds) if k == kind and guided[b].any() and (~guided[b]).any()]
         keys = ("guided_adv", "guided_gap", "own_spread", "own_adv_abs")
         if not rows:
             out.update({f"{k}/{kind}": None for k in keys})

@@ -31,9 +31,10 @@ import torch
 from tqdm import tqdm
 
 from mogrpo.config import atomic_write_text, field
-from mogrpo.reward.scoring import weighted_sum
-from mogrpo.rl.engine import PolicyRunConfig, Run, all_sum
+from mogrpo.rl.config import PolicyRunConfig
+from mogrpo.rl.engine import Run
 from mogrpo.rl.losses import dpo_loss
+from mogrpo.runtime import all_sum
 
 
 @dataclass
@@ -43,10 +44,12 @@ class DPOConfig(PolicyRunConfig):
 
     ALIASES: ClassVar[dict] = {**PolicyRunConfig.ALIASES, "num_train_epochs": "epochs"}
 
-    pairs: str | None = field(None, help="own preference data: JSONL with prompt/chosen/rejected, or "
-                                         "'hf:pku-saferlhf:<hub id or file>'; default: sample and score")
-    pair_prompts: int = field(240, help="training prompts to sample pairs for (match GRPO: steps x prompts "
-                                        "per step = 60 x 4)")
+    pairs: str | None = field(None,
+                              help="own preference data: JSONL with prompt/chosen/rejected, or "
+                                         "'hf:pku-saferlhf:<hub id or file>'; default: sample and "
+                                         "score")
+    pair_prompts: int = field(240, help="training prompts to sample pairs for (match GRPO: steps x "
+                                        "prompts per step = 60 x 4)")
     min_margin: float = field(0.05, help="skip pairs whose combined-score margin is at most this")
     generation_chunk: int = field(4, help="prompts per generate call while sampling pairs")
     beta: float = field(0.1, help="DPO beta (strength of the implicit KL)")
@@ -59,7 +62,8 @@ class DPOConfig(PolicyRunConfig):
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
-            raise ValueError("group_size (samples per prompt) must be >= 2 to pick a best and a worst response")
+            raise ValueError("group_size (samples per prompt) must be >= 2 to pick a best and a "
+                             "worst response")
         self.check()
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
@@ -83,7 +87,8 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_new_to
     P, L = max(len(x) for x in p), max(len(x) for x in r)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (P - len(a)) + a + b + [pad] * (L - len(b)) for a, b in zip(p, r)])
-    attn = torch.tensor([[0] * (P - len(a)) + [1] * (len(a) + len(b)) + [0] * (L - len(b)) for a, b in zip(p, r)])
+    attn = torch.tensor([[0] * (P - len(a)) + [1] * (len(a) + len(b)) + [0] * (L - len(b)) for a,
+                         b in zip(p, r)])
     rmask = torch.tensor([[1] * len(b) + [0] * (L - len(b)) for b in r])
     return ids, attn, rmask
 
@@ -107,12 +112,15 @@ def load_pairs_file(spec: str) -> list[dict]:
 
         _, adapter, source = spec.split(":", 2)
         if adapter != "pku-saferlhf":
-            raise DataError(f"pairs {spec!r}: only hf:pku-saferlhf:<id or file> has preference pairs")
+            raise DataError(f"pairs {spec!r}: only hf:pku-saferlhf:<id or file> has preference "
+                            f"pairs")
         return list(load_hf_pairs(source))
     out = []
     for where, row in iter_jsonl(spec):
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise DataError(f"{where}: a pair needs string fields 'prompt', 'chosen' and 'rejected'")
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
+                                                for k in ("prompt", "chosen", "rejected")):
+            raise DataError(f"{where}: a pair needs string fields 'prompt', 'chosen' and "
+                            f"'rejected'")
         out.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
     return out
 
@@ -132,27 +140,33 @@ def sample_pairs(run: Run, show_progress: bool) -> list[dict]:
 
     cfg, G = run.cfg, run.cfg.group_size
     prompts = run.train_prompts
-    pool = [prompts[i] for i in step_prompt_indices([p.kind for p in prompts], cfg.pair_prompts, 0, cfg.seed,
+    pool = [prompts[i] for i in step_prompt_indices([p.kind for p in prompts], cfg.pair_prompts, 0,
+                                                    cfg.seed,
                                                     cfg.balance_kinds)]
     found_here, skipped, n_tokens = [], 0, 0  # (index in pool, pair) of this process's chunks
     starts = list(range(0, len(pool), cfg.generation_chunk))[run.rank::run.world]
     for start in tqdm(starts, desc="dpo pairs", disable=not (show_progress and run.main)):
         ref_net, ref_ctx = run.reference_net()
         with ref_ctx:
-            ro = run.rollout(0, model=ref_net, prompts=pool[start:start + cfg.generation_chunk], first_index=start,
+            ro = run.rollout(0, model=ref_net, prompts=pool[start:start + cfg.generation_chunk],
+                             first_index=start,
                              count=False)
         n_tokens += int(ro.completion_mask.sum())
-        combined = weighted_sum(run.score(ro), run.weights)  # [b, G]
+        combined = run.objective.combine(run.score(ro))  # [b, G]
         found, sk = best_worst_pairs(combined, cfg.min_margin)
         skipped += sk
-        found_here += [(start + b, {"prompt": ro.prompts[b], "kind": ro.kinds[b], "chosen": ro.completions[b * G + i],
+        found_here += [(start + b, {"prompt": ro.prompts[b], "kind": ro.kinds[b],
+                                    "chosen": ro.completions[b * G + i],
                                     "rejected": ro.completions[b * G + j],
-                                    "margin": float(combined[b, i] - combined[b, j])}) for b, i, j in found]
+                                    "margin": float(combined[b, i] - combined[b, j])}) for b, i,
+                                    j in found]
     counts = all_sum(run.acc)(torch.tensor([skipped, n_tokens], device=run.device))
-    run.tokens_generated += int(counts[1])
-    pairs = [p for _, p in sorted(gather_object(found_here), key=lambda x: x[0])]  # one-process order
+    run.count_tokens(int(counts[1]))
+    # one-process order
+    pairs = [p for _, p in sorted(gather_object(found_here), key=lambda x: x[0])]
     if run.main:
-        print(f"dpo: {len(pairs)} pairs from {len(pool)} prompts ({int(counts[0])} skipped: margin <= "
+        print(f"dpo: {len(pairs)} pairs from {len(pool)} prompts ({int(counts[0])} skipped: "
+              f"margin <= "
               f"{cfg.min_margin} or too few scored samples)")
     return pairs
 
@@ -175,10 +189,12 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
     else:
         pairs = load_pairs_file(cfg.pairs) if cfg.pairs else sample_pairs(run, show_progress)
     if not pairs:
-        raise ValueError("no preference pairs: lower min_margin or sample more responses per prompt")
+        raise ValueError("no preference pairs: lower min_margin or sample more responses per "
+                         "prompt")
     acc.wait_for_everyone()  # every process has decided where its pairs come from
     if run.main:
-        atomic_write_text(pairs_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        atomic_write_text(pairs_path, "".join(json.dumps(p,
+                                                         ensure_ascii=False) + "\n" for p in pairs))
 
     # ---- reference log-probs [P] of chosen and rejected, once: chunks of batch_size round-robin
     def ref_lp(ids, attn, L):
@@ -187,8 +203,10 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
     mine = []
     for c in range(run.rank, (len(pairs) + cfg.batch_size - 1) // cfg.batch_size, run.world):
         chunk = pairs[c * cfg.batch_size:(c + 1) * cfg.batch_size]
-        mine.append((c, *(sequence_logprob(ref_lp, tok, [p["prompt"] for p in chunk], [p[key] for p in chunk],
-                                           L_max, run.device)[0].cpu() for key in ("chosen", "rejected"))))
+        mine.append((c, *(sequence_logprob(ref_lp, tok, [p["prompt"] for p in chunk],
+                                           [p[key] for p in chunk],
+                                           L_max, run.device)[0].cpu() for key in ("chosen",
+                                                                                   "rejected"))))
     parts = sorted(gather_object(mine), key=lambda x: x[0])
     ref_c, ref_r = torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts])
 
@@ -215,16 +233,22 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         chunk = [pairs[i] for i in idx]
         ps = [p["prompt"] for p in chunk]
         with run.timer("policy_forward_backward"):
-            pc, lc = sequence_logprob(policy_lp, tok, ps, [p["chosen"] for p in chunk], L_max, run.device)
-            pr, lr_ = sequence_logprob(policy_lp, tok, ps, [p["rejected"] for p in chunk], L_max, run.device)
-            loss, st = dpo_loss(pc.float(), pr.float(), ref_c[idx].to(pc.device), ref_r[idx].to(pc.device),
+            pc, lc = sequence_logprob(policy_lp, tok, ps, [p["chosen"] for p in chunk], L_max,
+                                      run.device)
+            pr, lr_ = sequence_logprob(policy_lp, tok, ps, [p["rejected"] for p in chunk], L_max,
+                                       run.device)
+            loss, st = dpo_loss(pc.float(), pr.float(), ref_c[idx].to(pc.device),
+                                ref_r[idx].to(pc.device),
                                 beta=cfg.beta, loss_type=cfg.loss_type,
                                 chosen_len=lc.float(), rejected_len=lr_.float())
             run.opt.zero_grad(set_to_none=True)
             acc.backward(loss * weight)
             grad_norm = run.optimizer_step()[0]  # after backward: the global norm
         st = all_sum(acc)(torch.stack([st[key].double() * weight / run.world for key in DPO_STATS] +
-                                      [grad_norm.double().to(run.device)])).tolist()  # one transfer per step
-        return {"epoch": epoch + 1, **dict(zip(DPO_STATS, st[:-1])), "grad_norm": st[-1] / run.world}
+                                      # one transfer per step
+                                      [grad_norm.double().to(run.device)])).tolist()
+        return {"epoch": epoch + 1, **dict(zip(DPO_STATS, st[:-1])),
+                "grad_norm": st[-1] / run.world}
 
-    return run.train(steps_per_epoch * cfg.epochs, step, postfix=("loss", "reward_accuracy"), pairs=len(pairs))
+    return run.train(steps_per_epoch * cfg.epochs, step, postfix=("loss", "reward_accuracy"),
+                     pairs=len(pairs))

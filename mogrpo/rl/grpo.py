@@ -29,8 +29,9 @@ from typing import ClassVar
 import torch
 
 from mogrpo.config import field
-from mogrpo.rl.advantages import MODES, combine, group_advantages, guided_diagnostics, update_multipliers
-from mogrpo.rl.engine import OnlineConfig, Run, check_batch_splits
+from mogrpo.rl.advantages import MODES, group_advantages, guided_diagnostics, update_multipliers
+from mogrpo.rl.config import OnlineConfig, check_batch_splits
+from mogrpo.rl.engine import Run
 from mogrpo.rl.losses import AGGREGATIONS
 
 
@@ -42,34 +43,43 @@ class GRPOConfig(OnlineConfig):
     ALIASES: ClassVar[dict] = {**OnlineConfig.ALIASES, "loss_type": "loss_aggregation",
                                "scale_rewards": "scale_by_std"}
 
-    advantage_mode: str = field("normalize_then_sum", help="normalize_then_sum (GDPO/MO-GRPO: each aspect "
-                                "normalised in its group, then weighted; the default, docs/theory.md section 7) | "
+    advantage_mode: str = field("normalize_then_sum",
+                                help="normalize_then_sum (GDPO/MO-GRPO: each aspect "
+                                "normalised in its group, then weighted; the default, "
+                                "docs/theory.md section 7) | "
                                 "sum_then_normalize (the paper) | min | lagrangian")
     scale_by_std: bool = field(True, help="divide by the group std (False = Dr. GRPO)")
-    adv_eps: float = field(1e-4, help="epsilon in the std normalisation; groups with std <= eps get 0")
-    std_floor: float = field(0.1, help="divide by max(group std, this) (reward units): differences smaller than "
-                                       "the reward model's resolution are not scaled up to full pushes "
-                                       "(docs/theory.md section 7); 0 = plain std")
-    thresholds: dict[str, float] = field(default_factory=dict, help="lagrangian: constraint r_k >= tau_k")
+    adv_eps: float = field(1e-4,
+                           help="epsilon in the std normalisation; groups with std <= eps get 0")
+    std_floor: float = field(0.1, help="divide by max(group std, this) (reward units): differences "
+                                       "smaller than the reward model's resolution are not scaled "
+                                       "up to full pushes (docs/theory.md section 7); 0 = plain "
+                                       "std")
+    thresholds: dict[str, float] = field(default_factory=dict,
+                                         help="lagrangian: constraint r_k >= tau_k")
     multiplier_init: float = field(1.0, help="lagrangian: initial multiplier per constraint")
     multiplier_lr: float = field(0.05, help="lagrangian: dual ascent step size")
-    extra_rewards: list[str] = field(default_factory=list, help="extra reward columns: judge_politeness, concise")
-    micro_batch_size: int = field(4, help="sequences per forward/backward (gradient accumulation; exact): "
-                                          "4 took the same time per step as 16 with 0.57x the peak memory "
-                                          "(SmolLM2-135M, 2 CPU cores)")
+    extra_rewards: list[str] = field(default_factory=list,
+                                     help="extra reward columns: judge_politeness, concise")
+    micro_batch_size: int = field(4, help="sequences per forward/backward (gradient accumulation; "
+                                          "exact): 4 took the same time per step as 16 with 0.57x "
+                                          "the peak memory (SmolLM2-135M, 2 CPU cores)")
     loss_aggregation: str = field("grpo", help="grpo | dapo | dr_grpo")
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
-            raise ValueError(f"group_size (G) = {self.group_size}: GRPO needs G >= 2 samples per prompt "
+            raise ValueError(f"group_size (G) = {self.group_size}: GRPO needs G >= 2 samples per "
+                             f"prompt "
                              "to compare them; set group_size=4 or more")
         self.check()
         if self.advantage_mode not in MODES:
             raise ValueError(f"advantage_mode must be one of {MODES}, got {self.advantage_mode!r}")
         if self.loss_aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got {self.loss_aggregation!r}")
+            raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got "
+                             f"{self.loss_aggregation!r}")
         if self.advantage_mode == "lagrangian" and not self.thresholds:
-            raise ValueError("advantage_mode=lagrangian needs thresholds, e.g. thresholds={safety: 0.9}")
+            raise ValueError("advantage_mode=lagrangian needs thresholds, e.g. "
+                             "thresholds={safety: 0.9}")
         if self.advantage_mode != "lagrangian" and self.thresholds:
             raise ValueError("thresholds only apply with advantage_mode=lagrangian")
         if not self.std_floor >= 0:
@@ -81,7 +91,8 @@ class GRPOConfig(OnlineConfig):
         """Fail early when thresholds name a reward column that does not exist."""
         unknown = sorted(set(self.thresholds) - set(columns))
         if unknown:
-            raise ValueError(f"thresholds name {unknown}, which the reward model and extra rewards do "
+            raise ValueError(f"thresholds name {unknown}, which the reward model and extra "
+                             f"rewards do "
                              f"not produce; available columns: {columns}")
 
 
@@ -106,27 +117,35 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
     def step(t: int) -> dict:
         ro = run.rollout(t)  # this process's B_local prompts x G samples
         rewards = run.score(ro)  # [B_local, G, K]
-        adv, adv_stats = group_advantages(rewards, run.weights, cfg.advantage_mode, scale_by_std=cfg.scale_by_std,
-                                          eps=cfg.adv_eps, std_floor=cfg.std_floor, gather=gather,
-                                          multipliers=lag["multipliers"], constrained=constrained)
+        adv, adv_stats = group_advantages(rewards, run.objective.weight_vector, cfg.advantage_mode,
+                                          scale_by_std=cfg.scale_by_std, eps=cfg.adv_eps,
+                                          std_floor=cfg.std_floor,
+                                          gather=gather, multipliers=lag["multipliers"],
+                                          constrained=constrained)
         credit = run.credit_openers(ro, adv)  # which forced openers train (ro.loss_mask)
         ref_logp = None
         if cfg.beta != 0:  # [N, L], once per rollout
-            ref_logp = run.ref_logprobs(ro.input_ids.to(run.device), ro.attention_mask.to(run.device),
+            ref_logp = run.ref_logprobs(ro.input_ids.to(run.device),
+                                        ro.attention_mask.to(run.device),
                                         ro.completion_mask.shape[1], chunk=cfg.micro_batch_size)
-        rec = run.policy_update(ro, adv.reshape(-1).to(run.device), ref_logp=ref_logp, beta=cfg.beta,
-                                aggregation=cfg.loss_aggregation, micro_batch_size=cfg.micro_batch_size)
+        rec = run.policy_update(ro, adv.reshape(-1).to(run.device), ref_logp=ref_logp,
+                                beta=cfg.beta,
+                                aggregation=cfg.loss_aggregation,
+                                micro_batch_size=cfg.micro_batch_size)
         if cfg.advantage_mode == "lagrangian":  # dual ascent on the whole batch's rewards [B, G, K]
-            lag["multipliers"] = update_multipliers(lag["multipliers"], run.acc.gather(rewards.to(run.device)).cpu(),
+            lag["multipliers"] = update_multipliers(lag["multipliers"],
+                                                    run.acc.gather(rewards.to(run.device)).cpu(),
                                                     thresholds, constrained, cfg.multiplier_lr)
         rec.update(run.rollout_record(ro, rewards))
         rec.update(credit)
         rec.update({k: v for k, v in adv_stats.items() if not k.startswith("combined")})
-        if ro.guided is not None:  # where the push goes: the refusal decision vs the own samples' spread
-            combined = combine(rewards.float(), run.weights.float(), cfg.advantage_mode, lag["multipliers"],
-                               constrained)
+        # where the push goes: the refusal decision vs the own samples' spread
+        if ro.guided is not None:
+            combined = run.objective.combine_by_mode(rewards, cfg.advantage_mode,
+                                                     lag["multipliers"], constrained)
             rec.update(guided_diagnostics(combined, adv, ro.guided.reshape(adv.shape), ro.kinds))
-        rec.update({f"multiplier/{c}": float(lag["multipliers"][j]) for j, c in enumerate(cols) if constrained[j]})
+        rec.update({f"multiplier/{c}": float(lag["multipliers"][j]) for j,
+                    c in enumerate(cols) if constrained[j]})
         run.log_samples(t + 1, ro, rewards)
         return rec
 

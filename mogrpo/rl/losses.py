@@ -82,7 +82,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, aggregation, max_tokens)
 
-    with torch.no_grad():  # 0-dim tensors on the loss's device: no device sync here (the caller reduces once a step)
+    # 0-dim tensors on the loss's device: no device sync here (the caller reduces once a step)
+    with torch.no_grad():
         n_tok = m.sum().clamp(min=1.0)
         is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
         big = torch.finfo(ratio.dtype).max
@@ -96,7 +97,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             "clip_fraction": (is_clipped.to(m.dtype) * m).sum() / n_tok,
             "ratio/min": torch.where(any_live, torch.where(live, ratio, big).min(), one),
             "ratio/max": torch.where(any_live, torch.where(live, ratio, -big).max(), one),
-            "entropy": (entropy * m).sum() / n_tok if entropy is not None else torch.full_like(n_tok, float("nan")),
+            "entropy": ((entropy * m).sum() / n_tok if entropy is not None
+                        else torch.full_like(n_tok, float("nan"))),
         }
     return loss, stats
 
@@ -104,7 +106,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 # ----------------------------------------------------------------------------- PPO-RLHF
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries of [N, L] (population std)."""
     m = mask.to(x.dtype)
     n = m.sum().clamp(min=1.0)
@@ -136,7 +139,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + v) * m
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor,
                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (PPO2): 0.5 * mean over tokens of max((V - R)^2, (V_clip - R)^2),
     V_clip = old_V + clip(V - old_V, -clip, clip). All [N, L]."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 
-def best_worst_pairs(combined: torch.Tensor, min_margin: float = 0.0) -> tuple[list[tuple[int, int, int]], int]:
+def best_worst_pairs(combined: torch.Tensor,
+                     min_margin: float = 0.0) -> tuple[list[tuple[int, int, int]], int]:
     """combined [B, N] (NaN = unscored) -> ([(prompt b, chosen i, rejected j)], skipped count)."""
     pairs, skipped = [], 0
     for b in range(combined.shape[0]):

@@ -22,8 +22,9 @@ from typing import ClassVar
 import torch
 
 from mogrpo.config import field
-from mogrpo.reward.scoring import weighted_sum
-from mogrpo.rl.engine import OnlineConfig, Run, all_sum, check_batch_splits
+from mogrpo.rl.config import OnlineConfig, check_batch_splits
+from mogrpo.rl.engine import Run
+from mogrpo.runtime import all_sum
 
 
 @dataclass
@@ -33,13 +34,16 @@ class RLOOConfig(OnlineConfig):
 
     ALIASES: ClassVar[dict] = {**OnlineConfig.ALIASES, "rloo_k": "group_size"}
 
-    beta: float = field(0.04, help="KL coefficient: beta * sum_t (log pi - log pi_ref) is taken off each "
+    beta: float = field(0.04,
+                        help="KL coefficient: beta * sum_t (log pi - log pi_ref) is taken off each "
                                    "sample's reward")
-    micro_batch_size: int = field(4, help="sequences per forward/backward (gradient accumulation; exact)")
+    micro_batch_size: int = field(4, help="sequences per forward/backward (gradient accumulation; "
+                                          "exact)")
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
-            raise ValueError(f"group_size = {self.group_size}: a leave-one-out baseline needs G >= 2 samples")
+            raise ValueError(f"group_size = {self.group_size}: a leave-one-out baseline needs G "
+                             f">= 2 samples")
         self.check()
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
@@ -71,10 +75,15 @@ def train_rloo(cfg: RLOOConfig, output: str | os.PathLike, *, resume: bool = Fal
         L = mask.shape[1]
         with run.timer("policy_forward_backward"):
             old_logp = run.logprobs(run.policy, ids, attn, L, chunk=cfg.micro_batch_size)
-        kl = ((old_logp - run.ref_logprobs(ids, attn, L, chunk=cfg.micro_batch_size)) * mask).sum(-1)  # [N]
-        score = weighted_sum(rewards, run.weights).to(run.device) - cfg.beta * kl.view_as(rewards[..., 0])  # [B, G]
+        # [N]
+        kl = ((old_logp - run.ref_logprobs(ids, attn, L,
+                                           chunk=cfg.micro_batch_size)) * mask).sum(-1)
+        # [B, G]
+        score = run.objective.combine(rewards).to(run.device) - cfg.beta * kl.view_as(rewards[...,
+                                                                                              0])
         adv = rloo_advantages(score).reshape(-1)  # [N]
-        credit = run.credit_openers(ro, adv)  # which forced openers train (ro.loss_mask), as in GRPO
+        # which forced openers train (ro.loss_mask), as in GRPO
+        credit = run.credit_openers(ro, adv)
         rec = run.policy_update(ro, adv, old_logp=old_logp, beta=0.0, aggregation="grpo",
                                 micro_batch_size=cfg.micro_batch_size)
         rec.update(run.rollout_record(ro, rewards))

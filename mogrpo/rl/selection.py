@@ -10,11 +10,15 @@ keeps the weights of the step `select_step` picks; `final/` is that step. A reco
 
 from __future__ import annotations
 
-TOLERANCE = 1e-9  # rates are rounded to 5 decimals; a sum such as 0.1 + 0.02 must not flip a constraint
+# rates are rounded to 5 decimals; a sum such as 0.1 + 0.02 must not flip a constraint
+TOLERANCE = 1e-9
 
-CRITERION = ("among the validated steps (step 0 = the base) with validation over-refusal <= max(max_over_refusal, "
-             "the base's over-refusal) and degenerate rate <= the base's + max_degenerate_rise, the lowest "
-             "validation harmful compliance, ties to the earliest step; if no step meets both, the lowest "
+CRITERION = ("among the validated steps (step 0 = the base) with validation over-refusal <= "
+             "max(max_over_refusal, "
+             "the base's over-refusal) and degenerate rate <= the base's + max_degenerate_rise, "
+             "the lowest "
+             "validation harmful compliance, ties to the earliest step; if no step meets both, "
+             "the lowest "
              "over-refusal, ties by compliance, then the earliest step")
 
 
@@ -42,16 +46,21 @@ def select_step(records: list[dict], base: dict, max_over_refusal: float,
     limits = f"over-refusal <= {over_limit:.4g} and degenerate <= {degenerate_limit:.4g}"
     if feasible:
         best = min(feasible, key=lambda r: (r["compliance"], r["step"]))
-        return best["step"], (f"step {best['step']}: the lowest validation compliance ({best['compliance']:.4g}) "
+        return best["step"], (f"step {best['step']}: the lowest validation compliance "
+                              f"({best['compliance']:.4g}) "
                               f"of the {len(feasible)} validated steps with {limits}")
     best = min(records, key=lambda r: (r["over_refusal"], r["compliance"], r["step"]))
-    return best["step"], (f"step {best['step']}: no validated step has {limits}; it has the lowest over-refusal "
+    return best["step"], (f"step {best['step']}: no validated step has {limits}; it has the "
+                          f"lowest over-refusal "
                           f"({best['over_refusal']:.4g}, compliance {best['compliance']:.4g})")
 
 
-TUNING_CRITERION = ("each setting's run selects its own checkpoint (the rule above); among the settings, the "
-                    "one whose selected checkpoint has the lowest validation compliance within the same "
-                    "over-refusal and degenerate limits, ties to the earlier setting in the list; if none is "
+TUNING_CRITERION = ("each setting's run selects its own checkpoint (the rule above); among the "
+                    "settings, the "
+                    "one whose selected checkpoint has the lowest validation compliance within "
+                    "the same "
+                    "over-refusal and degenerate limits, ties to the earlier setting in the list; "
+                    "if none is "
                     "within them, the lowest over-refusal")
 
 

@@ -1,0 +1,204 @@
+"""The one checkpoint format of every trainer (the policy algorithms and the reward model),
+and the selection of the best checkpoint.
+
+Layout of a run folder:
+    checkpoints/step-NNNNNN/trainer_state.pt   {step, trainable, optimizer, scheduler, rng,
+                                                algorithm, ...}: everything a resume needs
+    checkpoints/step-NNNNNN/...                 the model in its own format (optional)
+    checkpoints/step-NNNNNN/best/               the selected weights so far (optional)
+    checkpoints/latest                          the newest checkpoint's folder name
+A checkpoint folder appears whole or not at all (written aside, then renamed), and `latest`
+moves only after it; the newest `keep` are kept. `trainable` holds the tensors that train
+(LoRA adapters, or every weight); `algorithm` the trainer's own state (GRPO's multipliers,
+the reward trainer's early-stopping record, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mogrpo.config import atomic_folder, atomic_write_text
+from mogrpo.runfolder import CheckpointError, first_line, load_newest
+
+REQUIRED = ("step", "trainable", "optimizer", "scheduler", "rng", "algorithm")
+STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_root(run: Path) -> Path:
+    return Path(run) / "checkpoints"
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest checkpoint folder of a run (named by checkpoints/latest), or None."""
+    latest = checkpoint_root(run) / "latest"
+    if not latest.is_file():
+        return None
+    folder = latest.parent / latest.read_text().strip()
+    return folder if folder.is_dir() else None
+
+
+def trainable_state(model: torch.nn.Module, full: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that train (LoRA adapters, or every weight), on the CPU, for a checkpoint;
+    taken from `full` (a gathered state dict) when the weights are sharded."""
+    return {n: (full[n] if full is not None else p.detach()).cpu() for n,
+            p in model.named_parameters()
+            if p.requires_grad}
+
+
+def copy_linked(src: Path, dst: Path) -> None:
+    """Folder dst (made if missing) with src's files as hard links (no extra disk; the files
+    are only ever replaced, never changed in place), or copies where the file system has no
+    links."""
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0 = all)."""
+    if keep > 0:
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+
+
+def save_checkpoint(root: Path, state: dict, *, keep: int,
+                    write_model: Callable[[Path], None] | None = None,
+                    best: Path | None = None) -> Path:
+    """checkpoints/step-<state["step"]>/ atomically, then `latest`, then prune to `keep`.
+    `write_model(folder)` adds the model in its own format; `best` (a save_best folder) is
+    kept as best/ so that a resume restores the selection that goes with the state."""
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ValueError(f"a checkpoint state needs {missing}")
+    folder = root / f"step-{state['step']:06d}"
+    with atomic_folder(folder) as tmp:
+        if write_model is not None:
+            write_model(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        if best is not None:
+            copy_linked(best, tmp / "best")
+    atomic_write_text(root / "latest", folder.name)
+    prune(root, keep)
+    return folder
+
+
+def load_checkpoint(root: Path, restore: Callable[[dict], None], *, warn=None) -> dict | None:
+    """The newest checkpoint under `root` that loads (weights_only) and that `restore(state)`
+    accepts; a newer one that does not (a kill, a full disk, a damaged file) is skipped with
+    a warning; when none loads, the error names them all. Returns the state with "folder"
+    added, or None when there is no checkpoint."""
+    # Newest first by name: a folder appears whole (atomic rename) before `latest` moves to it,
+    # so the newest folder is the newest complete checkpoint.
+    files = [f / STATE_FILE for f in sorted(root.glob("step-*"), reverse=True)]
+
+    def check_and_restore(state: dict) -> None:
+        for key in REQUIRED:
+            if key not in state:
+                raise CheckpointError(f"{STATE_FILE} has no {key!r} (written by another mogrpo "
+                                      f"version or program)")
+        restore(state)
+
+    found = load_newest(files, "the trainer state", check_and_restore,
+                        where=f"checkpoint under {root}",
+                        label=lambda p: f"checkpoint {p.parent.name}", warn=warn)
+    if found is None:
+        return None
+    path, state = found
+    state["folder"] = path.parent
+    return state
+
+
+def write_jsonl_rows(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------- the best checkpoint
+
+
+def save_best(folder: Path, trainable: dict[str, torch.Tensor], record: dict) -> None:
+    """The selected step's trainable tensors (trainable.safetensors) and its validation
+    record (selection.json) in `folder`, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in trainable.items()},
+                  str(tmp / "trainable.safetensors"))
+        (tmp / "selection.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def load_best(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors save_best wrote, checked to be exactly the trainable `names`."""
+    from safetensors.torch import load_file
+
+    path = folder / "trainable.safetensors"
+    try:
+        state = load_file(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: the selected weights do not load ({first_line(exc)}); "
+                              f"rerun with "
+                              f"--resume from a checkpoint, or start again") from None
+    if set(state) != names:
+        raise CheckpointError(f"{path} does not hold this run's trainable weights (e.g. "
+                              f"{sorted(set(state) ^ names)[:3]}); start the run again in a new "
+                              f"folder")
+    return state
+
+
+class Selection:
+    """The validation records of a run (step 0 = the base) and the one a fixed criterion
+    selects: `choose(history) -> (step, reason)`, e.g. mogrpo/rl/selection.py's select_step
+    with the base setting its limits, so each new record either wins or not. The selected weights
+    live in OUT/best/, the records in
+    OUT/validation.jsonl; `state` goes into every checkpoint."""
+
+    def __init__(self, out: Path, choose: Callable[[list[dict]], tuple[int, str]], *, main: bool,
+                 wait: Callable[[], None] = lambda: None):
+        self.out, self.choose, self.main, self.wait = out, choose, main, wait
+        self.history: list[dict] = []
+        self.best: dict | None = None
+
+    @property
+    def state(self) -> dict:
+        return {"history": self.history, "best": self.best}
+
+    def restore(self, state: dict, checkpoint: Path) -> None:
+        """Take a checkpoint's records and its best/ (best/ and validation.jsonl may hold
+        steps after the checkpoint: they run again)."""
+        if not (checkpoint / "best" / "trainable.safetensors").is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} has no best/ (the weights of the step "
+                                  f"selected so "
+                                  f"far); move it away to resume from an older one, or start again")
+        self.history, self.best = state["history"], state["best"]
+        if self.main:
+            with atomic_folder(self.out / "best") as tmp:
+                copy_linked(checkpoint / "best", tmp)
+            write_jsonl_rows(self.out / "validation.jsonl", self.history)
+
+    def add(self, rec: dict, weights: Callable[[], dict[str, torch.Tensor] | None]) -> dict:
+        """Add a validation record {step, compliance, over_refusal, degenerate}; when the
+        criterion selects it, `weights()` (called on every process: it may be a collective;
+        the main process's result is saved) go to best/. Returns the metrics to log."""
+        self.history = [*self.history, rec]
+        chosen, reason = self.choose(self.history)
+        if chosen == rec["step"]:
+            trainable = weights()
+            if self.main:
+                save_best(self.out / "best", trainable, rec)
+            self.best = dict(rec)
+            self.wait()
+        self.best["reason"] = reason
+        rec["selected_step"] = chosen
+        if self.main:
+            write_jsonl_rows(self.out / "validation.jsonl", self.history)
+        return {"validation/compliance": rec["compliance"],
+                "validation/over_refusal": rec["over_refusal"],
+                "validation/degenerate": rec["degenerate"], "validation/selected_step": chosen}
