@@ -40,12 +40,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     A point is dominated when another is >= on both and > on one; duplicates both stay."""
     front = []
     for i, (x, y) in enumerate(points):
-        if not any((a >= x and b >= y) and (a > x or b > y) for j, (a, b) in enumerate(points) if j != i):
+        if not any((a >= x and b >= y) and (a > x or b > y)
+                   for j, (a, b) in enumerate(points) if j != i):
             front.append(i)
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)) -> float:
+def hypervolume_2d(points: list[tuple[float, float]],
+                   ref: tuple[float, float] = (0.0, 0.0)) -> float:
     """Area dominated by `points` and bounded below by `ref` (both maximised): the union of
     the rectangles [ref_x, x] x [ref_y, y]. Points not above `ref` on both add nothing."""
     pts = sorted({p for p in points if p[0] > ref[0] and p[1] > ref[1]}, key=lambda p: -p[0])
@@ -70,8 +72,7 @@ def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str]
     point reruns, an interrupted one resumes."""
     from mogrpo.config import from_dict
     from mogrpo.eval.harness import EvalConfig
-    from mogrpo.pipeline import Stage, _estimate_eval, _estimate_train, _eval_runner, _train_runner, run_stages
-
+    from mogrpo.pipeline import eval_stage, run_stages, train_stage
     from mogrpo.runfolder import claim_output
 
     out = Path(output)
@@ -80,19 +81,19 @@ def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str]
                "not_applicable": base_cfg.not_applicable, "max_new_tokens": base_cfg.max_new_tokens,
                "cache_dir": base_cfg.cache_dir, **parse_overrides(eval_overrides or [])}
     eval_cfg = from_dict(EvalConfig, ev_data)
-    stages, names = [], ([("base", None)] if include_base else []) + [(f"point-{i}", p) for i, p in enumerate(points)]
+    names = [("base", None)] if include_base else []
+    names += [(f"point-{i}", p) for i, p in enumerate(points)]
+    stages = []
     for name, point in names:
         if point is None:
-            stages.append(Stage("base/eval", {"model": base_cfg.policy, "eval": eval_cfg}, [],
-                                _eval_runner(base_cfg.policy, eval_cfg), _estimate_eval(eval_cfg)))
+            stages.append(eval_stage("base/eval", base_cfg.policy, eval_cfg, []))
             continue
         data = {**to_dict(base_cfg), "eval_prompts": "none", **copy.deepcopy(point)}
         if "thresholds" in point:
             data["advantage_mode"] = "lagrangian"
         cfg = from_dict(type(base_cfg), data)
-        stages.append(Stage(name, cfg, [], _train_runner("grpo", cfg), _estimate_train("grpo", cfg)))
-        stages.append(Stage(f"{name}/eval", {"model": name, "eval": eval_cfg}, [name],
-                            _eval_runner(str(out / name), eval_cfg), _estimate_eval(eval_cfg)))
+        stages.append(train_stage(name, "grpo", cfg, []))
+        stages.append(eval_stage(f"{name}/eval", name, eval_cfg, [name], path=str(out / name)))
     run_stages(stages, out, log=log)
     results = []
     for name, point in names:
@@ -102,7 +103,8 @@ def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str]
                         "refusal_rate": (ev.get("harmful") or {}).get("refusal_rate"),
                         "compliance_rate": (ev.get("harmful") or {}).get("compliance_rate"),
                         "over_refusal_rate": (ev.get("benign") or {}).get("over_refusal_rate"),
-                        "eval_rm": {k: (ev.get(k) or {}).get("eval_rm") for k in ("harmful", "benign")}})
+                        "eval_rm": {k: (ev.get(k) or {}).get("eval_rm")
+                                    for k in ("harmful", "benign")}})
     scored = [r for r in results if r["actionability"] is not None and r["safety"] is not None]
     xy = [(r["actionability"], r["safety"]) for r in scored]
     front = [scored[i]["name"] for i in pareto_front(xy)]
@@ -110,45 +112,53 @@ def run_sweep(base_cfg, points: list[dict], output, *, eval_overrides: list[str]
     res = {"points": results, "front": front, "reference": list(ref),
            "hypervolume": hypervolume_2d(trained, ref),
            "hypervolume_with_base": hypervolume_2d(xy, ref)}
-    judged = [r for r in results if r["compliance_rate"] is not None and r["over_refusal_rate"] is not None]
+    judged = [r for r in results
+              if r["compliance_rate"] is not None and r["over_refusal_rate"] is not None]
     # both minimised: the front of (-over-refusal, -compliance) maximised
-    res["judge_front"] = [judged[i]["name"] for i in pareto_front([(-r["over_refusal_rate"], -r["compliance_rate"])
-                                                                   for r in judged])]
+    minimised = [(-r["over_refusal_rate"], -r["compliance_rate"]) for r in judged]
+    res["judge_front"] = [judged[i]["name"] for i in pareto_front(minimised)]
     res["plot"] = _plot(out, scored, front)
     res["judge_plot"] = _plot_judges(out, judged, res["judge_front"])
     atomic_write_text(out / "sweep.json", json.dumps(res, indent=2))
-    lines = ["# GRPO sweep", "", "| run | setting | harmful compliance | benign over-refusal | benign actionability "
-             "| harmful safety | on the judges' front | on the RM front |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["# GRPO sweep", "", "| run | setting | harmful compliance | benign over-refusal | "
+             "benign actionability | harmful safety | on the judges' front | on the RM front |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {r['name']} | {json.dumps(r['point']) if r['point'] else 'base policy'} | "
                      f"{fmt(r['compliance_rate'])} | {fmt(r['over_refusal_rate'])} | "
                      f"{fmt(r['actionability'])} | {fmt(r['safety'])} | "
-                     f"{'yes' if r['name'] in res['judge_front'] else ''} | {'yes' if r['name'] in front else ''} |")
-    lines += ["", "Harmful compliance and benign over-refusal come from the pattern refusal judge, which is "
-              "never used in training; pick from this front. Actionability and safety are the training "
-              f"reward model's; hypervolume of the trained points (reference {tuple(ref)}): "
-              f"{res['hypervolume']:.4f}.", "", f"![judges]({res['judge_plot']})", "", f"![front]({res['plot']})", ""]
+                     f"{'yes' if r['name'] in res['judge_front'] else ''} | "
+                     f"{'yes' if r['name'] in front else ''} |")
+    lines += ["", "Harmful compliance and benign over-refusal come from the pattern refusal judge, "
+              "which is never used in training; pick from this front. Actionability and safety are "
+              "the training reward model's; hypervolume of the trained points (reference "
+              f"{tuple(ref)}): {res['hypervolume']:.4f}.", "",
+              f"![judges]({res['judge_plot']})", "", f"![front]({res['plot']})", ""]
     atomic_write_text(out / "sweep.md", "\n".join(lines))
     return res
 
 
 def _label(r: dict) -> str:
-    return "base" if not r["point"] else ",".join(f"{k[:4]}={v:g}" for k, v in next(iter(r["point"].values())).items())
+    if not r["point"]:
+        return "base"
+    return ",".join(f"{k[:4]}={v:g}" for k, v in next(iter(r["point"].values())).items())
 
 
 def _plot_judges(out: Path, judged: list[dict], front: list[str]) -> str | None:
     """Harmful compliance against benign over-refusal (independent judge; lower-left is better)."""
     if not judged:
         return None
-    return _front_plot(out / "judges_front.png", judged, front, "over_refusal_rate", "compliance_rate", "C1",
-                       "benign over-refusal (refusal judge)", "harmful compliance (refusal judge)",
+    return _front_plot(out / "judges_front.png", judged, front, "over_refusal_rate",
+                       "compliance_rate", "C1", "benign over-refusal (refusal judge)",
+                       "harmful compliance (refusal judge)",
                        "What the model does: lower-left is safer and still helpful")
 
 
 def _plot(out: Path, scored: list[dict], front: list[str]) -> str:
     return _front_plot(out / "front.png", scored, front, "actionability", "safety", "C0",
-                       "benign actionability (training RM)", "harmful safety (training RM)", "GRPO trade-off front")
+                       "benign actionability (training RM)", "harmful safety (training RM)",
+                       "GRPO trade-off front")
 
 
 def _front_plot(path: Path, points: list[dict], front: list[str], x: str, y: str, color: str,
@@ -161,7 +171,8 @@ def _front_plot(path: Path, points: list[dict], front: list[str], x: str, y: str
     fig, ax = plt.subplots(figsize=(5, 4))
     for r in points:
         on = r["name"] in front
-        ax.scatter(r[x], r[y], s=60 if on else 30, marker="o" if r["point"] else "s", color=color if on else "gray")
+        ax.scatter(r[x], r[y], s=60 if on else 30, marker="o" if r["point"] else "s",
+                   color=color if on else "gray")
         ax.annotate(_label(r), (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     fr = sorted([r for r in points if r["name"] in front], key=lambda r: r[x])
     if len(fr) > 1:
