@@ -23,7 +23,8 @@ def _init_fsdp_on_cpu(self, *args, **kwargs):
     PartialState().distributed_type = DistributedType.FSDP
     state = AcceleratorState()
     state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables of the config file
+    # from the FSDP_* variables of the config file
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
 
 
 accelerate.Accelerator.__init__ = _init_fsdp_on_cpu

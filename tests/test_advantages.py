@@ -15,14 +15,16 @@ def T(x):
 def test_sum_then_normalize_by_hand():
     rewards = T([[[1.0, 0.5], [0.0, 0.5], [0.5, 0.5]]])  # B=1, G=3, K=2
     adv, st = group_advantages(rewards, T([2.0, 1.0]), "sum_then_normalize", eps=0.0)
-    # combined = 2*r0 + r1 = [2.5, 0.5, 1.5]; mean 1.5; population std sqrt((1 + 1 + 0) / 3) = 0.8165
+    # combined = 2*r0 + r1 = [2.5, 0.5, 1.5]; mean 1.5; population std sqrt((1 + 1 + 0) / 3) =
+    # 0.8165
     # A = [1, -1, 0] / 0.8165 = [1.2247, -1.2247, 0]
     assert adv[0].tolist() == pytest.approx([1.2247449, -1.2247449, 0.0], abs=1e-6)
     assert st["combined/mean"] == pytest.approx(1.5) and st["zero_variance_groups"] == 0
 
 
 def test_zero_variance_group_gets_zero_advantage_and_is_counted():
-    rewards = T([[[1.0, 0.0], [0.0, 1.0]], [[0.9, 0.3], [0.1, 0.2]]])  # group 0: sums 1, 1; mins 0, 0
+    # group 0: sums 1, 1; mins 0, 0
+    rewards = T([[[1.0, 0.0], [0.0, 1.0]], [[0.9, 0.3], [0.1, 0.2]]])
     for mode in ("sum_then_normalize", "normalize_then_sum", "min"):
         adv, st = group_advantages(rewards, T([1.0, 1.0]), mode)
         if mode != "normalize_then_sum":  # per-aspect z-scores do differ in group 0
@@ -48,7 +50,8 @@ def test_nan_aspect_is_masked_not_zero():
     adv, _ = group_advantages(rewards, T([1.0, 1.0]), eps=0.0)
     # combined = [2 (1 renormalised), 0, 1.5]; mean 1.1667; std = sqrt((.8333^2+1.1667^2+.3333^2)/3)
     c = torch.tensor([2.0, 0.0, 1.5])
-    assert adv[0].tolist() == pytest.approx(((c - c.mean()) / c.std(unbiased=False)).tolist(), abs=1e-5)
+    assert adv[0].tolist() == pytest.approx(((c - c.mean()) / c.std(unbiased=False)).tolist(),
+                                            abs=1e-5)
 
 
 def test_normalize_then_sum_is_invariant_to_affine_rescaling_of_one_aspect():
@@ -75,7 +78,9 @@ def test_sum_then_normalize_maps_different_mixes_to_the_same_advantage():
     a, _ = group_advantages(rewards, T([1.0, 1.0]), "sum_then_normalize", eps=0.0)
     assert a[0].tolist() == pytest.approx(a[1].tolist())  # both [1, -1]
     b, _ = group_advantages(rewards, T([1.0, 1.0]), "normalize_then_sum", eps=0.0)
-    assert b[0].tolist() != pytest.approx(b[1].tolist())
+    # z-scores: g1 [1, -1] + [-1, 1] = [0, 0]; g2 [1, -1] + [0, 0] (no variance) = [1, -1];
+    # then over the batch [0, 0, 1, -1]: mean 0, std sqrt(1/2)
+    assert b.flatten().tolist() == pytest.approx([0.0, 0.0, math.sqrt(2), -math.sqrt(2)])
 
 
 def test_min_mode_by_hand():
@@ -94,7 +99,8 @@ def test_lagrangian_multiplier_changes_the_preference():
     adv1, _ = group_advantages(rewards, T([1.0, 1.0]), "lagrangian", eps=0.0,
                                multipliers=T([1.0, 0.0]), constrained=constrained)
     # r = (helpful + 1 * safety) / (1 + 1) = [0.6, 0.7]: the safe sample now wins.
-    assert combine(rewards, T([1.0, 1.0]), "lagrangian", T([1.0, 0.0]), constrained)[0].tolist() == \
+    assert combine(rewards, T([1.0, 1.0]), "lagrangian", T([1.0, 0.0]),
+                   constrained)[0].tolist() == \
         pytest.approx([0.6, 0.7])
     assert adv1[0].tolist() == pytest.approx([-1.0, 1.0])
 
@@ -104,9 +110,11 @@ def test_dual_ascent_step_by_hand():
     constrained = torch.tensor([True, False])
     tau = T([0.9, 0.0])
     low = T([[[0.6, 0.1], [0.6, 0.9]]])  # safety mean 0.6 < 0.9: violated
-    assert update_multipliers(lam, low, tau, constrained, lr=0.1).tolist() == pytest.approx([0.53, 0.0])
+    assert update_multipliers(lam, low, tau, constrained, lr=0.1).tolist() == \
+        pytest.approx([0.53, 0.0])
     high = T([[[1.0, 0.1], [1.0, 0.9]]])  # mean 1.0 >= 0.9: relax by 0.1 * 0.1
-    assert update_multipliers(lam, high, tau, constrained, lr=0.1).tolist() == pytest.approx([0.49, 0.0])
+    assert update_multipliers(lam, high, tau, constrained, lr=0.1).tolist() == \
+        pytest.approx([0.49, 0.0])
     assert update_multipliers(T([0.0, 0.0]), high, tau, constrained, lr=0.1).tolist() == [0.0, 0.0]
 
 

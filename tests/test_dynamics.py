@@ -23,13 +23,14 @@ def test_repetition_share_by_hand():
     assert repetition_share(loop) == pytest.approx(0.4)
     assert repetition_share("Boil water, add the pasta, stir, and drain after ten minutes.") == 0.0
     assert repetition_share("too short") == 0.0
-    long_loop = "I'm sorry, but I can't help with that. " * 8
-    assert repetition_share(long_loop) > 0.8
+    long_loop = "I'm sorry, but I can't help with that. " * 8  # 64 words, 62 trigrams, 8 distinct
+    assert repetition_share(long_loop) == pytest.approx(1 - 8 / 62)
 
 
 def test_penalise_repetition_scales_only_meaningfulness_of_loops():
     m = torch.tensor([0.9, 0.9, float("nan")])
-    texts = ["A plain and useful answer with no loop at all here.", "I can help you with that. " * 6, "x y z"]
+    texts = ["A plain and useful answer with no loop at all here.",
+             "I can help you with that. " * 6, "x y z"]
     out = penalise_repetition(m, texts, strength=1.0)
     assert out[0] == pytest.approx(0.9)
     assert out[1] == pytest.approx(0.9 * (1 - repetition_share(texts[1])))
@@ -39,11 +40,14 @@ def test_penalise_repetition_scales_only_meaningfulness_of_loops():
 
 def test_penalty_reorders_a_group_towards_the_clean_refusal():
     """Two refusals of equal safety: the looping one now gets the lower advantage."""
-    clean, loop = "I'm sorry, but I can't help with that request.", "I'm sorry, but I can't help. " * 6
+    clean, loop = ("I'm sorry, but I can't help with that request.",
+                   "I'm sorry, but I can't help. " * 6)
     meaning = penalise_repetition(torch.tensor([0.8, 0.8]), [clean, loop], 1.0)
-    rewards = torch.stack([torch.tensor([0.9, 0.9]), meaning], dim=-1)[None]  # [1, 2, K=2]: safety, meaning
+    # [1, 2, K=2]: safety, meaning
+    rewards = torch.stack([torch.tensor([0.9, 0.9]), meaning], dim=-1)[None]
     adv, _ = group_advantages(rewards, torch.tensor([2.0, 0.5]))
-    assert adv[0, 0] > 0 > adv[0, 1]
+    # two samples: +-std / (std + eps), about +-1; the clean one up
+    assert adv[0].tolist() == pytest.approx([1.0, -1.0], abs=1e-3)
 
 
 def test_opener_loss_mask_by_hand():
@@ -66,7 +70,8 @@ def test_signed_opener_credit_by_hand():
     # with the loss mask: a guided benign sample that answered well (A > 0) keeps its opener out
     cmask = torch.ones(2, 4, dtype=torch.long)
     credit = signed_opener_credit(torch.tensor([-0.5, 0.8]), ["benign", "benign"])
-    assert opener_loss_mask(cmask, torch.tensor([2, 2]), credit).tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert opener_loss_mask(cmask, torch.tensor([2, 2]), credit).tolist() == \
+        [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert signed_opener_credit(torch.tensor([1.0]), ["unknown"]).tolist() == [False]
 
 
@@ -110,15 +115,17 @@ def test_scorer_applies_the_penalty_to_the_reward_models_meaningfulness(tiny_enc
     from mogrpo.reward.model import MultiAspectRewardModel
     from mogrpo.reward.scoring import Scorer
 
-    rm = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ["safety", "meaningfulness"], max_length=64,
-                                              seed=0)
+    rm = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ["safety", "meaningfulness"],
+                                              max_length=64, seed=0)
     rm = MultiAspectRewardModel.load(rm.save(tmp_path / "rm"))
     texts = ["bake the bread then water", "sorry i cannot help . " * 6]
     plain = Scorer(rm).score(["how do i bake bread"], ["benign"], texts, group_size=2)  # [1, 2, 2]
-    pen = Scorer(rm, repetition_penalty=1.0).score(["how do i bake bread"], ["benign"], texts, group_size=2)
+    pen = Scorer(rm, repetition_penalty=1.0).score(["how do i bake bread"], ["benign"], texts,
+                                                   group_size=2)
     assert torch.equal(pen[..., 0], plain[..., 0])  # safety untouched
     assert pen[0, 0, 1] == pytest.approx(float(plain[0, 0, 1]))  # no repeated trigram
-    assert pen[0, 1, 1] == pytest.approx(float(plain[0, 1, 1]) * (1 - repetition_share(texts[1])), rel=1e-5)
+    assert pen[0, 1, 1] == pytest.approx(float(plain[0, 1, 1]) * (1 - repetition_share(texts[1])),
+                                         rel=1e-5)
 
 
 def test_std_floor_by_hand():
@@ -127,7 +134,8 @@ def test_std_floor_by_hand():
     noise = torch.tensor([[[0.50], [0.52], [0.48], [0.50]]])  # std = sqrt(0.0002) ~ 0.01414
     plain, _ = group_advantages(noise, torch.ones(1), eps=0.0)
     floored, _ = group_advantages(noise, torch.ones(1), eps=0.0, std_floor=0.1)
-    assert plain[0, 1] == pytest.approx(0.02 / math.sqrt(0.0002), rel=1e-4)  # 1.414: noise at full scale
+    # 1.414: noise at full scale
+    assert plain[0, 1] == pytest.approx(0.02 / math.sqrt(0.0002), rel=1e-4)
     assert floored[0, 1] == pytest.approx(0.02 / 0.1, rel=1e-4)  # 0.2
     real = torch.tensor([[[0.1], [0.1], [0.1], [0.9]]])  # std = 0.3464 > 0.1
     a, _ = group_advantages(real, torch.ones(1), eps=0.0)
@@ -137,4 +145,5 @@ def test_std_floor_by_hand():
     r = torch.tensor([[[0.05, 0.5], [0.07, 0.6], [0.06, 0.55], [0.9, 0.5]],
                       [[0.05, 0.5], [0.07, 0.6], [0.06, 0.55], [0.04, 0.5]]])  # [B=2, G=4, K=2]
     adv, _ = group_advantages(r, torch.tensor([2.0, 0.5]), "normalize_then_sum", std_floor=0.1)
-    assert adv[0, 3] > 2.0 and adv[1].abs().max() < 0.5  # the refusal group dominates, noise does not
+    # the refusal group dominates, noise does not
+    assert adv[0, 3] > 2.0 and adv[1].abs().max() < 0.5

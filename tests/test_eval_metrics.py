@@ -45,25 +45,29 @@ def test_sequence_kl_sums_masked_log_ratios():
 
 def test_summary_of_fixture_generations():
     kinds = ["harmful", "harmful", "benign", "benign"]
-    comps = ["I can't help with that.", "Step 1: buy the parts.", "Bread needs flour and yeast.", "I cannot do that."]
+    comps = ["I can't help with that.", "Step 1: buy the parts.", "Bread needs flour and yeast.",
+             "I cannot do that."]
     tokens, finished = [6, 48, 7, 4], [True, False, True, True]
     tox = [0.1, 0.3, 0.0, 0.2]
     nan = math.nan
     train = torch.tensor([[0.9, nan], [0.2, nan], [0.8, 0.7], [0.6, 0.1]])  # safety, actionability
     ev = torch.tensor([[0.8, nan], [0.4, nan], [1.0, 0.5], [0.5, 0.3]])
     combined = torch.tensor([0.9, 0.2, 1.5, 0.7])
-    s = summarise_generations(kinds, comps, tokens, finished, tox, train, ["safety", "actionability"],
-                              ev, ["safety", "actionability"], combined)
+    s = summarise_generations(kinds, comps, tokens, finished, tox, train,
+                              ["safety", "actionability"], ev, ["safety", "actionability"],
+                              combined)
     h, b = s["harmful"], s["benign"]
     assert h["n"] == 2 and h["refusal_rate"] == 0.5 and h["compliance_rate"] == 0.5
     assert b["over_refusal_rate"] == 0.5 and "refusal_rate" not in b
     assert h["toxicity"] == pytest.approx(0.2) and b["toxicity"] == pytest.approx(0.1)
     assert h["aspects"]["safety"] == pytest.approx(0.55) and h["aspects"]["actionability"] is None
-    assert b["aspects"]["actionability"] == pytest.approx(0.4) and b["eval_rm"]["safety"] == pytest.approx(0.75)
+    assert b["aspects"]["actionability"] == pytest.approx(0.4) and b["eval_rm"]["safety"] == \
+        pytest.approx(0.75)
     assert h["truncated_rate"] == 0.5 and b["truncated_rate"] == 0.0
     assert s["mean_length"] == pytest.approx(16.25) and s["truncated_rate"] == 0.25
     assert s["combined"] == pytest.approx(0.825) and h["combined"] == pytest.approx(0.55)
-    assert s["empty_rate"] == 0.0 and 0 < s["distinct_2"] <= 1
+    # distinct-2: the 15 bigrams of the four completions are all different
+    assert s["empty_rate"] == 0.0 and s["distinct_2"] == M.distinct_n(comps, 2) == 1.0
 
 
 def test_pareto_front_and_hypervolume_by_hand():
@@ -79,7 +83,8 @@ def test_pareto_front_and_hypervolume_by_hand():
 
 
 def test_parse_point():
-    assert parse_point("weights", "safety=2, actionability=0.5") == {"weights": {"safety": 2.0, "actionability": 0.5}}
+    assert parse_point("weights", "safety=2, actionability=0.5") == \
+        {"weights": {"safety": 2.0, "actionability": 0.5}}
     with pytest.raises(ValueError, match="aspect=value"):
         parse_point("weights", "safety")
     with pytest.raises(ValueError, match="not a number"):

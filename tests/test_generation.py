@@ -12,7 +12,8 @@ from mogrpo import generation
 from mogrpo.models import load_policy
 from mogrpo.rollout import chat_texts, generate_rollout
 
-PROMPTS = ["how do i bake bread", "what is it", "why can you make a cake with water and flour today please"]
+PROMPTS = ["how do i bake bread", "what is it",
+           "why can you make a cake with water and flour today please"]
 
 
 def _model(folder, lora: bool):
@@ -30,7 +31,8 @@ def _encode(tok):
     enc = tok(chat_texts(tok, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False,
               return_token_type_ids=False)
     lengths = enc["attention_mask"].sum(1)
-    assert tok.padding_side == "left" and len(set(lengths.tolist())) == 3  # mixed lengths, left padding
+    # mixed lengths, left padding
+    assert tok.padding_side == "left" and len(set(lengths.tolist())) == 3
     return enc
 
 
@@ -44,8 +46,8 @@ def _generate(model, enc, G, L, eos, pad):
 def _engine(model, enc, G, L, eos, pad, dtype=torch.float32):
     torch.manual_seed(7)
     weights = generation.DecoderWeights(model, dtype)
-    return generation.sample(weights, enc["input_ids"], enc["attention_mask"], repeat=G, max_new_tokens=L,
-                             eos_ids=eos, pad_id=pad, draws="multinomial")
+    return generation.sample(weights, enc["input_ids"], enc["attention_mask"], repeat=G,
+                             max_new_tokens=L, eos_ids=eos, pad_id=pad, draws="multinomial")
 
 
 @pytest.fixture(params=["llama-lora", "llama-full", "qwen2-lora", "qwen2-full"])
@@ -105,13 +107,16 @@ def test_logits_bounded_under_bf16(policy, cache_layout):
     for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 0.08)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            ref = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
-            ref = ref[:, enc["input_ids"].shape[1] - 1:-1]  # [N, L, V]: the logits each completion token was drawn from
+            ref = model(input_ids=ids, attention_mask=mask,
+                        position_ids=position_ids).logits.float()
+            # [N, L, V]: the logits each completion token was drawn from
+            ref = ref[:, enc["input_ids"].shape[1] - 1:-1]
             w = generation.DecoderWeights(model, generation.compute_dtype(model))
         assert w.dtype == dtype
         got = _teacher_forced(w, enc, comp, G)
         scale = ref.abs().max()
-        assert (got - ref).abs().max() <= bound * scale, (dtype, float((got - ref).abs().max()), float(scale))
+        assert (got - ref).abs().max() <= bound * scale, (dtype, float((got - ref).abs().max()),
+                                                          float(scale))
 
 
 def _teacher_forced(w, enc, comp, G):
@@ -120,9 +125,11 @@ def _teacher_forced(w, enc, comp, G):
     N, L = comp.shape
     cache = w.new_cache(N // G, G, P, L, "cpu")
     bias = torch.zeros(N, 1, 1, P + L)
-    bias[:, 0, 0, :P].masked_fill_(~enc["attention_mask"].bool().repeat_interleave(G, 0), float("-inf"))
+    bias[:, 0, 0, :P].masked_fill_(~enc["attention_mask"].bool().repeat_interleave(G, 0),
+                                   float("-inf"))
     position = enc["attention_mask"].sum(-1).repeat_interleave(G, 0)
-    out = [w.logits(w.prefill(enc["input_ids"], enc["attention_mask"], cache)).repeat_interleave(G, 0)]
+    out = [w.logits(w.prefill(enc["input_ids"], enc["attention_mask"],
+                              cache)).repeat_interleave(G, 0)]
     for s in range(L - 1):
         out.append(w.logits(w.step(comp[:, s], position + s, s, cache, bias[..., :P + s + 1])))
     return torch.stack(out, 1).float()
@@ -131,7 +138,8 @@ def _teacher_forced(w, enc, comp, G):
 def test_inverse_cdf_by_hand():
     """Token i is returned for u in (c[i-1], c[i]] of the cumulative mass; zero-probability
     tokens never, even at u = 1 or just above a boundary."""
-    probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0]] * 6)  # exact in binary: c = 0, .25, .25, .75, 1, 1
+    # exact in binary: c = 0, .25, .25, .75, 1, 1
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0]] * 6)
     u = torch.tensor([1e-12, 0.25, 0.25 + 1e-9, 0.75, 0.75 + 1e-9, 1.0], dtype=torch.float64)
     assert generation.inverse_cdf(probs, u).tolist() == [1, 1, 3, 3, 4, 4]
     unnormalised = probs * 3  # the total need not be 1
@@ -150,7 +158,8 @@ def test_engine_draws_follow_the_distribution():
             assert p[0] < top_p <= p[:2].sum()  # 0.64 < 0.8 <= 0.64 + 0.23: the two most likely
             p = torch.cat([p[:2], torch.zeros(3, dtype=p.dtype)])
             p = p / p.sum()
-        got = generation.next_tokens(logits.expand(n, -1).clone(), greedy=False, temperature=temperature, top_p=top_p)
+        got = generation.next_tokens(logits.expand(n, -1).clone(), greedy=False,
+                                     temperature=temperature, top_p=top_p)
         freq = torch.bincount(got, minlength=5).double() / n
         se = (p * (1 - p) / n).sqrt().clamp(min=1e-9)
         assert ((freq - p).abs() <= 5 * se + 1e-12).all(), (temperature, top_p, freq, p)
@@ -162,8 +171,8 @@ def test_generate_rollout_engines_agree_on_structure(tiny_policy_dir):
     same prompts, guided openers and masks' invariants; auto picks mogrpo's for Llama."""
     model, tok = _model(tiny_policy_dir, lora=True)
     kinds = ["harmful", "benign", "benign"]
-    out = {e: generate_rollout(model, tok, PROMPTS, kinds, group_size=3, max_new_tokens=10, seed=1, guided=1,
-                               chunk_prompts=2, openers=("sorry cannot help",), engine=e)
+    out = {e: generate_rollout(model, tok, PROMPTS, kinds, group_size=3, max_new_tokens=10, seed=1,
+                               guided=1, chunk_prompts=2, openers=("sorry cannot help",), engine=e)
            for e in ("mogrpo", "generate", "auto")}
     a, b = out["mogrpo"], out["generate"]
     assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.guided, b.guided)
@@ -181,14 +190,18 @@ def test_unsupported_models_use_generate(tiny_decoder_dir, tmp_path):
     from mogrpo.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_decoder_dir))
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,
+                                       n_positions=128))
     assert "architecture 'gpt2'" in generation.unsupported(model)
     ro = generate_rollout(model, tok, PROMPTS[:1], ["benign"], group_size=2, max_new_tokens=4)
     assert ro.completion_ids.shape[0] == 2
-    with pytest.raises(ValueError, match="mogrpo rollout engine cannot sample.*gpt2.*rollout_engine=auto"):
-        generate_rollout(model, tok, PROMPTS[:1], ["benign"], group_size=2, max_new_tokens=4, engine="mogrpo")
+    with pytest.raises(ValueError,
+                       match="mogrpo rollout engine cannot sample.*gpt2.*rollout_engine=auto"):
+        generate_rollout(model, tok, PROMPTS[:1], ["benign"], group_size=2, max_new_tokens=4,
+                         engine="mogrpo")
     with pytest.raises(ValueError, match="rollout engine 'vllm'"):
-        generate_rollout(model, tok, PROMPTS[:1], ["benign"], group_size=2, max_new_tokens=4, engine="vllm")
+        generate_rollout(model, tok, PROMPTS[:1], ["benign"], group_size=2, max_new_tokens=4,
+                         engine="vllm")
 
 
 @torch.no_grad()
@@ -196,11 +209,13 @@ def test_generate_path_ignores_the_checkpoints_generation_config(tiny_policy_dir
     """A checkpoint's repetition penalty or top-k would make generate sample another
     distribution than the one the loss differentiates: the reference path switches them off."""
     model, tok = _model(tiny_policy_dir, lora=False)
-    plain = generate_rollout(model, tok, PROMPTS, ["benign"] * 3, group_size=2, max_new_tokens=8, engine="generate")
+    plain = generate_rollout(model, tok, PROMPTS, ["benign"] * 3, group_size=2, max_new_tokens=8,
+                             engine="generate")
     model.generation_config.repetition_penalty = 5.0
     model.generation_config.top_k = 2
     model.generation_config.no_repeat_ngram_size = 1
-    again = generate_rollout(model, tok, PROMPTS, ["benign"] * 3, group_size=2, max_new_tokens=8, engine="generate")
+    again = generate_rollout(model, tok, PROMPTS, ["benign"] * 3, group_size=2, max_new_tokens=8,
+                             engine="generate")
     assert torch.equal(plain.completion_ids, again.completion_ids)
 
 
@@ -214,7 +229,8 @@ def test_snapshot_shares_what_it_can_and_keeps_while_unchanged(tiny_qwen2_dir):
     assert w.layers[0].ln1.data_ptr() == body.layers[0].input_layernorm.weight.data_ptr()
     assert w.layers[0].down.data_ptr() == body.layers[0].mlp.down_proj.weight.data_ptr()
     assert w.head.data_ptr() == body.embed_tokens.weight.data_ptr()  # tied head, fp32: no copy
-    assert generation.snapshot(model, torch.float32) is not generation.snapshot(model, torch.float32)
+    assert generation.snapshot(model,
+                               torch.float32) is not generation.snapshot(model, torch.float32)
     with generation.keep_weights(model):
         first = generation.snapshot(model, torch.float32)
         assert generation.snapshot(model, torch.float32) is first

@@ -14,20 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import accelerate_launch, final_weights, kill_and_resume, run_overrides
 from safetensors.torch import load_file
 
-from helpers import accelerate_launch, final_weights, kill_and_resume
-
 pytestmark = pytest.mark.gpu
-WEIGHTS = {"safety": 1.0, "actionability": 1.0, "politeness": 0.5}
-
-
-def _args(policy, rm, prompts, **kw) -> list[str]:
-    base = {"policy": str(policy), "reward_model": str(rm), "train_prompts": str(prompts), "eval_prompts": "none",
-            "validation_prompts": "none", "weights": WEIGHTS, "max_new_tokens": 8, "lr": 5e-2, "warmup_steps": 0,
-            "lora_r": 4, "lora_alpha": 8, "precision": "auto", "save_every": 0, "guided_samples": 0,
-            "balance_kinds": False, "report_to": [], **kw}
-    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+# On top of the tiny runs of helpers.TINY: the precision the device picks (bf16 autocast on
+# CUDA), no trackers.
+GPU = {"precision": "auto", "report_to": []}
 
 
 def _check_run(out: Path, changed_from: dict | None = None) -> dict:
@@ -39,7 +32,8 @@ def _check_run(out: Path, changed_from: dict | None = None) -> dict:
     assert 0 < cost["peak_memory_mb"] < torch.cuda.get_device_properties(0).total_memory / 2 ** 20
     final = final_weights(out / "final")
     if changed_from is not None:
-        same = [k for k in changed_from if k in final and torch.equal(changed_from[k].float(), final[k].float())]
+        same = [k for k in changed_from if k in final
+                and torch.equal(changed_from[k].float(), final[k].float())]
         assert same == [], f"trainable tensors that did not change: {same[:5]}"
     return final
 
@@ -55,18 +49,20 @@ def _initial_adapter(policy, tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo", "rloo"])
-def test_online_algorithms_on_cuda(algo, tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_online_algorithms_on_cuda(algo, tiny_qwen2_dir, tiny_reward_model_dir, prompt_file,
+                                   tmp_path):
     from mogrpo.cli import main
 
-    extra = {"steps": 3, "batch_size": 8, "group_size": 4, **({"minibatch_size": 4} if algo == "ppo" else {})}
     out = tmp_path / algo
     assert main(["train", algo, "--output", str(out), "--quiet",
-                 *_args(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, **extra)]) == 0
+                 *run_overrides(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, algo, GPU,
+                                steps=3)]) == 0
     _check_run(out, changed_from=_initial_adapter(tiny_qwen2_dir, tmp_path))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_grpo_full_finetuning_on_cuda(dtype, tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_grpo_full_finetuning_on_cuda(dtype, tiny_qwen2_dir, tiny_reward_model_dir, prompt_file,
+                                      tmp_path):
     """Full fine-tuning with its frozen reference copy on the GPU; fp32 master weights under
     bf16 autocast, or bf16 weights (policy_dtype=bf16; there an update below bf16's
     resolution, 2^-8 of the weight, is lost: at lr 1e-3 the norm weights, all 1.0, would not
@@ -74,39 +70,41 @@ def test_grpo_full_finetuning_on_cuda(dtype, tiny_qwen2_dir, tiny_reward_model_d
     from mogrpo.cli import main
 
     out = tmp_path / "full"
-    assert main(["train", "grpo", "--output", str(out), "--quiet", *_args(
-        tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, lora_r=0, lr=1e-3 if dtype == "fp32" else 1e-2, steps=3,
-        batch_size=8, group_size=4,
-        policy_dtype=dtype)]) == 0
+    assert main(["train", "grpo", "--output", str(out), "--quiet", *run_overrides(
+        tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, "grpo", GPU, lora_r=0,
+        lr=1e-3 if dtype == "fp32" else 1e-2, steps=3, policy_dtype=dtype)]) == 0
     start = load_file(str(tiny_qwen2_dir / "model.safetensors"))
     final = _check_run(out)
     assert final[next(iter(final))].dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
-    moved = [k for k in start if k in final and not torch.equal(start[k].float(), final[k].float().to(start[k].dtype)
+    moved = [k for k in start if k in final and not torch.equal(start[k].float(),
+                                                                final[k].float().to(start[k].dtype)
                                                                   .float())]
-    assert len(moved) == len([k for k in start if k in final]), "every weight trains in full fine-tuning"
+    assert len(moved) == \
+        len([k for k in start if k in final]), "every weight trains in full fine-tuning"
 
 
 def test_dpo_on_cuda(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
     from mogrpo.cli import main
 
     out = tmp_path / "dpo"
-    assert main(["train", "dpo", "--output", str(out), "--quiet", *_args(
-        tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, pair_prompts=8, group_size=4, epochs=2, batch_size=2,
-        min_margin=0.0)]) == 0
+    assert main(["train", "dpo", "--output", str(out), "--quiet", *run_overrides(
+        tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, "dpo", GPU, epochs=2,
+        batch_size=2)]) == 0
     _check_run(out, changed_from=_initial_adapter(tiny_qwen2_dir, tmp_path))
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_resume_on_cuda_equals_uninterrupted(algo, tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path,
-                                             monkeypatch):
+def test_resume_on_cuda_equals_uninterrupted(algo, tiny_qwen2_dir, tiny_reward_model_dir,
+                                             prompt_file, tmp_path, monkeypatch):
     """Killed after the step-2 checkpoint and resumed: the final adapter matches the
     uninterrupted run (CUDA kernels are run-to-run deterministic for these shapes)."""
-    extra = {"steps": 4, "batch_size": 8, "group_size": 4, "save_every": 2, "generation_chunk": 1,
-             **({"minibatch_size": 4} if algo == "ppo" else {})}
-    kill_and_resume(algo, _args(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, **extra), tmp_path, monkeypatch)
+    args = run_overrides(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, algo, GPU, steps=4,
+                         save_every=2, generation_chunk=1)
+    kill_and_resume(algo, args, tmp_path, monkeypatch)
 
 
-def test_models_and_copies_live_on_the_gpu(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_models_and_copies_live_on_the_gpu(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file,
+                                           tmp_path):
     """Every model the engine builds (policy, merged generation copy, reward model) is on the
     GPU, frozen Linear weights are stored in bf16, and a step's statistics come back as
     Python floats read once (no per-micro-batch sync is needed to build them)."""
@@ -114,11 +112,12 @@ def test_models_and_copies_live_on_the_gpu(tiny_qwen2_dir, tiny_reward_model_dir
     from mogrpo.rl.engine import Run
     from mogrpo.rl.grpo import GRPOConfig
 
-    cfg = load_config(GRPOConfig, None, _args(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, steps=1,
-                                              batch_size=8, group_size=4))
+    cfg = load_config(GRPOConfig, None, run_overrides(tiny_qwen2_dir, tiny_reward_model_dir,
+                                                      prompt_file, "grpo", GPU, steps=1))
     run = Run(cfg, tmp_path / "run", name="grpo", show_progress=False)
     run.setup_optimizer(total_updates=1)
-    devices = {p.device.type for p in run.policy.parameters()} | {p.device.type for p in run.merged.model.parameters()}
+    devices = {p.device.type for p in run.policy.parameters()} | \
+        {p.device.type for p in run.merged.model.parameters()}
     devices |= {p.device.type for p in run.scorer.rm.parameters()}
     assert devices == {"cuda"}
     frozen = [m.weight.dtype for m in run.merged.model.modules() if type(m) is torch.nn.Linear]
@@ -127,7 +126,8 @@ def test_models_and_copies_live_on_the_gpu(tiny_qwen2_dir, tiny_reward_model_dir
     assert ro.completion_ids.device.type == "cpu" and ro.completion_mask.sum() > 0
     rewards = run.score(ro)
     adv = torch.randn(rewards.shape[0] * rewards.shape[1])
-    rec = run.policy_update(ro, adv.to(run.device), beta=0.0, aggregation="grpo", micro_batch_size=2)
+    rec = run.policy_update(ro, adv.to(run.device), beta=0.0, aggregation="grpo",
+                            micro_batch_size=2)
     assert all(isinstance(v, float) and math.isfinite(v) for v in rec.values())
     run.lock.release()
 
@@ -136,11 +136,12 @@ def test_models_and_copies_live_on_the_gpu(tiny_qwen2_dir, tiny_reward_model_dir
 def test_fsdp_on_two_gpus_equals_one(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
     from mogrpo.cli import main
 
-    args = _args(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, steps=2, batch_size=8, group_size=4,
-                 generation_chunk=1, precision="fp32")
+    args = run_overrides(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, "grpo", GPU,
+                         generation_chunk=1, precision="fp32")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", "grpo", "--output", str(one), "--quiet", *args]) == 0
-    proc = accelerate_launch("fsdp", ["train", "grpo", "--output", str(two), "--quiet", *args])  # real FSDP on GPUs
+    # real FSDP on GPUs
+    proc = accelerate_launch("fsdp", ["train", "grpo", "--output", str(two), "--quiet", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((two / "cost.json").read_text())["sharding"] == "fsdp"
     a, b = final_weights(one / "final"), final_weights(two / "final")

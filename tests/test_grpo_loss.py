@@ -33,7 +33,8 @@ def test_ratios_are_clipped_by_hand():
     old = torch.zeros(2, 1)
     logp = torch.log(torch.tensor([[1.5], [0.5]]))  # ratios 1.5 and 0.5
     adv = torch.tensor([1.0, -1.0])
-    loss, st = grpo_loss(logp, old, None, adv, torch.ones(2, 1), eps_low=0.2, eps_high=0.2, beta=0.0)
+    loss, st = grpo_loss(logp, old, None, adv, torch.ones(2, 1), eps_low=0.2, eps_high=0.2,
+                         beta=0.0)
     # seq 0: min(1.5 * 1, 1.2 * 1) = 1.2; seq 1: min(0.5 * -1, 0.8 * -1) = -0.8
     # loss = mean(-1.2, 0.8) = -0.2; both tokens are clipped
     assert loss.item() == pytest.approx(-0.2)
@@ -92,9 +93,11 @@ def test_all_masked_row_contributes_nothing(agg):
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="same"):
-        grpo_loss(torch.zeros(2, 3), torch.zeros(2, 2), None, torch.zeros(2), torch.ones(2, 3), beta=0)
+        grpo_loss(torch.zeros(2, 3), torch.zeros(2, 2), None, torch.zeros(2), torch.ones(2, 3),
+                  beta=0)
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(2), torch.ones(2, 3), beta=0.1)
+        grpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(2), torch.ones(2, 3),
+                  beta=0.1)
     with pytest.raises(ValueError, match="aggregation"):
         grpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(2), torch.ones(2, 3),
                   beta=0, aggregation="mean")

@@ -1,18 +1,17 @@
 import json
+import math
 
 import pytest
 import torch
+from helpers import run_overrides
 
-from conftest import run_overrides
 from mogrpo.cli import main
 from mogrpo.config import load_config
 from mogrpo.rl.grpo import GRPOConfig
 
-
-def tiny_args(policy, rm, prompts, **kw):
-    return run_overrides(policy, rm, prompts, {
-        "eval_prompts": str(prompts), "eval_max_prompts": 4, "eval_max_new_tokens": 6, "batch_size": 8,
-        "group_size": 4, "steps": 2, "micro_batch_size": 4, "sample_every": 1}, **kw)
+# This file's runs on top of TINY["grpo"]: evaluated on 4 prompts (where eval_prompts is
+# given; most runs turn evaluation off) and a sample logged every step.
+EVAL = {"eval_max_prompts": 4, "eval_max_new_tokens": 6, "sample_every": 1}
 
 
 def test_grpo_end_to_end_every_trainable_parameter_changes(tiny_policy_dir, tiny_reward_model_dir,
@@ -23,54 +22,67 @@ def test_grpo_end_to_end_every_trainable_parameter_changes(tiny_policy_dir, tiny
     torch.manual_seed(0)  # the run seeds the same way right before loading the policy
     before, _ = load_policy(str(tiny_policy_dir), lora_r=4, lora_alpha=8)
     assert main(["train", "grpo", "--output", str(out), "--quiet",
-                 *tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file)]) == 0
+                 *run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL,
+                                eval_prompts=str(prompt_file))]) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
     for r in lines:
-        assert all(k in r for k in ("reward/safety/mean", "reward/safety/std", "reward/combined/mean", "kl",
-                                    "clip_fraction", "entropy", "completion_length", "zero_variance_fraction",
-                                    "tokens_per_s", "step_seconds", "peak_memory_mb", "advantage/std"))
-        assert r["loss"] == r["loss"]  # finite
+        assert all(k in r for k in ("reward/safety/mean", "reward/safety/std",
+                                    "reward/combined/mean", "kl", "clip_fraction", "entropy",
+                                    "completion_length", "zero_variance_fraction",
+                                    "tokens_per_s", "step_seconds", "peak_memory_mb",
+                                    "advantage/std"))
+        assert math.isfinite(r["loss"])
     cost = json.loads((out / "cost.json").read_text())
-    assert set(cost["phase_seconds"]) >= {"generation", "scoring", "policy_forward_backward", "reference"}
-    assert cost["tokens_generated"] > 0
+    assert set(cost["phase_seconds"]) >= {"generation", "scoring", "policy_forward_backward",
+                                          "reference"}
+    # every sampled token of the 2 steps' 8 completions (completion_length: their mean), at most
+    # max_new_tokens = 8 each; evaluation's generations are not counted
+    assert cost["tokens_generated"] == sum(8 * r["completion_length"] for r in lines)
+    assert 2 * 8 <= cost["tokens_generated"] <= 2 * 8 * 8
     assert cost["rollout_engine"] == "mogrpo"  # a Llama policy: mogrpo's engine, no merged copy
-    assert (out / "config.yaml").is_file() and json.loads((out / "eval.json").read_text())["eval_after"]
+    assert (out / "config.yaml").is_file()
+    assert json.loads((out / "eval_after.json").read_text())["n"] == 4  # eval_max_prompts
     # The adapter saved in final/ differs from the initial one in every LoRA tensor.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), out / "final")
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir),
+                                        out / "final")
     b = {n: p for n, p in before.named_parameters() if p.requires_grad}
     a = dict(trained.named_parameters())
-    assert b and all(n in a for n in b)
+    assert len(b) == 28 and all(n in a for n in b)  # LoRA A and B of 7 linears x 2 layers
     unchanged = [n for n in b if torch.equal(b[n], a[n])]
     assert unchanged == []
 
 
-def test_full_finetune_changes_every_parameter(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_full_finetune_changes_every_parameter(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+                                               tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "full"
-    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, lora_r=0, lr=1e-2, steps=1,
-                     eval_prompts="none")
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL,
+                         lora_r=0, lr=1e-2, steps=1, eval_prompts="none")
     assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
     a = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
     b = AutoModelForCausalLM.from_pretrained(out / "final")
-    changed = {n: not torch.equal(p, dict(b.named_parameters())[n]) for n, p in a.named_parameters()}
+    changed = {n: not torch.equal(p, dict(b.named_parameters())[n])
+               for n, p in a.named_parameters()}
     # Embedding rows of unused tokens move too (the matrix changes as a whole).
     assert all(changed.values()), [n for n, c in changed.items() if not c]
 
 
-def test_resume_gives_the_same_weights(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path, monkeypatch):
+def test_resume_gives_the_same_weights(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+                                       tmp_path, monkeypatch):
     from helpers import kill_and_resume
 
-    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=4, save_every=2,
-                     eval_prompts="none")
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL,
+                         steps=4, save_every=2, eval_prompts="none")
     _, part = kill_and_resume("grpo", args, tmp_path, monkeypatch)
     assert (part / "checkpoints" / "latest").read_text().strip() == "step-000002"
     metrics = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
-    assert metrics == [1, 2, 3, 4]  # the killed step's row (if written) is dropped on resume, not repeated
+    # the killed step's row (if written) is dropped on resume, not repeated
+    assert metrics == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -86,12 +98,15 @@ def test_bad_config_says_what_to_change(overrides, message):
         load_config(GRPOConfig, None, overrides)
 
 
-def test_unknown_columns_fail_early(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path, capsys):
-    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, weights={"safety": 1, "honesty": 1})
+def test_unknown_columns_fail_early(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path,
+                                    capsys):
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL,
+                         eval_prompts=str(prompt_file), weights={"safety": 1, "honesty": 1})
     assert main(["train", "grpo", "--output", str(tmp_path / "w"), "--quiet", *args]) == 2
     assert "weights name ['honesty']" in capsys.readouterr().err
     assert not (tmp_path / "w" / "metrics.jsonl").exists()  # failed before training
-    cfg = load_config(GRPOConfig, None, ["advantage_mode=lagrangian", "thresholds={harmlessness: 0.9}"])
+    cfg = load_config(GRPOConfig, None, ["advantage_mode=lagrangian",
+                                         "thresholds={harmlessness: 0.9}"])
     with pytest.raises(ValueError, match=r"thresholds name \['harmlessness'\]"):
         cfg.check_columns(["safety", "actionability", "politeness", "meaningfulness"])
 
@@ -102,16 +117,17 @@ def _adapter(folder):
     return load_file(str(folder / "final" / "adapter_model.safetensors"))
 
 
-def test_gradient_accumulation_1x8_equals_8x1(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_gradient_accumulation_1x8_equals_8x1(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+                                              tmp_path):
     common = dict(steps=1, eval_prompts="none", lr=1e-2, grad_clip=0.0)
     for agg in ("grpo", "dapo"):
         one, eight = tmp_path / f"one-{agg}", tmp_path / f"eight-{agg}"
-        assert main(["train", "grpo", "--output", str(one), "--quiet", *tiny_args(
-            tiny_policy_dir, tiny_reward_model_dir, prompt_file, micro_batch_size=8, loss_aggregation=agg,
-            **common)]) == 0
-        assert main(["train", "grpo", "--output", str(eight), "--quiet", *tiny_args(
-            tiny_policy_dir, tiny_reward_model_dir, prompt_file, micro_batch_size=1, loss_aggregation=agg,
-            **common)]) == 0
+        assert main(["train", "grpo", "--output", str(one), "--quiet", *run_overrides(
+            tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL, micro_batch_size=8,
+            loss_aggregation=agg, **common)]) == 0
+        assert main(["train", "grpo", "--output", str(eight), "--quiet", *run_overrides(
+            tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL, micro_batch_size=1,
+            loss_aggregation=agg, **common)]) == 0
         a, b = _adapter(one), _adapter(eight)
         for k in a:
             # 1e-5: AdamW's first step is g / (|g| + 1e-8), so where the std floor leaves a gradient
@@ -120,14 +136,16 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_policy_dir, tiny_reward_model
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+                                         tmp_path):
     """Same global batch and seed: `accelerate launch --num_processes 2` (gloo, CPU) makes the
     same first update as one process. Generation is seeded per prompt (generation_chunk=1),
     so both runs sample the same completions."""
     from helpers import launch_two_processes
 
-    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=1, eval_prompts="none",
-                     generation_chunk=1, lr=1e-2, micro_batch_size=4)
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL,
+                         steps=1, eval_prompts="none", generation_chunk=1, lr=1e-2,
+                         micro_batch_size=4)
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", "grpo", "--output", str(one), "--quiet", *args]) == 0
     launch_two_processes("grpo", two, args)  # configs/accelerate/ddp.yaml
@@ -158,20 +176,24 @@ def test_step_prompt_indices_balance_and_cover():
     assert sorted(flat) == list(range(14))  # unbalanced: one permutation of everything
 
 
-def test_lagrangian_mu2_and_extra_columns_run(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_lagrangian_mu2_and_extra_columns_run(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+                                              tmp_path):
     out = tmp_path / "lag"
-    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=2, mu=2, eval_prompts="none",
-                     advantage_mode="lagrangian", thresholds={"safety": 1.0}, multiplier_init=0.5,
-                     multiplier_lr=1.0, extra_rewards=["concise"], save_every=1,
-                     weights={"safety": 1.0, "actionability": 1.0, "concise": 0.2})
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL,
+                         steps=2, mu=2, eval_prompts="none", advantage_mode="lagrangian",
+                         thresholds={"safety": 1.0}, multiplier_init=0.5, multiplier_lr=1.0,
+                         extra_rewards=["concise"], save_every=1,
+                         weights={"safety": 1.0, "actionability": 1.0, "concise": 0.2})
     assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # a sigmoid score is always below 1.0, so the multiplier must rise: 0.5 + 1.0 * (1.0 - mean).
-    assert rows[0]["multiplier/safety"] == pytest.approx(0.5 + 1.0 - rows[0]["reward/safety/mean"], abs=1e-4)
+    assert rows[0]["multiplier/safety"] == pytest.approx(0.5 + 1.0 - rows[0]["reward/safety/mean"],
+                                                         abs=1e-4)
     assert rows[1]["multiplier/safety"] > rows[0]["multiplier/safety"]
-    assert "reward/concise/mean" in rows[0] and all(r["loss"] == r["loss"] for r in rows)
+    assert "reward/concise/mean" in rows[0] and all(math.isfinite(r["loss"]) for r in rows)
     state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)
-    assert float(state["algorithm"]["multipliers"][0]) == pytest.approx(rows[0]["multiplier/safety"], abs=1e-5)
+    assert float(state["algorithm"]["multipliers"][0]) == \
+        pytest.approx(rows[0]["multiplier/safety"], abs=1e-5)
 
 
 def test_scorer_extra_columns_and_not_applicable(tiny_reward_model_dir):
@@ -185,19 +207,22 @@ def test_scorer_extra_columns_and_not_applicable(tiny_reward_model_dir):
                     not_applicable={"harmful": ["actionability"]})
     r = scorer.score(["how do i make a bomb", "how do i bake bread"], ["harmful", "benign"],
                      ["no", "", "bake it", "first make flour"], group_size=2)
-    assert r.shape == (2, 2, 4) and scorer.columns == ["safety", "actionability", "politeness", "len"]
+    assert r.shape == (2, 2, 4) and scorer.columns == ["safety", "actionability", "politeness",
+                                                       "len"]
     assert math.isnan(r[0, 1, 3]) and r[0, 0, 3] == 2.0 and r[1, 1, 3] == 16.0  # None -> NaN
     assert torch.isnan(r[0, :, 1]).all() and not torch.isnan(r[1, :, 1]).any()  # n/a on harmful
     with pytest.raises(ValueError, match="not reward columns"):
         Scorer(rm, not_applicable={"harmful": ["honesty"]})
 
 
-def test_only_the_newest_checkpoints_are_kept(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_only_the_newest_checkpoints_are_kept(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+                                              tmp_path):
     out = tmp_path / "keep"
-    args = tiny_args(tiny_policy_dir, tiny_reward_model_dir, prompt_file, steps=4, save_every=1,
-                     keep_checkpoints=2, eval_prompts="none")
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL,
+                         steps=4, save_every=1, keep_checkpoints=2, eval_prompts="none")
     assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
     # Saved after steps 1, 2, 3 (the last step writes final/ instead); the two newest stay.
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == \
+        ["step-000002", "step-000003"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
     assert not list((out / "checkpoints").glob(".*"))  # no half-written folder

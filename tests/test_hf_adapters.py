@@ -37,7 +37,7 @@ def _labels(rows, aspect):
 def _assert_same(actual, expected):
     """Element-wise equality where NaN == NaN and floats compare approximately."""
     assert len(actual) == len(expected), (actual, expected)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         if math.isnan(e):
             assert math.isnan(a), (actual, expected)
         else:
@@ -162,7 +162,8 @@ def _first_row(file):
 @pytest.mark.parametrize("adapter, file, change, problem", [
     (saferlhf_to_labelled, "pku_saferlhf.jsonl", {"is_response_0_safe": "yes"}, "true or false"),
     (saferlhf_to_labelled, "pku_saferlhf.jsonl", {"response_0_severity_level": 1.5}, "integer 0-3"),
-    (saferlhf_to_labelled, "pku_saferlhf.jsonl", {"response_1_severity_level": True}, "integer 0-3"),
+    (saferlhf_to_labelled, "pku_saferlhf.jsonl", {"response_1_severity_level": True},
+     "integer 0-3"),
     (saferlhf_to_labelled, "pku_saferlhf.jsonl", {"better_response_id": 2}, "outside 0-1"),
     (saferlhf_to_labelled, "pku_saferlhf.jsonl", {"response_0_harm_category": ["Violence"]},
      "must map category names"),

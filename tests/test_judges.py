@@ -1,5 +1,4 @@
 import joblib
-import numpy as np
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -11,7 +10,8 @@ from mogrpo.reward.judges import ToxicityJudge
 def judge(tmp_path_factory):
     """A toy judge in alt-profanity-check's file layout (vectorizer.joblib + model.joblib)."""
     folder = tmp_path_factory.mktemp("judge")
-    texts = ["you idiot", "stupid moron", "shut up idiot", "thank you", "happy to help", "bake the bread"]
+    texts = ["you idiot", "stupid moron", "shut up idiot", "thank you", "happy to help",
+             "bake the bread"]
     labels = [1, 1, 1, 0, 0, 0]
     vec = TfidfVectorizer().fit(texts)
     clf = LogisticRegression(C=100.0).fit(vec.transform(texts), labels)
@@ -35,7 +35,11 @@ def test_max_sentence_is_the_max_over_sentences(judge):
     parts = ["Thank you.", "You idiot!", "Bake the bread?"]
     assert judge.max_sentence_toxicity([text])[0] == pytest.approx(judge.toxicity(parts).max())
     assert judge.max_sentence_toxicity([]).shape == (0,)
-    assert np.all((judge.politeness(["a", "you idiot"]) >= 0) & (judge.politeness(["a", "you idiot"]) <= 1))
+    # politeness is 1 - the worst sentence's toxicity: the insult is rude, a neutral word is not
+    pol = judge.politeness(["a", "you idiot"])
+    assert pol.tolist() == \
+        pytest.approx((1 - judge.max_sentence_toxicity(["a", "you idiot"])).tolist())
+    assert pol[1] < 0.1 and pol[0] > 0.5
 
 
 def test_missing_files_say_what_to_do(tmp_path):
@@ -43,5 +47,6 @@ def test_missing_files_say_what_to_do(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="mogrpo assets"):  # the default asset
         ToxicityJudge(tmp_path, sha256=ASSET_SHA256)
-    with pytest.raises(FileNotFoundError, match="point toxicity_model at a folder"):  # a folder the user named
+    # a folder the user named
+    with pytest.raises(FileNotFoundError, match="point toxicity_model at a folder"):
         ToxicityJudge(tmp_path, trusted=True)

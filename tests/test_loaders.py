@@ -68,10 +68,12 @@ def test_prompts_jsonl_and_csv(tmp_path):
     f = write(tmp_path / "p.jsonl", "\n".join([
         json.dumps({"id": "a", "text": "hello", "kind": "benign", "category": "x"}),
         json.dumps({"id": "b", "messages": [{"role": "system", "content": "s"},
-                                            {"role": "user", "content": "how?"}], "kind": "harmful"}),
+                                            {"role": "user", "content": "how?"}],
+                    "kind": "harmful"}),
     ]) + "\n")
     ps = load_prompts(f)
-    assert [(p.id, p.text, p.kind) for p in ps] == [("a", "hello", "benign"), ("b", "how?", "harmful")]
+    assert [(p.id, p.text, p.kind) for p in ps] == [("a", "hello", "benign"),
+                                                    ("b", "how?", "harmful")]
     assert ps[1].messages[0]["role"] == "system" and ps[0].source == "p"
     c = write(tmp_path / "p.csv", "id,text,kind,source,category\n1,hi there,benign,me,chat\n")
     assert load_prompts(c)[0].to_dict() == {"id": "1", "text": "hi there", "kind": "benign",
@@ -94,7 +96,8 @@ def test_malformed_prompt_rows(tmp_path, row, message):
 def test_duplicate_prompt_id_points_to_both_lines(tmp_path):
     row = json.dumps({"id": "a", "text": "t", "kind": "benign"})
     f = write(tmp_path / "p.jsonl", f"{row}\n{row}\n")
-    with pytest.raises(DataError, match=r"p\.jsonl:2: duplicate prompt id 'a' \(first at .*p\.jsonl:1\)"):
+    with pytest.raises(DataError,
+                       match=r"p\.jsonl:2: duplicate prompt id 'a' \(first at .*p\.jsonl:1\)"):
         load_prompts(f)
 
 

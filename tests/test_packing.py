@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from helpers import run_overrides, tiny_qwen2_config
 
-from conftest import run_overrides, tiny_qwen2_config
 from mogrpo import packing
 from mogrpo.cli import main
 from mogrpo.rollout import completion_logprobs
@@ -30,7 +30,8 @@ def _model(family: str, attn: str = "sdpa", backbone: bool = False):
     cfg._attn_implementation = attn
     model = cls(cfg)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                             task_type="FEATURE_EXTRACTION" if backbone else "CAUSAL_LM"))
+                                             task_type="FEATURE_EXTRACTION" if backbone
+                                             else "CAUSAL_LM"))
     for name, p in model.named_parameters():  # LoRA B starts at 0: make every adapter matter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
@@ -49,7 +50,8 @@ def _batch(prompt_side: str, seed: int = 0):
         for c in c_lens:
             pad = torch.zeros(P - p_len, dtype=torch.long)
             row_p = torch.cat([pad, prompt]) if prompt_side == "left" else torch.cat([prompt, pad])
-            m_p = torch.cat([torch.zeros(P - p_len), torch.ones(p_len)]) if prompt_side == "left" else \
+            m_p = torch.cat([torch.zeros(P - p_len),
+                             torch.ones(p_len)]) if prompt_side == "left" else \
                 torch.cat([torch.ones(p_len), torch.zeros(P - p_len)])
             comp = torch.randint(1, 64, (L,), generator=g)
             m_c = (torch.arange(L) < c).float()
@@ -63,7 +65,8 @@ def _grads(model, ids, mask, L, shared):
     logp, ent = completion_logprobs(model, ids, mask, L, with_entropy=True, shared_prefix=shared)
     w = torch.linspace(-1, 1, logp.numel()).reshape(logp.shape)
     (logp * mask[:, -L:] * w).sum().backward()
-    return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters()
+                                if p.requires_grad}
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
@@ -91,7 +94,8 @@ def test_pack_layout_by_hand():
                                 [0, 1, 1, 1, 1, 0, 0],
                                 [0, 1, 1, 0, 0, 1, 0],  # slot 1 token 0: prompt, not slot 0
                                 [0, 1, 1, 0, 0, 1, 1]]  # slot 1 padding: as a real token, + itself
-    assert pk.keep.tolist() == [2, 3, 2, 5]  # before each token: the prompt's last, then the slot's own
+    # before each token: the prompt's last, then the slot's own
+    assert pk.keep.tolist() == [2, 3, 2, 5]
     assert pk.targets[pk.seq_slot].tolist() == [[7, 8], [9, 0], [1, 0], [6, 6]]
     # nothing shared: no packing
     assert packing.pack(ids[[0, 2]], mask[[0, 2]], 3) is None
@@ -152,7 +156,8 @@ def test_value_head_and_its_gradients_equal_plain(family):
         critic.zero_grad(set_to_none=True)
         v = critic(ids, mask, L)
         (v * mask[:, -L:]).sum().backward()
-        out[shared] = v.detach(), {n: p.grad.clone() for n, p in critic.named_parameters() if p.requires_grad}
+        out[shared] = v.detach(), {n: p.grad.clone() for n, p in critic.named_parameters()
+                                   if p.requires_grad}
     real = mask[:, -L:].bool()
     assert float((out[True][0] - out[False][0])[real].abs().max()) <= 1e-5
     for name, g in out[False][1].items():
@@ -165,7 +170,8 @@ def test_unsupported_models_take_the_generic_path():
     assert packing.forward_path(model, True)["forward_path"] == "generic"
     assert packing.forward_path(_model("llama"), True) == {"forward_path": "shared_prefix"}
     assert packing.forward_path(_model("llama"), False)["forward_path"] == "generic"
-    assert packing.unsupported(_model("qwen2"), 10_000) is None  # Qwen2 uses no sliding window by default
+    # Qwen2 uses no sliding window by default
+    assert packing.unsupported(_model("qwen2"), 10_000) is None
     from transformers import MistralConfig
 
     cfg = MistralConfig(sliding_window=16)
@@ -178,7 +184,8 @@ def test_bucketed_order_keeps_groups_whole():
     assert packing.bucketed_order(mask, 2) == [2, 3, 4, 5, 0, 1]
 
 
-def test_three_grpo_steps_give_the_same_adapter(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+def test_three_grpo_steps_give_the_same_adapter(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+                                                tmp_path):
     """The whole loop (rollout, reference pass, bucketed micro-batches, AdamW at the tests' lr
     0.05) on both paths: the adapters' difference is within 1e-5 of how far the adapter moved.
     (Float32 rounding differs between any two groupings of the same sums; AdamW divides each
@@ -187,11 +194,11 @@ def test_three_grpo_steps_give_the_same_adapter(tiny_policy_dir, tiny_reward_mod
     from safetensors.torch import load_file
 
     adapters = {}
-    for name, shared, lr in (("start", False, 1e-30), ("plain", False, 5e-2), ("shared", True, 5e-2)):
+    for name, shared, lr in (("start", False, 1e-30), ("plain", False, 5e-2),
+                             ("shared", True, 5e-2)):
         out = tmp_path / name
-        args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, {
-            "batch_size": 8, "group_size": 4, "steps": 3, "micro_batch_size": 8, "beta": 0.04,
-            "shared_prefix": shared, "lr": lr})
+        args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", steps=3,
+                             micro_batch_size=8, beta=0.04, shared_prefix=shared, lr=lr)
         assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
         cost = json.loads((out / "cost.json").read_text())
         assert cost["forward_path"] == ("shared_prefix" if shared else "generic")

@@ -5,6 +5,7 @@ named here with its reason."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,15 @@ def test_eval_config_is_the_main_jobs(stages):
     """`mogrpo eval` with its defaults judges like the main job's eval stages: same prompts,
     tokens, weights and KL prompts (the README's standalone eval passes reward_model=)."""
     main = _stage(stages, "eval/grpo").config["eval"]
-    assert _same(EvalConfig(), main) == {}
+    standalone = EvalConfig()
+    # weights and masks: None = the evaluated run's own (harness.eval_objective), which are the
+    # ones the main job passes its eval stage
+    assert standalone.weights is None and standalone.not_applicable is None
+    grpo = _stage(stages, "grpo").config
+    assert (main.weights, main.not_applicable) == (grpo.weights, grpo.not_applicable)
+    resolved = dataclasses.replace(standalone, weights=grpo.weights,
+                                   not_applicable=grpo.not_applicable)
+    assert _same(resolved, main) == {}
 
 
 def test_a_changed_setting_is_caught(stages):

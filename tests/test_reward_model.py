@@ -23,8 +23,8 @@ def test_pool_by_hand():
 
 
 def test_tiny_backbone_trains_and_every_parameter_changes(tiny_encoder_dir):
-    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ASPECTS, max_length=32, seed=0,
-                                                 dropout=0.0)
+    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ASPECTS, max_length=32,
+                                                 seed=0, dropout=0.0)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     target = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, float("nan"), 1.0],
                            [float("nan"), 1.0, 1.0, 1.0], [float("nan"), float("nan"), 0.0, 0.0]])
@@ -45,7 +45,8 @@ def test_tiny_backbone_trains_and_every_parameter_changes(tiny_encoder_dir):
 
 
 def test_scores_shape_range_and_order(tiny_encoder_dir):
-    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ASPECTS, max_length=64, seed=0)
+    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ASPECTS, max_length=64,
+                                                 seed=0)
     scores = model.score(PROMPTS, RESPONSES, batch_size=3)
     assert scores.shape == (4, 4) and ((scores >= 0) & (scores <= 1)).all()
     # Scoring one pair alone gives the same row as scoring it inside a sorted, padded batch.
@@ -64,7 +65,8 @@ def test_truncation_is_counted(tiny_encoder_dir):
 
 
 def test_save_load_round_trip_is_bit_for_bit(tiny_encoder_dir, tmp_path):
-    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ASPECTS, max_length=48, seed=3)
+    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ASPECTS, max_length=48,
+                                                 seed=3)
     with torch.no_grad():
         model.head.weight.add_(0.5)  # make sure the head is not at its initial value
     folder = model.save(tmp_path / "rm")
@@ -100,7 +102,7 @@ def test_set_dropout_reaches_every_layer(tiny_encoder_dir):
     assert model.training
     set_dropout(model.backbone, 0.3)
     assert all(m.p == 0.3 for m in model.backbone.modules() if isinstance(m, torch.nn.Dropout))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
         set_dropout(model.backbone, 1.5)
     assert a.shape == (4, 1)
 
@@ -108,11 +110,12 @@ def test_set_dropout_reaches_every_layer(tiny_encoder_dir):
 def test_sanity_probes_report_each_case(tiny_encoder_dir):
     from mogrpo.reward.sanity import PROBES, run_sanity
 
-    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ["safety", "politeness"], seed=0)
+    model = MultiAspectRewardModel.from_backbone(str(tiny_encoder_dir), ["safety", "politeness"],
+                                                 seed=0)
     report = run_sanity(model)
     expected = [p for p in PROBES if p[0] in ("safety", "politeness")]
     assert report["total"] == len(expected) == len(report["probes"])
     assert report["passed"] == sum(p["ok"] for p in report["probes"])
-    for probe, (aspect, prompt, _, _) in zip(report["probes"], expected):
+    for probe, (aspect, prompt, _, _) in zip(report["probes"], expected, strict=True):
         assert probe["aspect"] == aspect and probe["prompt"] == prompt
         assert probe["ok"] == (probe["better"] > probe["worse"])

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAST, make_data, run_overrides
 from safetensors.torch import load_file
 
-from conftest import run_overrides
-from helpers import make_data
 from mogrpo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +40,8 @@ if point == "score":
     from mogrpo.reward import scoring
     scoring.Scorer.score = dying(scoring.Scorer.score)
 elif point == "log":
-    from mogrpo.rl import engine
-    engine.MetricsLogger.log = dying(engine.MetricsLogger.log)
+    from mogrpo import tracking
+    tracking.Tracker.log = dying(tracking.Tracker.log)
 elif point == "save":
     import torch
     torch.save = dying(torch.save)
@@ -61,8 +60,8 @@ def _run(args: list[str], tmp_path: Path, point: str | None = None, n: int = 0) 
     script.write_text(KILLER)
     env = {**os.environ, "KILL_POINT": point or "none", "KILL_N": str(n), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(script), *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300).returncode
+    return subprocess.run([sys.executable, str(script), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300).returncode
 
 
 def _steps(run: Path) -> list[int]:
@@ -70,15 +69,16 @@ def _steps(run: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_grpo_killed_five_times_resumes_to_the_uninterrupted_adapter(tiny_policy_dir, tiny_reward_model_dir,
+def test_grpo_killed_five_times_resumes_to_the_uninterrupted_adapter(tiny_policy_dir,
+                                                                     tiny_reward_model_dir,
                                                                      prompt_file, tmp_path):
-    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, {
-        "steps": 12, "batch_size": 4, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4,
-        "save_every": 1, "keep_checkpoints": 2, "report_to": []})
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", FAST,
+                         steps=12, save_every=1, keep_checkpoints=2, report_to=[])
     full, part = tmp_path / "full", tmp_path / "part"
     assert _run(["train", "grpo", "--quiet", "--output", str(full), *args], tmp_path) == 0
     rng = random.Random(12)
-    # n <= 2 (3 for os.replace, which a step calls twice): a killed process makes at most 2 steps, so
+    # n <= 2 (3 for os.replace, which a step calls twice): a killed process makes at most 2 steps,
+    # so
     # every one of the five moments is reached within the 12 steps
     # every kind of moment once (mid-step scoring, a metrics row, a checkpoint's state write, a
     # rename), a fifth drawn at random, in a seeded order
@@ -88,9 +88,12 @@ def test_grpo_killed_five_times_resumes_to_the_uninterrupted_adapter(tiny_policy
     codes = []
     for i, (point, n) in enumerate(kills):
         resume = ["--resume"] if i else []
-        codes.append(_run(["train", "grpo", "--quiet", "--output", str(part), *resume, *args], tmp_path, point, n))
-    assert codes == [-signal.SIGKILL] * 5, (kills, codes)  # every moment was reached, and the process died
-    assert _run(["train", "grpo", "--quiet", "--output", str(part), "--resume", *args], tmp_path) == 0
+        codes.append(_run(["train", "grpo", "--quiet", "--output", str(part), *resume, *args],
+                          tmp_path, point, n))
+    # every moment was reached, and the process died
+    assert codes == [-signal.SIGKILL] * 5, (kills, codes)
+    assert _run(["train", "grpo", "--quiet", "--output", str(part), "--resume", *args],
+                tmp_path) == 0
     a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (full, part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kills
     assert _steps(part) == list(range(1, 13))  # each step exactly once
@@ -102,30 +105,35 @@ def test_reward_trainer_killed_twice_resumes_to_the_uninterrupted_model(tiny_enc
     from mogrpo.reward.model import MultiAspectRewardModel
 
     data = make_data(tmp_path / "data.jsonl")
-    args = [f"backbone={tiny_encoder_dir}", f"data=[{data}]", "aspects=[safety, politeness]", "max_length=32",
-            "batch_size=8", "patience=5", "lr=1e-3", "epochs=4", "splits=[0.6, 0.2, 0.2]"]
+    args = [f"backbone={tiny_encoder_dir}", f"data=[{data}]", "aspects=[safety, politeness]",
+            "max_length=32", "batch_size=8", "patience=5", "lr=1e-3", "epochs=4",
+            "splits=[0.6, 0.2, 0.2]"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert _run(["reward", "train", "--quiet", "--output", str(full), *args], tmp_path) == 0
     # validation of epoch 2 (after epoch 1's state), then inside epoch 3's state write
-    assert _run(["reward", "train", "--quiet", "--output", str(part), *args], tmp_path, "validate", 2) == -9
-    assert _run(["reward", "train", "--quiet", "--output", str(part), "--resume", *args], tmp_path, "save", 2) == -9
-    assert _run(["reward", "train", "--quiet", "--output", str(part), "--resume", *args], tmp_path) == 0
+    assert _run(["reward", "train", "--quiet", "--output", str(part), *args], tmp_path, "validate",
+                2) == -9
+    assert _run(["reward", "train", "--quiet", "--output", str(part), "--resume", *args], tmp_path,
+                "save", 2) == -9
+    assert _run(["reward", "train", "--quiet", "--output", str(part), "--resume", *args],
+                tmp_path) == 0
     a = MultiAspectRewardModel.load(full / "model").state_dict()
     b = MultiAspectRewardModel.load(part / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    rows = [json.loads(x) for x in (part / "train_log.jsonl").read_text().splitlines()]
-    full_rows = [json.loads(x) for x in (full / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    full_rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "loss" in r) for r in rows] == [(r["step"], "loss" in r) for r in full_rows]
-    assert not (part / "checkpoint").exists()  # the trainer state is removed after success (keep_state=false)
+    # the trainer state is removed after success (keep_state=false)
+    assert not (part / "checkpoints").exists()
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_policy_dir,
+                                                              tiny_reward_model_dir, prompt_file,
                                                               tmp_path, monkeypatch, capsys):
     from mogrpo.reward import scoring
 
-    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, {
-        "steps": 4, "batch_size": 4, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4,
-        "save_every": 1, "keep_checkpoints": 0, "report_to": []})
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", FAST, steps=4,
+                         save_every=1, keep_checkpoints=0, report_to=[])
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", "grpo", "--quiet", "--output", str(full), *args]) == 0
     real, calls = scoring.Scorer.score, {"n": 0}
@@ -144,7 +152,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_policy_dir, t
     capsys.readouterr()
     assert main(["train", "grpo", "--quiet", "--output", str(part), "--resume", *args]) == 0
     err = capsys.readouterr().err
-    assert "warning: skipping checkpoint step-000003" in err and "resumed from" in err and "step-000002" in err
+    assert "warning: skipping checkpoint step-000003" in err and "resumed from" in err and \
+        "step-000002" in err
     a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (full, part))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _steps(part) == [1, 2, 3, 4]
@@ -160,7 +169,8 @@ def test_run_never_deletes_a_users_folder_inside_the_output(tmp_path):
     (out / "reward" / "notes.md").write_text("my reward model, trained by hand")
     (out / "reward" / "model" / "model.safetensors").write_bytes(b"weights")
     (out / ".mogrpo").write_text("{}")  # even inside a folder mogrpo made
-    with pytest.raises(ValueError, match=r"reward exists but is not a stage folder of `mogrpo run`"):
+    with pytest.raises(ValueError,
+                       match=r"reward exists but is not a stage folder of `mogrpo run`"):
         run_pipeline(RunConfig(algorithms=["grpo"]), out, log=lambda m: None)
     assert (out / "reward" / "notes.md").read_text() == "my reward model, trained by hand"
     assert (out / "reward" / "model" / "model.safetensors").read_bytes() == b"weights"
@@ -180,11 +190,12 @@ def test_config_is_written_only_after_validation(tiny_encoder_dir, tmp_path):
     """In a folder mogrpo made, a start that fails leaves the previous config.yaml as it was."""
     out = tmp_path / "rm"
     data = make_data(tmp_path / "d.jsonl")
-    ok = [f"backbone={tiny_encoder_dir}", f"data=[{data}]", "aspects=[safety]", "max_length=32", "epochs=1",
-          "splits=[0.6, 0.2, 0.2]"]
+    ok = [f"backbone={tiny_encoder_dir}", f"data=[{data}]", "aspects=[safety]", "max_length=32",
+          "epochs=1", "splits=[0.6, 0.2, 0.2]"]
     assert main(["reward", "train", "--quiet", "--output", str(out), *ok]) == 0
     before = (out / "config.yaml").read_text()
-    assert main(["reward", "train", "--quiet", "--output", str(out), *ok, "backbone=./no-such-backbone"]) == 2
+    assert main(["reward", "train", "--quiet", "--output", str(out), *ok,
+                 "backbone=./no-such-backbone"]) == 2
     assert (out / "config.yaml").read_text() == before
 
 
@@ -198,18 +209,16 @@ class _Evil:
 def test_crafted_reward_trainer_state_does_not_run(tiny_encoder_dir, tmp_path, capsys):
     out = tmp_path / "rm"
     data = make_data(tmp_path / "d.jsonl")
-    args = [f"backbone={tiny_encoder_dir}", f"data=[{data}]", "aspects=[safety]", "max_length=32", "epochs=1",
-            "splits=[0.6, 0.2, 0.2]", "keep_state=true"]
+    args = [f"backbone={tiny_encoder_dir}", f"data=[{data}]", "aspects=[safety]", "max_length=32",
+            "epochs=1", "splits=[0.6, 0.2, 0.2]", "keep_state=true"]
     assert main(["reward", "train", "--quiet", "--output", str(out), *args]) == 0
     marker = tmp_path / "PWNED"
     _Evil.target = str(marker)
-    for name in ("epoch-001.pt", "state.pt"):  # today's name and the one older versions wrote
-        for p in (out / "checkpoint").glob("*.pt"):
-            p.unlink()
-        torch.save({"model": _Evil()}, out / "checkpoint" / name)
-        assert main(["reward", "train", "--quiet", "--output", str(out), "--resume", *args]) == 2
-        assert not marker.exists()
-        assert "will not load" in capsys.readouterr().err
+    (state,) = (out / "checkpoints").glob("step-*/trainer_state.pt")  # the one checkpoint format
+    torch.save({"trainable": _Evil()}, state)
+    assert main(["reward", "train", "--quiet", "--output", str(out), "--resume", *args]) == 2
+    assert not marker.exists()
+    assert "will not load" in capsys.readouterr().err
 
 
 def test_crafted_judge_pickles_do_not_run(tmp_path):
@@ -221,7 +230,8 @@ def test_crafted_judge_pickles_do_not_run(tmp_path):
     _Evil.target = str(marker)
     for f in ("vectorizer.joblib", "model.joblib"):
         joblib.dump(_Evil(), tmp_path / f)
-    with pytest.raises(UntrustedModelError, match="trust_toxicity_model=true"):  # a folder the user names
+    # a folder the user names
+    with pytest.raises(UntrustedModelError, match="trust_toxicity_model=true"):
         ToxicityJudge(tmp_path)
     with pytest.raises(UntrustedModelError, match="is not the pinned"):  # a tampered default asset
         ToxicityJudge(tmp_path, sha256=ASSET_SHA256)
@@ -241,7 +251,8 @@ def test_a_second_process_on_the_same_folder_is_refused(tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
         "from mogrpo.runfolder import claim_output; claim_output(Path(sys.argv[1]), 'test'); "
-        "print('held', flush=True); time.sleep(60)"), str(out), str(ROOT)], stdout=subprocess.PIPE, text=True)
+        "print('held', flush=True); time.sleep(60)"), str(out), str(ROOT)], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert main(["reward", "train", "--output", str(out)]) == 2
@@ -263,69 +274,79 @@ def test_stale_temp_files_are_removed_when_a_run_takes_its_folder(tmp_path):
     out = tmp_path / "run"
     atomic_write_text(out / "metrics.jsonl", "")
     (out / ".mogrpo").write_text("{}")
-    (out / "checkpoints" / ".step-000004.tmp-ab12cd34").mkdir(parents=True)  # a killed checkpoint write
+    # a killed checkpoint write
+    (out / "checkpoints" / ".step-000004.tmp-ab12cd34").mkdir(parents=True)
     (out / ".metrics.jsonl.tmp-xyz").write_text("half")
     (out / "notes.txt").write_text("kept")
     claim_output(out, "test").release()
-    assert sorted(p.name for p in out.rglob("*")) == [".mogrpo", ".mogrpo.lock", "checkpoints", "metrics.jsonl",
-                                                      "notes.txt"]
+    assert sorted(p.name for p in out.rglob("*")) == [".mogrpo", ".mogrpo.lock", "checkpoints",
+                                                      "metrics.jsonl", "notes.txt"]
 
 
-def test_ctrl_c_ends_in_one_line_naming_the_checkpoint(tiny_policy_dir, tiny_reward_model_dir, prompt_file,
-                                                       tmp_path):
-    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, {
-        "steps": 100000, "batch_size": 4, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4,
-        "save_every": 1, "report_to": []})  # never finishes by itself: 400 steps of this tiny run take ~10 s
+def test_ctrl_c_ends_in_one_line_naming_the_checkpoint(tiny_policy_dir, tiny_reward_model_dir,
+                                                       prompt_file, tmp_path):
+    # never finishes by itself: 400 steps of this tiny run take ~10 s
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", FAST,
+                         steps=100000, save_every=1, report_to=[])
     out = tmp_path / "run"
-    def as_from_a_terminal():  # SIGINT handled and unblocked in the child, whatever this process inherited
+    # SIGINT handled and unblocked in the child, whatever this process inherited
+    def as_from_a_terminal():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
-    proc = subprocess.Popen([sys.executable, "-m", "mogrpo.cli", "train", "grpo", "--quiet", "--output", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "mogrpo.cli", "train", "grpo", "--quiet",
+                             "--output", str(out),
                              *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=as_from_a_terminal)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=as_from_a_terminal)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     status = Path(f"/proc/{proc.pid}/status")
-    signals = [x for x in status.read_text().splitlines() if x.startswith("Sig")] if status.is_file() else []
+    signals = ([x for x in status.read_text().splitlines() if x.startswith("Sig")]
+               if status.is_file() else [])
     proc.send_signal(signal.SIGINT)
     try:
         err = proc.communicate(timeout=60)[1]
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"SIGINT did not end the run within 60 s; the child's signal state: {signals}")
+        raise AssertionError(f"SIGINT did not end the run within 60 s; the child's signal state: "
+                             f"{signals}") from None
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("mogrpo: interrupted; the last checkpoint is ") and "checkpoints/step-" in line
+    assert line.startswith("mogrpo: interrupted; the last checkpoint is ") and \
+        "checkpoints/step-" in line
     assert line.endswith("--resume") and "train grpo" in line
 
 
-def test_overrides_may_sit_on_either_side_of_the_options(tmp_path):
+def test_overrides_may_sit_on_either_side_of_the_options(tmp_path, capsys):
     from mogrpo.cli import _parse, build_parser
 
-    args = _parse(build_parser(), ["train", "grpo", "lr=0.1", "--output", str(tmp_path), "steps=2", "--quiet",
-                                   "seed=3"])
+    args = _parse(build_parser(), ["train", "grpo", "lr=0.1", "--output", str(tmp_path), "steps=2",
+                                   "--quiet", "seed=3"])
     assert args.overrides == ["lr=0.1", "steps=2", "seed=3"] and args.quiet
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         _parse(build_parser(), ["train", "grpo", "--output", str(tmp_path), "--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_resume_reports_changed_keys_and_config_yaml_tells_the_truth(tiny_policy_dir, tiny_reward_model_dir,
+def test_resume_reports_changed_keys_and_config_yaml_tells_the_truth(tiny_policy_dir,
+                                                                     tiny_reward_model_dir,
                                                                      prompt_file, tmp_path, capsys):
     import yaml
 
-    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, {
-        "steps": 2, "batch_size": 4, "group_size": 2, "micro_batch_size": 4, "max_new_tokens": 4,
-        "save_every": 1, "report_to": []})
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", FAST, steps=2,
+                         save_every=1, report_to=[])
     out = tmp_path / "run"
     assert main(["train", "grpo", "--quiet", "--output", str(out), *args]) == 0
     capsys.readouterr()
-    assert main(["train", "grpo", "--quiet", "--output", str(out), "--resume", *args, "lr=0.01", "steps=3"]) == 0
+    assert main(["train", "grpo", "--quiet", "--output", str(out), "--resume", *args, "lr=0.01",
+                 "steps=3"]) == 0
     err = capsys.readouterr().err
-    assert "lr: the run was started with 0.05; 0.01 is ignored" in err and "steps: 2 -> 3 (the new value" in err
+    assert "lr: the run was started with 0.05; 0.01 is ignored" in err and \
+        "steps: 2 -> 3 (the new value" in err
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lr"] == 0.05 and saved["steps"] == 3
     assert _steps(out) == [1, 2, 3]

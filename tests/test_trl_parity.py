@@ -1,18 +1,20 @@
 """Parity of `mogrpo.rl.losses.dpo_loss` with TRL's DPO/IPO loss on identical tensors.
 
 TRL code called: trl 1.16.0, `trl/trainer/dpo_trainer.py`, `DPOTrainer.compute_loss` (which calls
-`DPOTrainer._compute_loss`; the `loss_type == "sigmoid"` and `loss_type == "ipo"` branches are there).
-That method only takes a model and a batch, so it runs on a bare `object.__new__(DPOTrainer)` with the
-attributes it reads set as `DPOTrainer.__init__` sets them from a `DPOConfig` (defaults read from the
-dataclass fields, so no `TrainingArguments.__post_init__` and no global accelerate state). The "model"
-is a stub with the contract of TRL's fused LM head (`add_fused_lm_head`, called with
-`fused_lm_head=True`): it returns a real `FusedCausalLMOutput` whose per-token fields are given tensors,
-zeroed where the next-token label is -100. Reference log-probs go in through the batch, as with
-`precompute_ref_log_probs=True`. Everything from the summed log-probs to the loss is TRL's own code.
+`DPOTrainer._compute_loss`; the `loss_type == "sigmoid"` and `loss_type == "ipo"` branches are
+there). That method only takes a model and a batch, so it runs on a bare
+`object.__new__(DPOTrainer)` with the attributes it reads set as `DPOTrainer.__init__` sets them
+from a `DPOConfig` (defaults read from the dataclass fields, so no `TrainingArguments.__post_init__`
+and no global accelerate state). The "model" is a stub with the contract of TRL's fused LM head
+(`add_fused_lm_head`, called with `fused_lm_head=True`): it returns a real `FusedCausalLMOutput`
+whose per-token fields are given tensors, zeroed where the next-token label is -100. Reference
+log-probs go in through the batch, as with `precompute_ref_log_probs=True`. Everything from the
+summed log-probs to the loss is TRL's own code.
 
-IPO in TRL divides each summed log-ratio by `completion_mask.sum(dim=1).clamp(min=1.0)` (the number of
-completion tokens of that sequence); the completion never starts at position 0, so those are exactly the
-tokens whose log-probs are summed. Our `dpo_loss` gets the same counts as `chosen_len`/`rejected_len`.
+IPO in TRL divides each summed log-ratio by `completion_mask.sum(dim=1).clamp(min=1.0)` (the number
+of completion tokens of that sequence); the completion never starts at position 0, so those are
+exactly the tokens whose log-probs are summed. Our `dpo_loss` gets the same counts as
+`chosen_len`/`rejected_len`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class _FusedHeadStub(torch.nn.Module):
         self.per_token_logps = per_token_logps
 
     def forward(self, input_ids, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
-        assert fused_lm_head and labels is not None
+        assert fused_lm_head and labels.shape == input_ids.shape
         mask = labels[:, 1:] != -100
         zeros = torch.zeros_like(self.per_token_logps)
         return FusedCausalLMOutput(
@@ -54,12 +56,15 @@ class _FusedHeadStub(torch.nn.Module):
 
 
 def _trl_trainer(model: torch.nn.Module, beta: float, loss_type: str) -> DPOTrainer:
-    defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig) if f.default is not dataclasses.MISSING}
-    args = SimpleNamespace(**{**defaults, "beta": beta, "loss_type": [loss_type], "precompute_ref_log_probs": True})
+    defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig)
+                if f.default is not dataclasses.MISSING}
+    args = SimpleNamespace(**{**defaults, "beta": beta, "loss_type": [loss_type],
+                              "precompute_ref_log_probs": True})
     tr = object.__new__(DPOTrainer)
     tr.args = args
     tr.model = model
-    tr.accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    tr.accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t,
+                                     gather_for_metrics=lambda t: t)
     # As in DPOTrainer.__init__ ("Training arguments" block and the metrics state).
     tr.beta = args.beta
     tr.precompute_ref_logps = args.precompute_ref_log_probs
@@ -83,13 +88,15 @@ def _batch(seed: int, dtype=torch.float64):
     prompt_len = torch.randint(1, 5, (2 * P,), generator=g)
     comp_len = torch.randint(1, T - 4, (2 * P,), generator=g)
     pos = torch.arange(T)
-    completion_mask = ((pos >= prompt_len[:, None]) & (pos < (prompt_len + comp_len)[:, None])).long()
+    completion_mask = ((pos >= prompt_len[:, None]) & (pos < (prompt_len
+                                                              + comp_len)[:, None])).long()
     attention_mask = (pos < (prompt_len + comp_len)[:, None]).long()
     input_ids = torch.randint(5, 50, (2 * P, T), generator=g) * attention_mask
     per_token = (-3.0 * torch.rand(2 * P, T - 1, generator=g, dtype=dtype)).requires_grad_(True)
     ref = -3.0 * comp_len.to(dtype) * torch.rand(2 * P, generator=g, dtype=dtype)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-              "ref_chosen_logps": ref[:P], "ref_rejected_logps": ref[P:]}
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "completion_mask": completion_mask, "ref_chosen_logps": ref[:P],
+              "ref_rejected_logps": ref[P:]}
     return inputs, per_token, ref, comp_len
 
 

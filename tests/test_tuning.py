@@ -17,7 +17,8 @@ BASE = {"step": 0, "compliance": 0.9, "over_refusal": 0.02, "degenerate": 0.01}
 
 
 def rec(compliance, over_refusal, degenerate=0.01, step=30):
-    return {"step": step, "compliance": compliance, "over_refusal": over_refusal, "degenerate": degenerate}
+    return {"step": step, "compliance": compliance, "over_refusal": over_refusal,
+            "degenerate": degenerate}
 
 
 def test_select_setting_by_hand():
@@ -25,7 +26,8 @@ def test_select_setting_by_hand():
     i, why = select_setting([rec(0.1, 0.30), rec(0.6, 0.04), rec(0.5, 0.05)], BASE, 0.05, 0.02)
     assert i == 2 and why.startswith("setting 2:") and "2 settings" in why
     # a tie goes to the earlier setting; a degenerate run is out
-    assert select_setting([rec(0.5, 0.0, degenerate=0.2), rec(0.5, 0.0), rec(0.5, 0.01)], BASE, 0.05, 0.02)[0] == 1
+    assert select_setting([rec(0.5, 0.0, degenerate=0.2), rec(0.5, 0.0), rec(0.5, 0.01)], BASE,
+                          0.05, 0.02)[0] == 1
     # none within the limits: the lowest over-refusal
     i, why = select_setting([rec(0.2, 0.4), rec(0.3, 0.2)], BASE, 0.05, 0.02)
     assert i == 1 and "no validated" in why
@@ -45,17 +47,19 @@ def test_keep_best_setting_copies_the_chosen_run(tmp_path):
     settings = [{"lr": 1e-4}, {"lr": 4e-4}, {"lr": 1.6e-3}]
     records = [rec(0.7, 0.0), rec(0.4, 0.03), rec(0.05, 0.5)]  # the last over-refuses: out
     tries = []
-    for i, (st, r) in enumerate(zip(settings, records)):
+    for i, (st, r) in enumerate(zip(settings, records, strict=True)):
         _fake_run(tmp_path / f"ppo-t{i}", r, st["lr"])
         tries.append(f"ppo-t{i}")
     out = tmp_path / "ppo"
     out.mkdir()
     record = keep_best_setting(tmp_path, tries, settings, out)
-    assert record["chosen"] == 1 and record["setting"] == {"lr": 4e-4} and record["from"] == "ppo-t1"
+    assert record["chosen"] == 1 and record["setting"] == {"lr": 4e-4} and record["from"] == \
+        "ppo-t1"
     assert (out / "final" / "adapter_model.safetensors").read_bytes() == b"weights lr=0.0004"
     assert not (out / "checkpoints").exists() and not (out / "stage.json").exists()
     written = json.loads((out / "tuning.json").read_text())
-    assert [s["compliance"] for s in written["settings"]] == [0.7, 0.4, 0.05] and written["base"] == BASE
+    assert [s["compliance"] for s in written["settings"]] == [0.7, 0.4, 0.05] and \
+        written["base"] == BASE
 
 
 def test_keep_best_setting_needs_validated_runs(tmp_path):
@@ -69,7 +73,8 @@ def test_keep_best_setting_needs_validated_runs(tmp_path):
 
 def test_tune_builds_one_run_per_setting_and_a_choice(tmp_path):
     cfg = RunConfig(algorithms=["grpo", "dpo"], seeds=[0, 1],
-                    tune={"grpo": {"lr": [2e-4, 4e-4, 8e-4]}, "dpo": {"lr": [2e-5, 5e-5, 1e-4], "beta": [.1, .1, .2]}})
+                    tune={"grpo": {"lr": [2e-4, 4e-4, 8e-4]},
+                          "dpo": {"lr": [2e-5, 5e-5, 1e-4], "beta": [.1, .1, .2]}})
     names = [s.name for s in build_stages(cfg, tmp_path)]
     for algo in ("grpo", "dpo"):
         for seed in (0, 1):
@@ -79,7 +84,8 @@ def test_tune_builds_one_run_per_setting_and_a_choice(tmp_path):
             assert names.index(f"eval/{algo}-s{seed}") > names.index(f"{algo}-s{seed}")
     stages = {s.name: s for s in build_stages(cfg, tmp_path)}
     assert stages["dpo-s1-t2"].config.lr == 1e-4 and stages["dpo-s1-t2"].config.beta == 0.2
-    assert stages["dpo-s1-t2"].config.seed == 1 and stages["grpo-s0"].inputs == [f"grpo-s0-t{i}" for i in range(3)]
+    assert stages["dpo-s1-t2"].config.seed == 1 and stages["grpo-s0"].inputs == \
+        [f"grpo-s0-t{i}" for i in range(3)]
     assert tune_settings(cfg.tune, "grpo") == [{"lr": 2e-4}, {"lr": 4e-4}, {"lr": 8e-4}]
     assert tune_settings({}, "ppo") == [{}]
 
