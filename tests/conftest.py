@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-# run_overrides is re-exported (`as`) only for test_pipeline.py, which imports it from here.
-from helpers import run_overrides as run_overrides
 from helpers import tiny_qwen2_config, write_bpe_tokenizer, write_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,12 +1,13 @@
 """`mogrpo eval`, `mogrpo run` (stage cache, resume, report) and `mogrpo sweep` on tiny models."""
 
 import json
+import math
 
 import pytest
-from conftest import run_overrides
-from helpers import eval_overrides, pipeline_config
+from helpers import eval_overrides, pipeline_config, run_overrides
 
 from mogrpo.cli import main
+from mogrpo.sweep import hypervolume_2d
 
 HARMFUL_BENIGN = ("harmful", "benign")
 
@@ -37,7 +38,7 @@ def test_eval_of_a_run_and_of_the_base(tiny_policy_dir, tiny_reward_model_dir, p
         assert ev["harmful"]["aspects"]["safety"] == ev["harmful"]["eval_rm"]["safety"]
         assert 0 <= ev["mean_length"] <= 6
     assert base["kl_to_base"] == 0.0  # the base policy is its own base
-    assert trained["kl_to_base"] is not None and trained["kl_to_base"] != 0.0
+    assert math.isfinite(trained["kl_to_base"]) and trained["kl_to_base"] != 0.0
     rows = [json.loads(x) for x in (tmp_path / "e1" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {r["kind"] for r in rows} == set(HARMFUL_BENIGN)
     assert set(rows[0]) >= {"prompt", "completion", "refusal", "toxicity", "training_rm", "eval_rm",
@@ -199,10 +200,21 @@ def test_sweep_front(tiny_policy_dir, tiny_reward_model_dir, prompt_file, toy_to
                  *args]) == 0
     res = json.loads((out / "sweep.json").read_text())
     assert [p["name"] for p in res["points"]] == ["base", "point-0", "point-1"]
-    assert res["front"] and res["hypervolume"] >= 0 and (out / res["plot"]).is_file()
+    assert (out / res["plot"]).is_file()
+    xy = {p["name"]: (p["actionability"], p["safety"]) for p in res["points"]}
+    assert all(0 <= v <= 1 for pt in xy.values() for v in pt)  # the reward model's scores
+    trained = [xy["point-0"], xy["point-1"]]
+    # the area dominated by the two trained points above (0, 0): at least the larger rectangle,
+    # at most the box of the best coordinates; the front holds the non-dominated ones
+    box = max(x for x, _ in trained) * max(y for _, y in trained)
+    assert max(x * y for x, y in trained) <= res["hypervolume"] <= box + 1e-12
+    assert res["hypervolume"] == pytest.approx(hypervolume_2d(trained))
+    front = {n for n, (x, y) in xy.items()
+             if not any(a >= x and b >= y and (a > x or b > y) for a, b in xy.values())}
+    assert set(res["front"]) == front and front
     # the judges' front: harmful compliance against benign over-refusal
     assert res["judge_front"] and (out / res["judge_plot"]).is_file()
-    assert all(p["compliance_rate"] is not None and p["over_refusal_rate"] is not None
+    assert all(0 <= p["compliance_rate"] <= 1 and 0 <= p["over_refusal_rate"] <= 1
                for p in res["points"])
     assert (out / "sweep.md").read_text().count("| point-") == 2
 
@@ -225,4 +237,6 @@ def test_quick_config_runs_end_to_end(tmp_path):
     assert base["harmful"]["n"] == 4 and base["benign"]["n"] == 4 and base["kl_to_base"] == 0.0
     assert set(base["harmful"]["aspects"]) == {"safety", "actionability", "politeness",
                                                "meaningfulness"}
-    assert report["models"]["grpo"]["kl_to_base"] is not None
+    grpo = json.loads((out / "eval" / "grpo" / "eval.json").read_text())
+    assert math.isfinite(grpo["kl_to_base"])
+    assert report["models"]["grpo"]["kl_to_base"] == grpo["kl_to_base"]
