@@ -3,9 +3,12 @@ runs code from a file, or ends in a traceback.
 
 - `claim_output(folder, command)`: before any work, check that --output is a folder (or
   can become one) that this user can write; refuse a non-empty folder that mogrpo did not
-  create (no `.mogrpo` marker); take the folder's lock (one run per folder; the lock of a
-  killed process is released with it, so a stale lock file is simply taken over); remove
-  the temp files and folders a killed write left behind.
+  create (no `.mogrpo` marker), and one whose marker names another kind of run (a `reward
+  train` into a `train grpo` folder would replace its files); take the folder's lock (one
+  run per folder; the lock of a killed process is released with it, so a stale lock file is
+  simply taken over); remove the temp files and folders a killed write left behind. The
+  lock and the marker are opened with O_NOFOLLOW: a symbolic link planted in their place is
+  an error naming it, never a way to make mogrpo write the file it points to.
 - `check_output_file(path)`: the same for a command that writes one file.
 - `load_state(path, what)`: `torch.load(weights_only=True)`: tensors, numbers, strings and
   containers only, never code; a truncated or foreign file is a clear error.
@@ -15,10 +18,12 @@ runs code from a file, or ends in a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -54,24 +59,111 @@ def _check_writable(path: Path, what: str) -> None:
                           f"can write, e.g. under your home")
 
 
+def _plain_file(path: Path) -> bool:
+    """A regular file itself, not a symbolic link to one."""
+    return path.is_file() and not path.is_symlink()
+
+
+def open_own(path: Path, flags: int, mode: int = 0o666) -> int:
+    """A file descriptor for a file of a run folder (O_NOFOLLOW, O_CLOEXEC): a symbolic link in
+    its place (one planted there would make mogrpo write or read the file it points to), a
+    folder or a device, and for writing a file with other hard links (names elsewhere whose
+    content a write would change), is an OutputError naming it."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise OutputError(f"{path} is a symbolic link (to {os.readlink(path)}): mogrpo never "
+                              f"follows links in its output folders; remove the link, or choose "
+                              f"another --output") from None
+        raise OutputError(f"{path}: cannot open ({exc.strerror}); remove it, or choose another "
+                          f"--output") from None
+    info = os.fstat(fd)
+    linked = info.st_nlink > 1 and flags & (os.O_WRONLY | os.O_RDWR)
+    if not stat.S_ISREG(info.st_mode) or linked:
+        os.close(fd)
+        why = "is not a regular file" if not stat.S_ISREG(info.st_mode) else \
+            f"has {info.st_nlink} hard links (other names, elsewhere, that a write would change)"
+        raise OutputError(f"{path} {why}: mogrpo writes only files of its own there; remove it, "
+                          f"or choose another --output")
+    return fd
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The JSON of `folder`'s `.mogrpo` marker (read without following a link): None when there
+    is none, {} when it is not JSON (an empty marker a user made with `touch`)."""
+    path = folder / MARKER
+    if not (path.exists() or path.is_symlink()):
+        return None
+    with os.fdopen(open_own(path, os.O_RDONLY), "rb") as fh:
+        raw = fh.read(1 << 16)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def marker_kind(marker: dict | None) -> str | None:
+    """The kind of run a marker names (`kind`; markers of versions before it have the same
+    string as `command`); None when it names none."""
+    if not marker:
+        return None
+    kind = marker.get("kind", marker.get("command"))
+    return kind if isinstance(kind, str) and kind else None
+
+
+def _check_kind(folder: Path, command: str, what: str) -> None:
+    """Refuse a folder whose marker names another kind of run than `command`."""
+    kind = marker_kind(read_marker(folder))
+    if kind is not None and kind != command:
+        raise OutputError(f"{what} {folder} holds a `mogrpo {kind}` run ({MARKER} says so), not "
+                          f"a `mogrpo {command}` one, and its files would be replaced: choose "
+                          f"another {what}")
+
+
+def _write_marker(folder: Path, command: str) -> None:
+    from mogrpo._version import __version__
+
+    text = json.dumps({"kind": command, "command": command, "mogrpo": __version__,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+    try:  # O_EXCL: never through a link, never over a file that appeared meanwhile
+        fd = open_own(folder / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except OutputError:
+        if (folder / MARKER).is_symlink() or not (folder / MARKER).exists():
+            raise
+        return  # written meanwhile (by a version that does not lock): checked by the caller
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def made_by_mogrpo(folder: Path) -> bool:
     """True when `folder` carries mogrpo's marker (or is a `mogrpo run` stage or run folder of a
-    version before the marker: `.stage-hash`, or run_config.yaml beside such stages)."""
-    if (folder / MARKER).is_file() or (folder / ".stage-hash").is_file():
+    version before the marker: `.stage-hash`, or run_config.yaml beside such stages). A link in
+    place of any of these does not count."""
+    if _plain_file(folder / MARKER) or _plain_file(folder / ".stage-hash"):
         return True
-    return (folder / "run_config.yaml").is_file() and any(
-        (c / ".stage-hash").is_file() for c in folder.iterdir() if c.is_dir())
+    return _plain_file(folder / "run_config.yaml") and any(
+        _plain_file(c / ".stage-hash") for c in folder.iterdir()
+        if c.is_dir() and not c.is_symlink())
 
 
-def claim_output(folder: str | os.PathLike, command: str, *,
+def claim_output(folder: str | os.PathLike, command: str | None, *,
                  what: str = "--output") -> "FolderLock":
-    """Check, create, mark and lock an output folder; return the held lock (see module doc)."""
+    """Check, create, mark and lock an output folder; return the held lock (see module doc).
+    `command` is the kind of run the folder is for ("train grpo", "reward train", "eval",
+    "run", ...): recorded in a new folder's marker, and a folder marked for another kind is
+    refused. None takes the lock of a folder mogrpo made whatever its kind, and marks nothing
+    (--overwrite, which only moves the folder aside)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{what} {folder} is an existing file; give a folder path (mogrpo "
                           f"writes several "
                           f"files into it)")
     _check_writable(folder, what)
+    for name in (MARKER, LOCK):
+        if (folder / name).is_symlink():
+            open_own(folder / name, os.O_RDONLY)  # the error that names the link
     if folder.is_dir() and any(folder.iterdir()) and not made_by_mogrpo(folder):
         raise OutputError(f"{what} {folder} is not empty and was not created by mogrpo (no "
                           f"{MARKER} marker): "
@@ -79,15 +171,27 @@ def claim_output(folder: str | os.PathLike, command: str, *,
                           f"a new or empty "
                           f"folder (if it is a run folder of an older mogrpo, "
                           f"`touch {folder / MARKER}`)")
+    if folder.is_dir() and command is not None:
+        _check_kind(folder, command, what)
+    made, p = [], folder.absolute()
+    while not (p.exists() or p.is_symlink()) and p != p.parent:  # the folders mkdir creates
+        made.append(p)
+        p = p.parent
     folder.mkdir(parents=True, exist_ok=True)
+    held = FolderLock.holds(folder)
     lock = FolderLock.take(folder)
-    marker = folder / MARKER
-    if not marker.is_file():
-        from mogrpo._version import __version__
-
-        marker.write_text(json.dumps({"command": command, "mogrpo": __version__,
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    clean_stale_temps(folder)
+    try:
+        if command is not None:
+            if read_marker(folder) is None:
+                _write_marker(folder, command)
+                if not held:  # a command that then writes nothing leaves nothing (release)
+                    lock.made = made
+            _check_kind(folder, command, what)  # again, with the lock held
+        clean_stale_temps(folder)
+    except BaseException:
+        if not held:
+            lock.release()
+        raise
     return lock
 
 
@@ -106,10 +210,13 @@ def check_output_file(path: str | os.PathLike, what: str = "--output") -> Path:
 def clean_stale_temps(folder: Path) -> list[str]:
     """Remove the temp files/folders of writes that a killed process left in `folder` and its
     checkpoint folders (only ever called with the folder's lock held). Returns their names."""
+    from mogrpo.config import recover_folders
+
     removed = []
     for d in (folder, folder / "checkpoints"):
-        if not d.is_dir():
+        if not d.is_dir() or d.is_symlink():  # never into a folder a link points to
             continue
+        removed += recover_folders(d)  # a folder whose replacement a kill interrupted comes back
         for p in d.iterdir():
             if _TEMP.match(p.name):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -126,6 +233,16 @@ class FolderLock:
     names its pid. A process asking again for a folder it holds gets its own lock back."""
 
     held: dict[str, "FolderLock"] = {}
+    # The folders the claim created, when it also wrote the marker (else None): if nothing else
+    # was written when the lock is released (an input error found after the claim), the marker,
+    # the lock file and these folders are removed, leaving the path as the command found it.
+    made: list[Path] | None = None
+
+    @classmethod
+    def holds(cls, folder: Path) -> bool:
+        """Whether this process holds `folder`'s lock."""
+        lock = cls.held.get(str(folder.resolve()))
+        return lock is not None and not lock.fh.closed
 
     @classmethod
     def take(cls, folder: Path) -> "FolderLock":
@@ -139,7 +256,7 @@ class FolderLock:
         import fcntl
 
         self.path = folder / LOCK
-        self.fh = open(self.path, "a+", encoding="utf-8")
+        self.fh = os.fdopen(open_own(self.path, os.O_RDWR | os.O_CREAT), "r+", encoding="utf-8")
         try:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -155,8 +272,23 @@ class FolderLock:
         self.fh.flush()
 
     def release(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()  # closing drops the flock
+        if self.fh.closed:
+            return
+        if self.made is not None:
+            self._undo_unused_claim()
+        self.fh.close()  # closing drops the flock
+
+    def _undo_unused_claim(self) -> None:
+        folder = self.path.parent
+        try:
+            if {p.name for p in folder.iterdir()} - {MARKER, LOCK}:
+                return  # the command wrote something: the folder is its output
+            (folder / MARKER).unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+            for d in self.made:  # the deepest first; stops at one that is not empty
+                d.rmdir()
+        except OSError:
+            pass
 
 
 def release_all() -> None:

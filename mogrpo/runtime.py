@@ -143,6 +143,18 @@ class Runtime:
     def wait(self) -> None:
         self.acc.wait_for_everyone()
 
+    def close(self) -> None:
+        """The end of a run, called by every process: wait until every process gets here, then
+        tear down the process group (when one was initialised), so that a process that is
+        done first does not exit while another still talks to it (gloo then aborts that one).
+        Safe to call again, and with one process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        self.acc.wait_for_everyone()
+        self.acc.state.destroy_process_group()  # not when fork-launched (a notebook's processes)
+
     def no_sync(self, model, sync: bool):
         """Gradient accumulation: skip DDP's all-reduce except on the micro-batch that syncs.
         Under DeepSpeed the engine steps inside `backward` at an accumulation boundary, so

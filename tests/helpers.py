@@ -190,18 +190,32 @@ def pipeline_config(tmp_path, encoder, policy, prompts, tox, algorithms=("grpo",
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now (the kernel's pick for port 0), for one launch's
+    rendezvous: launches that all used accelerate's default 29500 met each other's processes
+    when two ran at once, or when one started while the last one's port was still closing."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launch(config: str, args: list[str], *, script: str | None = None):
     """`accelerate launch --config_file configs/accelerate/<config>.yaml --num_processes 2`
-    of `mogrpo.cli` (or of `script`, e.g. tests/fsdp_cpu_launch.py) with `args`; returns the
-    finished process. On a machine without GPUs the processes are CPU ones with gloo."""
+    of `mogrpo.cli` (or of `script`, e.g. tests/fsdp_cpu_launch.py) with `args`, on a port of
+    its own (free_port); returns the finished process. On a machine without GPUs the processes
+    are CPU ones with gloo."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MASTER_PORT", None)  # --main_process_port decides
     target = [script] if script else ["-m", "mogrpo.cli"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", "2", *target, *args]
+           str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()), *target, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

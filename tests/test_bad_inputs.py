@@ -155,6 +155,13 @@ CASES = [
     ("run into a user's folder", lambda c: (["run"], c.user_folder(), r"not created by mogrpo")),
     ("data prepare into a user's folder", lambda c: (["data", "prepare"], c.user_folder(),
                                                      r"not created by mogrpo")),
+    ("reward train into a grpo run", lambda c: (c.reward(), c.grpo_run(),
+                                                r"holds a `mogrpo train grpo` run")),
+    ("eval into a grpo run", lambda c: (c.eval(), c.grpo_run(), r"holds a `mogrpo train grpo`")),
+    ("lock is a planted link", lambda c: (c.reward(), _planted(c, ".mogrpo.lock"),
+                                          r"\.mogrpo\.lock is a symbolic link \(to .*victim")),
+    ("marker is a planted link", lambda c: (c.grpo(), _planted(c, ".mogrpo"),
+                                            r"\.mogrpo is a symbolic link \(to .*victim")),
     # ---- models
     ("policy path missing", lambda c: (c.grpo(policy=str(c.tmp / "nope")), None,
                                        r"policy .*nope: no such file")),
@@ -269,6 +276,15 @@ CASES = [
 ]
 
 
+def _planted(c: Ctx, name: str) -> Path:
+    """A finished run whose lock or marker is a link to a file outside it (the victim)."""
+    run = c.grpo_run()
+    (c.tmp / "victim.txt").write_text("precious")
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(c.tmp / "victim.txt")
+    return run
+
+
 def _truncated_policy(c: Ctx) -> Path:
     d = c.copy(c.policy, "policy")
     _truncate(d / "model.safetensors")
@@ -304,13 +320,54 @@ def grpo_run(tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path_facto
     return out
 
 
-def _hashes(folder: Path | None) -> dict[str, str]:
-    """sha256 of every file under `folder`, except the lock file (mogrpo's own, it names the pid
-    that holds the folder, so it is rewritten by every command that takes the folder)."""
-    if folder is None or not folder.is_dir():
-        return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".mogrpo.lock"}
+def _entry(p: Path) -> str:
+    if p.is_symlink():
+        return f"link -> {os.readlink(p)}"
+    if p.is_dir():
+        return "folder"
+    if p.name == ".mogrpo.lock":  # mogrpo's own: it names the pid that holds the folder, so
+        return "lock"  # every command that takes the folder rewrites it; its presence counts
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    """Everything under each of `roots` (the case's output path, and its scratch folder with
+    every input the case built), by path: a file's sha256, "folder", a link's target, and a
+    root that does not exist as "missing", so that a file or folder that appears, changes or
+    disappears shows up."""
+    snap = {}
+    for root in roots:
+        snap[str(root)] = _entry(root) if root.exists() or root.is_symlink() else "missing"
+        if root.is_dir() and not root.is_symlink():
+            for p in sorted(root.rglob("*")):
+                snap[str(p)] = _entry(p)
+    return snap
+
+
+def test_the_snapshot_sees_new_changed_and_deleted_files(tmp_path):
+    out, single = tmp_path / "out", tmp_path / "in.jsonl"
+    base = _snapshot(out, single)
+    assert base == {str(out): "missing", str(single): "missing"}
+    single.write_text("a")
+    assert _snapshot(out, single) != base  # a file where there was none
+    base = _snapshot(out, single)
+    single.write_text("b")
+    assert _snapshot(out, single) != base  # a single file changed
+    out.mkdir()
+    (out / "sub").mkdir()
+    (out / "sub" / "x").write_text("1")
+    base = _snapshot(out, single)
+    for change in (lambda: (out / "new").write_text(""),
+                   lambda: (out / "sub" / "x").write_text("2"),
+                   lambda: (out / "sub" / "x").unlink(), lambda: (out / "sub2").mkdir(),
+                   lambda: (out / "ln").symlink_to(single)):
+        change()
+        assert _snapshot(out, single) != base
+        base = _snapshot(out, single)
+    (out / ".mogrpo.lock").write_text("pid 1")
+    base = _snapshot(out, single)
+    (out / ".mogrpo.lock").write_text("pid 2")  # the lock's content is the holder's pid
+    assert _snapshot(out, single) == base
 
 
 def test_there_are_at_least_forty_cases():
@@ -333,7 +390,8 @@ def test_bad_input_is_one_clear_message(name, build, tiny_policy_dir, tiny_rewar
             toy_toxicity_dir, grpo_run)
     argv, out, pattern = build(c)
     out = out or tmp_path / "out"
-    before = _hashes(out)
+    roots = (out, tmp_path) if not out.is_relative_to(tmp_path) else (tmp_path,)
+    before = _snapshot(*roots)
     capsys.readouterr()
     code = main([*argv, "--output", str(out)])
     err = capsys.readouterr().err
@@ -342,6 +400,8 @@ def test_bad_input_is_one_clear_message(name, build, tiny_policy_dir, tiny_rewar
     assert len(lines) == 1 and "Traceback" not in err, err
     assert re.search(pattern, lines[0]), lines[0]
     print(lines[0])  # shown by pytest -rP: the message a user reads
-    after = _hashes(out)
-    assert {k: after.get(k) for k in before} == before  # every file that was there is unchanged
+    after = _snapshot(*roots)
+    # nothing under the scratch folder (inputs and output) appeared, changed or went away
+    assert {k: v for k, v in after.items() if before.get(k) != v} == {}
+    assert {k: v for k, v in before.items() if after.get(k) != v} == {}
     assert not (tmp_path / "PWNED").exists()  # no crafted pickle ran

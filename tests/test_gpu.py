@@ -4,12 +4,18 @@ changes, resume equals uninterrupted) and what only a GPU has (bf16 autocast, th
 the merged generation copy and the reference on the device, CUDA peak memory in cost.json).
 Marked `gpu`: skipped without CUDA (conftest.py); run with `pytest -m gpu`. FSDP across two
 GPUs runs when the machine has two.
+
+`MOGRPO_GPU_TESTS_ON_CPU=1 pytest tests/test_gpu.py` runs the same tests on a machine
+without CUDA with the device checks flipped (the expected device is the CPU, the autocast
+dtype what precision=auto gives there, peak memory the process's RSS, FSDP through
+tests/fsdp_cpu_launch.py): a check of the tests themselves before a GPU is at hand.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -17,19 +23,39 @@ import torch
 from helpers import accelerate_launch, final_weights, kill_and_resume, run_overrides
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.gpu
+from mogrpo.models import autocast_dtype
+
+ON_CPU = os.environ.get("MOGRPO_GPU_TESTS_ON_CPU") == "1"
+if ON_CPU:  # not `gpu` then, so conftest.py does not skip them
+    pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason=(
+        "MOGRPO_GPU_TESTS_ON_CPU=1 is for machines without CUDA (here the runs would pick CUDA)"))
+else:
+    pytestmark = pytest.mark.gpu
+DEVICE = "cpu" if ON_CPU else "cuda"
+# What precision=auto gives on DEVICE (None: fp32): bf16 on CUDA, bf16 on a CPU with native
+# bf16 arithmetic.
+AMP = autocast_dtype(torch.device(DEVICE), "auto") if ON_CPU or torch.cuda.is_available() \
+    else torch.bfloat16
 # On top of the tiny runs of helpers.TINY: the precision the device picks (bf16 autocast on
 # CUDA), no trackers.
 GPU = {"precision": "auto", "report_to": []}
+
+
+def _memory_mb() -> float:
+    """What the run's peak memory may not exceed: half the GPU's, or the machine's RAM."""
+    if ON_CPU:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20
+    return torch.cuda.get_device_properties(0).total_memory / 2 ** 20 / 2
 
 
 def _check_run(out: Path, changed_from: dict | None = None) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
     cost = json.loads((out / "cost.json").read_text())
-    assert cost["device"].startswith("cuda") and cost["precision"] == "torch.bfloat16"
-    assert cost["peak_memory_of"] == "torch.cuda.max_memory_allocated"
-    assert 0 < cost["peak_memory_mb"] < torch.cuda.get_device_properties(0).total_memory / 2 ** 20
+    assert cost["device"].startswith(DEVICE) and cost["precision"] == str(AMP or "fp32")
+    assert cost["peak_memory_of"] == ("process max RSS" if ON_CPU
+                                      else "torch.cuda.max_memory_allocated")
+    assert 0 < cost["peak_memory_mb"] < _memory_mb()
     final = final_weights(out / "final")
     if changed_from is not None:
         same = [k for k in changed_from if k in final
@@ -69,6 +95,8 @@ def test_grpo_full_finetuning_on_cuda(dtype, tiny_qwen2_dir, tiny_reward_model_d
     move, hence lr 1e-2 for that case and fp32 master weights in configs/scale/*-0.5b)."""
     from mogrpo.cli import main
 
+    if dtype == "bf16" and AMP is None:
+        pytest.skip(f"policy_dtype=bf16 needs bf16 compute, which {DEVICE} here does not have")
     out = tmp_path / "full"
     assert main(["train", "grpo", "--output", str(out), "--quiet", *run_overrides(
         tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, "grpo", GPU, lora_r=0,
@@ -105,10 +133,12 @@ def test_resume_on_cuda_equals_uninterrupted(algo, tiny_qwen2_dir, tiny_reward_m
 
 def test_models_and_copies_live_on_the_gpu(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file,
                                            tmp_path):
-    """Every model the engine builds (policy, merged generation copy, reward model) is on the
+    """Every model the engine builds (policy, reward model, and what samples: the merged
+    generation copy under `generate`, mogrpo's engine's weight snapshot otherwise) is on the
     GPU, frozen Linear weights are stored in bf16, and a step's statistics come back as
     Python floats read once (no per-micro-batch sync is needed to build them)."""
     from mogrpo.config import load_config
+    from mogrpo.generation import compute_dtype, snapshot
     from mogrpo.rl.engine import Run
     from mogrpo.rl.grpo import GRPOConfig
 
@@ -116,12 +146,29 @@ def test_models_and_copies_live_on_the_gpu(tiny_qwen2_dir, tiny_reward_model_dir
                                                       prompt_file, "grpo", GPU, steps=1))
     run = Run(cfg, tmp_path / "run", name="grpo", show_progress=False)
     run.setup_optimizer(total_updates=1)
-    devices = {p.device.type for p in run.policy.parameters()} | \
-        {p.device.type for p in run.merged.model.parameters()}
+    stored = AMP or torch.float32  # frozen Linear weights (models.cast_frozen_linears)
+
+    def frozen_linears(model) -> set:
+        tied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        return {m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear
+                and not m.weight.requires_grad and m.weight.data_ptr() not in tied}
+
+    devices = {p.device.type for p in run.policy.parameters()}
     devices |= {p.device.type for p in run.scorer.rm.parameters()}
-    assert devices == {"cuda"}
-    frozen = [m.weight.dtype for m in run.merged.model.modules() if type(m) is torch.nn.Linear]
-    assert frozen and set(frozen) == {torch.bfloat16}
+    assert frozen_linears(run.policy) == {stored}  # the LoRA base layers
+    if run.merged is not None:  # rollout_engine=generate: the merged copy samples
+        devices |= {p.device.type for p in run.merged.model.parameters()}
+        assert frozen_linears(run.merged.model) == {stored}
+    else:  # mogrpo's engine samples from a snapshot of fused weights, built per rollout
+        assert run.rollout_engine == "mogrpo", run.rollout_engine
+        with run.amp_ctx():
+            weights = snapshot(run.policy, compute_dtype(run.policy))
+        fused = [weights.head] + [t for layer in weights.layers
+                                  for t in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        devices |= {t.device.type for t in [*fused, weights.embed, weights.norm]}
+        assert {t.dtype for t in fused} == {stored}
+        del weights, fused
+    assert devices == {DEVICE}
     ro = run.rollout(0)
     assert ro.completion_ids.device.type == "cpu" and ro.completion_mask.sum() > 0
     rewards = run.score(ro)
@@ -132,18 +179,24 @@ def test_models_and_copies_live_on_the_gpu(tiny_qwen2_dir, tiny_reward_model_dir
     run.lock.release()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP across GPUs needs two of them")
+@pytest.mark.skipif(not ON_CPU and torch.cuda.device_count() < 2,
+                    reason="FSDP across GPUs needs two of them")
 def test_fsdp_on_two_gpus_equals_one(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, tmp_path):
     from mogrpo.cli import main
 
+    # both sample with `generate` (what FSDP samples with), so the two runs draw alike
     args = run_overrides(tiny_qwen2_dir, tiny_reward_model_dir, prompt_file, "grpo", GPU,
-                         generation_chunk=1, precision="fp32")
+                         generation_chunk=1, precision="fp32", rollout_engine="generate")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", "grpo", "--output", str(one), "--quiet", *args]) == 0
-    # real FSDP on GPUs
-    proc = accelerate_launch("fsdp", ["train", "grpo", "--output", str(two), "--quiet", *args])
+    # real FSDP on GPUs; on CPU processes (gloo) accelerate's FSDP path needs the test launcher
+    script = str(Path(__file__).parent / "fsdp_cpu_launch.py") if ON_CPU else None
+    proc = accelerate_launch("fsdp", ["train", "grpo", "--output", str(two), "--quiet", *args],
+                             script=script)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((two / "cost.json").read_text())["sharding"] == "fsdp"
+    cost = json.loads((two / "cost.json").read_text())
+    assert (cost["processes"], cost["sharding"]) == (2, "fsdp")
     a, b = final_weights(one / "final"), final_weights(two / "final")
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
