@@ -15,6 +15,7 @@ the reward trainer's early-stopping record, ...).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,10 +25,25 @@ from typing import Callable
 import torch
 
 from mogrpo.config import atomic_folder, atomic_write_text
-from mogrpo.runfolder import CheckpointError, first_line, load_newest
+from mogrpo.runfolder import CheckpointError, OutputError, first_line, load_newest
 
 REQUIRED = ("step", "trainable", "optimizer", "scheduler", "rng", "algorithm")
 STATE_FILE = "trainer_state.pt"
+
+
+@contextlib.contextmanager
+def writing(what: Path):
+    """Turn a failed write (a full disk, a file-size limit, an I/O error: OSError, or the
+    RuntimeError / SafetensorError that torch and safetensors raise for it) into one line. The
+    atomic writers have removed their temp files by then and left the previous version."""
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, (OSError, RuntimeError)) and type(exc).__name__ != "SafetensorError":
+            raise
+        raise OSError(f"writing {what} failed ({first_line(exc)}); the previous version is "
+                      f"intact and nothing half-written was kept: free disk space, then run "
+                      f"again with --resume") from None
 
 
 def checkpoint_root(run: Path) -> Path:
@@ -41,6 +57,43 @@ def latest_checkpoint(run: Path) -> Path | None:
         return None
     folder = latest.parent / latest.read_text().strip()
     return folder if folder.is_dir() else None
+
+
+def held_run(run: Path) -> list[str]:
+    """What of an earlier run `run` holds that a new run would mix with: checkpoints, final/,
+    best/, a reward model's model/ (empty when none)."""
+    run = Path(run)
+    held = ["checkpoints/"] if any(checkpoint_root(run).glob("step-*")) else []
+    return held + [f"{n}/" for n in ("final", "best", "model") if (run / n).exists()]
+
+
+def refuse_mixing(run: Path, resume: bool) -> None:
+    """A fresh run (no --resume) into a folder that holds another run is refused: its
+    checkpoints would be pruned or resumed as this run's, its final/ silently replaced."""
+    held = held_run(run)
+    if held and not resume:
+        raise OutputError(f"{run} holds an earlier run ({', '.join(held)}): continue it with "
+                          f"--resume, move it aside with --overwrite, or choose another --output")
+
+
+def move_run_aside(run: Path, command: str) -> Path | None:
+    """--overwrite: rename a folder that holds a run to `<name>.previous-<time>` beside it
+    (under its lock, so a run in progress is never moved; `command` is the run's kind, as
+    claim_output checks it); None when there is nothing to move."""
+    import time
+
+    from mogrpo.runfolder import claim_output
+
+    run = Path(run)
+    if not held_run(run):
+        return None
+    lock = claim_output(run, command)
+    try:
+        aside = run.with_name(f"{run.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run, aside)
+    finally:
+        lock.release()
+    return aside
 
 
 def trainable_state(model: torch.nn.Module, full: dict | None = None) -> dict[str, torch.Tensor]:
@@ -80,13 +133,14 @@ def save_checkpoint(root: Path, state: dict, *, keep: int,
     if missing:
         raise ValueError(f"a checkpoint state needs {missing}")
     folder = root / f"step-{state['step']:06d}"
-    with atomic_folder(folder) as tmp:
+    with writing(folder), atomic_folder(folder) as tmp:
         if write_model is not None:
             write_model(tmp)
         torch.save(state, tmp / STATE_FILE)
         if best is not None:
             copy_linked(best, tmp / "best")
-    atomic_write_text(root / "latest", folder.name)
+    with writing(root / "latest"):
+        atomic_write_text(root / "latest", folder.name)
     prune(root, keep)
     return folder
 
@@ -129,7 +183,7 @@ def save_best(folder: Path, trainable: dict[str, torch.Tensor], record: dict) ->
     record (selection.json) in `folder`, atomically."""
     from safetensors.torch import save_file
 
-    with atomic_folder(folder) as tmp:
+    with writing(folder), atomic_folder(folder) as tmp:
         save_file({k: v.contiguous() for k, v in trainable.items()},
                   str(tmp / "trainable.safetensors"))
         (tmp / "selection.json").write_text(json.dumps(record), encoding="utf-8")

@@ -47,7 +47,7 @@ def _cmd_reward_train(args: argparse.Namespace) -> int:
     from mogrpo.reward.train import RewardTrainConfig, train_reward_model
 
     cfg = _load(RewardTrainConfig, args)
-    metrics = train_reward_model(cfg, args.output, resume=args.resume,
+    metrics = train_reward_model(cfg, args.output, resume=args.resume, overwrite=args.overwrite,
                                  show_progress=not args.quiet)
     print(summaries.reward_metrics(metrics, args.output))
     return 0
@@ -68,7 +68,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mogrpo.rl.registry import algorithm, train
 
     cfg = _load(algorithm(args.train_command).config_class(), args)
-    result = train(cfg, args.output, resume=args.resume, show_progress=not args.quiet)
+    result = train(cfg, args.output, resume=args.resume, show_progress=not args.quiet,
+                   overwrite=args.overwrite)
     if "cost" in result:  # main process
         print(summaries.train_result(result, args.output))
     return 0
@@ -170,6 +171,9 @@ def _shared_flags(parser: argparse.ArgumentParser, config: str, output: str, *,
     parser.add_argument("--output", required=True, help=output)
     if resume:
         parser.add_argument("--resume", action="store_true", help=resume)
+        parser.add_argument("--overwrite", action="store_true",
+                            help="OUTPUT holds an earlier run: move it aside to "
+                                 "OUTPUT.previous-<time> and start afresh (without it, refused)")
     parser.add_argument("--cache-dir",
                         help="asset cache folder (default $MOGRPO_CACHE or ~/.cache/mogrpo)")
     if quiet:

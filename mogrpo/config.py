@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import typing
@@ -160,8 +161,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see either the old or the new content, never half of one."""
+    """Write a file so that readers see either the old or the new content, never half of one.
+    Its mode follows the umask (0644 under the usual 022), as a plain open() would give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # runfolder cleans stale ones
@@ -171,6 +179,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -178,25 +187,56 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+ASIDE = re.compile(r"^\.(?P<name>.+)\.old-[A-Za-z0-9_]+$")  # an old folder being replaced
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike):
-    """Yield a temp folder beside `path`; on success it replaces `path` in one rename.
+    """Yield a temp folder beside `path`; on success it replaces `path`.
 
-    Readers see the old folder or the complete new one, never a half-written one; on an
-    error the temp folder is removed and `path` is left as it was.
-    """
+    Replace, then delete: the old folder is renamed aside, the new one renamed in, and only
+    then is the old one deleted. A process killed between the two renames leaves the old
+    folder aside, and `recover_folders` (run with every run folder's stale-temp cleanup)
+    renames it back, so `path` is never lost. On an error the temp folder is removed and
+    `path` is left as it was. The folder's mode follows the umask (0755 under 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # runfolder cleans stale ones
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, aside)  # a directory onto an empty directory: one rename
+            os.replace(tmp, path)
+            shutil.rmtree(aside)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def recover_folders(parent: str | os.PathLike) -> list[str]:
+    """Finish what a killed `atomic_folder` left in `parent`: an old folder set aside whose
+    replacement never arrived is renamed back; one whose replacement is in place is deleted.
+    Returns what it did, one line each."""
+    parent, done = Path(parent), []
+    if not parent.is_dir():
+        return done
+    for p in sorted(parent.iterdir()):
+        m = ASIDE.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink():
+            continue
+        target = parent / m.group("name")
+        if target.exists():
+            shutil.rmtree(p)
+            done.append(f"removed {p.name} (replaced by {target.name})")
+        else:
+            os.replace(p, target)
+            done.append(f"restored {target.name} from {p.name} (its replacement never finished)")
+    return done
 
 
 def reconcile_resume(cfg: T, saved_path: str | os.PathLike,

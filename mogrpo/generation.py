@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from mogrpo.memory import SHARED_PROMPT_MIN
+from mogrpo.sampling import inverse_cdf, next_tokens  # noqa: F401  (inverse_cdf: re-exported)
+from mogrpo.tracking import DivergedError
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -335,53 +337,11 @@ def compute_dtype(model) -> torch.dtype:
     return weight.dtype
 
 
-def inverse_cdf(probs: torch.Tensor, u: torch.Tensor,
-                cdf: torch.Tensor | None = None) -> torch.Tensor:
-    """Token ids [N]: for each row of probs [N, V] (unnormalised, >= 0), the token whose
-    interval of the cumulative distribution holds u [N] in (0, 1] of the total mass. The
-    sum runs in fp64, so every token keeps its probability to ~1e-16 and a zero-probability
-    token is never returned. `cdf`: an fp64 [N, V] buffer to reuse (a fresh 6 MB tensor per
-    step costs its page faults again: ~3 ms at 16 x 49k on CPU)."""
-    cdf = torch.cumsum(probs, -1, dtype=torch.float64, out=cdf)  # [N, V]
-    return (torch.searchsorted(cdf, (u.to(torch.float64) * cdf[:, -1])[:, None]).squeeze(1)
-            .clamp(max=probs.shape[1] - 1))
-
-
-def next_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float, top_p: float,
-                draws: str = "inverse_cdf", cdf: torch.Tensor | None = None) -> torch.Tensor:
-    """Token ids [N] drawn from logits [N, V] (any float dtype; the distribution is computed
-    in fp32): argmax, or softmax(logits / temperature) restricted to the smallest set of
-    tokens whose probability reaches top_p (always at least the most likely one), one draw
-    per row from the global generator.
-
-    `draws`: "inverse_cdf" (one uniform per row: N random numbers per step; `cdf` an fp64
-    [N, V] buffer to reuse) or "multinomial" (`torch.multinomial`, as `generate` draws: on
-    CPU it spends one exponential variate per vocabulary entry, 16 ms per step for 16 x 49k,
-    more than a decoding step's matmuls). Both sample the same distribution; they use the
-    random stream differently, so the same seed gives different ids.
-    """
-    if greedy:
-        return logits.argmax(-1)
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_p < 1.0:
-        ordered, order = logits.sort(dim=-1)  # ascending
-        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    if draws == "multinomial":
-        return torch.multinomial(probs, num_samples=1).squeeze(1)
-    u = 1 - torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device)  # (0, 1]
-    return inverse_cdf(probs, u, cdf)
-
-
 @torch.no_grad()
 def sample(weights: DecoderWeights, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
            repeat: int, max_new_tokens: int, eos_ids: set[int], pad_id: int, greedy: bool = False,
-           temperature: float = 1.0,
-           top_p: float = 1.0, draws: str = "inverse_cdf") -> torch.Tensor:
+           temperature: float = 1.0, top_p: float = 1.0,
+           draws: str = "inverse_cdf") -> torch.Tensor:
     """New tokens [R * repeat, L'] for R left-padded prompts [R, P] (row r * repeat + j is
     sample j of prompt r), L' <= max_new_tokens: pad after a row's first EOS; stops when
     every row has ended. Seed the global generator before calling for reproducible draws."""
@@ -398,24 +358,26 @@ def sample(weights: DecoderWeights, input_ids: torch.Tensor, attention_mask: tor
     eos = torch.tensor(sorted(eos_ids), device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    cdf = None if greedy or draws != "inverse_cdf" else torch.empty(N, weights.head.shape[0],
-                                                                    dtype=torch.float64,
-                                                                      device=device)
+    cdf = None if greedy or draws != "inverse_cdf" else torch.empty(
+        N, weights.head.shape[0], dtype=torch.float64, device=device)
     sampling = dict(greedy=greedy, temperature=temperature, top_p=top_p, draws=draws, cdf=cdf)
     with torch.autocast(device.type, enabled=False):  # dtypes are explicit here
         logits = weights.logits(weights.prefill(input_ids, attention_mask, cache))  # [R, V]
         # [N, V]: the group's samples share the prefill
         logits = logits.repeat_interleave(repeat, 0)
-        steps = 0
+        steps, finite = 0, torch.ones((), dtype=torch.bool, device=device)
         for s in range(max_new_tokens):
+            finite &= torch.isfinite(logits).all()  # read once, after the loop: no sync per step
             tok = torch.where(done, pad_id, next_tokens(logits, **sampling))
             out[:, s] = tok
             done |= torch.isin(tok, eos)
             steps = s + 1
             if s + 1 == max_new_tokens or bool(done.all()):
                 break
-            logits = weights.logits(weights.step(tok, position + s, s, cache, bias[...,
-                                                                                   :P + s + 1]))
+            visible = bias[..., :P + s + 1]
+            logits = weights.logits(weights.step(tok, position + s, s, cache, visible))
+    if not bool(finite):
+        raise DivergedError("the policy's logits are not finite (NaN or inf): its weights diverged")
     return out[:, :steps]
 
 

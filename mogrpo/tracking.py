@@ -19,6 +19,24 @@ from mogrpo.runfolder import trim_jsonl
 REPORT_TO = ("tensorboard", "wandb")
 
 
+class DivergedError(ValueError):
+    """A run's numbers stopped being finite (a loss, a gradient norm, a reward, the logits); the
+    message names the step and what was not finite."""
+
+
+FINITE_KEYS = ("loss", "policy_loss", "value_loss", "kl", "grad_norm", "reward/combined/mean")
+
+
+def check_finite(rec: dict, step: int, keys=FINITE_KEYS) -> None:
+    """Raise DivergedError naming `step` when one of `keys` of a step's record (or a reward
+    column's mean) is a float that is not finite; None (not measured) passes."""
+    watched = [k for k in rec if k in keys or (k.startswith("reward/") and k.endswith("/mean"))]
+    bad = {k: rec[k] for k in watched if isinstance(rec[k], float) and not math.isfinite(rec[k])}
+    if bad:
+        what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        raise DivergedError(f"step {step}: {what} is not finite; nothing of this step was saved")
+
+
 class PhaseTimer:
     """Seconds per named phase (generation, scoring, reference, ...), summed over a run."""
 

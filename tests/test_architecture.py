@@ -14,7 +14,7 @@ PKG = ROOT / "mogrpo"
 # API) and the CLI sit on top.
 LAYERS = [["_version", "config", "assets", "gguf", "runfolder", "memory", "runtime", "tracking",
            "checkpointing"], ["data"],
-          ["models", "generation", "packing", "rollout"], ["reward"], ["eval"], ["rl"],
+          ["models", "generation", "sampling", "packing", "rollout"], ["reward"], ["eval"], ["rl"],
           ["pipeline", "stages", "sweep", "report"], ["__init__", "cli", "summaries"]]
 
 

@@ -47,6 +47,23 @@ elif point == "save":
     torch.save = dying(torch.save)
 elif point == "replace":
     os.replace = dying(os.replace)
+elif point in ("gap", "final"):
+    real_replace = os.replace
+
+    def watched(src, dst):
+        parent, name = os.path.split(os.fspath(dst))
+        if point == "gap":  # an old folder set aside, its replacement not yet renamed in
+            hit = ".tmp-" in os.path.basename(os.fspath(src)) and any(
+                f.startswith(f".{name}.old-") for f in os.listdir(parent or "."))
+        else:  # the rename that puts final/ (or a reward model's model/) in place
+            hit = name in ("final", "model") and ".tmp-" in os.path.basename(os.fspath(src))
+        if hit:
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst)
+
+    os.replace = watched
 elif point == "validate":
     import mogrpo.reward.train as rt
     rt.evaluate = dying(rt.evaluate)
@@ -371,3 +388,65 @@ def test_text_is_cut_by_characters_before_tokenising(tiny_reward_model_dir, monk
     cut = huge[:CHARS_PER_TOKEN * rm.spec.max_length]
     assert max(seen) <= len(cut) and n_trunc == 1
     assert torch.equal(s, rm.score(["how do i bake bread"], [cut]))
+
+
+@pytest.mark.slow
+def test_ten_seeded_kills_lose_nothing_and_resume_to_the_uninterrupted_result(
+        tiny_encoder_dir, tiny_policy_dir, tiny_reward_model_dir, prompt_file, tmp_path):
+    """SIGKILL at 10 seeded moments: 7 in a GRPO run that selects checkpoints (mid-step scoring,
+    a metrics row, a checkpoint's state write, a rename, the instant between setting best/ aside
+    and renaming its replacement in, the rename of final/, and one drawn at random) and 3 in a
+    reward model's training (validation, a state write, the rename of model/). After each kill
+    the selected weights (best/) and final files that existed are still there (or come back at
+    the next start); the resumed runs end as the uninterrupted ones did."""
+    from mogrpo.config import recover_folders
+
+    rng = random.Random(25)
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(prompt_file.read_text())  # another path: selection may read it
+    args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", FAST,
+                         steps=14, save_every=1, keep_checkpoints=2, report_to=[],
+                         validation_prompts=str(validation), validate_every=2)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _run(["train", "grpo", "--quiet", "--output", str(full), *args], tmp_path) == 0
+    # first a checkpoint write (the second: one checkpoint is complete), so that every later
+    # process resumes and restores best/ over the one there (the gap's moment); the rest in a
+    # seeded order; final/'s rename last, when every step is made
+    middle = ["score", "log", "replace", "gap", rng.choice(["score", "log", "save", "replace"])]
+    rng.shuffle(middle)
+    kills = [("save", 2), *[(p, 1 if p == "gap" else rng.randint(1, 2)) for p in middle],
+             ("final", 1)]
+    codes = []
+    for i, (point, n) in enumerate(kills):
+        before = (part / "best" / "trainable.safetensors").is_file()
+        resume = ["--resume"] if i else []
+        codes.append(_run(["train", "grpo", "--quiet", "--output", str(part), *resume, *args],
+                          tmp_path, point, n))
+        recover_folders(part)  # what the next start does first
+        assert (part / "best" / "trainable.safetensors").is_file() or not before, (point, n)
+    assert codes == [-signal.SIGKILL] * 7, (kills, codes)
+    assert _run(["train", "grpo", "--quiet", "--output", str(part), "--resume", *args],
+                tmp_path) == 0
+    a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (full, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kills
+    assert _steps(part) == [0, *range(1, 15)]  # the base's validation row, then each step once
+    assert not [p for p in part.rglob(".*tmp*")] and not [p for p in part.rglob(".*.old-*")]
+
+    data = make_data(tmp_path / "data.jsonl")
+    rm_args = [f"backbone={tiny_encoder_dir}", f"data=[{data}]", "aspects=[safety, politeness]",
+               "max_length=32", "batch_size=8", "patience=5", "lr=1e-3", "epochs=3",
+               "splits=[0.6, 0.2, 0.2]", "report_to=[]"]
+    rm_full, rm_part = tmp_path / "rm_full", tmp_path / "rm_part"
+    assert _run(["reward", "train", "--quiet", "--output", str(rm_full), *rm_args], tmp_path) == 0
+    rm_kills = [("validate", rng.randint(1, 2)), ("save", rng.randint(1, 2)), ("final", 1)]
+    rm_codes = [_run(["reward", "train", "--quiet", "--output", str(rm_part),
+                      *(["--resume"] if i else []), *rm_args], tmp_path, point, n)
+                for i, (point, n) in enumerate(rm_kills)]
+    assert rm_codes == [-signal.SIGKILL] * 3, (rm_kills, rm_codes)
+    assert _run(["reward", "train", "--quiet", "--output", str(rm_part), "--resume", *rm_args],
+                tmp_path) == 0
+    from mogrpo.reward.model import MultiAspectRewardModel
+
+    x = MultiAspectRewardModel.load(rm_full / "model").state_dict()
+    y = MultiAspectRewardModel.load(rm_part / "model").state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in x), rm_kills

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from mogrpo.reward.objective import mask_not_applicable
+from mogrpo.tracking import DivergedError
 
 RewardFn = Callable[[list[str], list[str]], list]
 
@@ -105,6 +106,9 @@ class Scorer:
         flat_prompts = [p for p in prompts for _ in range(G)]  # [N]
         # [N, K]
         rm = self.rm.score(flat_prompts, completions, batch_size=self.batch_size).float().clone()
+        if not bool(torch.isfinite(rm).all()):  # the model's NaN is not "not applicable"
+            raise DivergedError(f"the reward model scored NaN or inf (aspects "
+                                f"{list(self.rm.aspects)})")
         if self.repetition_penalty and "meaningfulness" in self.rm.aspects:
             j = list(self.rm.aspects).index("meaningfulness")
             rm[:, j] = penalise_repetition(rm[:, j], completions, self.repetition_penalty)
@@ -114,7 +118,10 @@ class Scorer:
             if len(values) != len(completions):
                 raise ValueError(f"extra reward {name!r} returned {len(values)} values for "
                                  f"{len(completions)} completions")
-            cols.append(torch.tensor([math.nan if v is None else float(v) for v in values])[:,
-                                                                                            None])
+            col = torch.tensor([math.nan if v is None else float(v) for v in values])
+            if bool(torch.isinf(col).any()):  # None / NaN = not applicable; inf is a broken reward
+                raise DivergedError(f"extra reward {name!r} returned inf for completion "
+                                    f"{int(torch.isinf(col).nonzero()[0])}")
+            cols.append(col[:, None])
         rewards = torch.cat(cols, dim=1).reshape(B, G, len(self.columns))
         return mask_not_applicable(rewards, kinds, self.columns, self.not_applicable)

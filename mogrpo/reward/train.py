@@ -162,15 +162,24 @@ KEEP_STATES = 2
 
 
 def train_reward_model(cfg: RewardTrainConfig, output: str | os.PathLike, *, resume: bool = False,
-                       show_progress: bool = True) -> dict:
+                       show_progress: bool = True, overwrite: bool = False) -> dict:
     """Train, validate, early-stop, test and save. Returns the metrics dict (also metrics.json)."""
-    from mogrpo.checkpointing import latest_checkpoint
+    from mogrpo.assets import resolve_model_ref
+    from mogrpo.checkpointing import latest_checkpoint, move_run_aside, refuse_mixing
     from mogrpo.config import reconcile_resume
+    from mogrpo.models import check_model_ref
     from mogrpo.runfolder import claim_output
 
     t0 = time.time()
     out = Path(output)
+    # a bad backbone fails before OUTPUT is made
+    check_model_ref(resolve_model_ref(cfg.backbone, cfg.cache_dir), "backbone")
+    if overwrite and not resume:
+        aside = move_run_aside(out, "reward train")
+        if aside is not None:
+            print(f"moved the earlier run in {out} to {aside}")
     lock = claim_output(out, "reward train")
+    refuse_mixing(out, resume)
     try:
         if resume and (out / "config.yaml").is_file() and latest_checkpoint(out) is not None:
             cfg, notes = reconcile_resume(cfg, out / "config.yaml", RESUME_MAY_CHANGE)
@@ -190,11 +199,11 @@ def _train(cfg: RewardTrainConfig, out: Path, t0: float, *, resume: bool,
     from transformers import get_linear_schedule_with_warmup
 
     from mogrpo.assets import resolve_model_ref
-    from mogrpo.checkpointing import checkpoint_root, load_checkpoint, save_checkpoint
+    from mogrpo.checkpointing import checkpoint_root, load_checkpoint, save_checkpoint, writing
     from mogrpo.reward.data import load_reward_data
     from mogrpo.runfolder import restore_rng, rng_state
     from mogrpo.runtime import Runtime, seed_everything
-    from mogrpo.tracking import Tracker
+    from mogrpo.tracking import DivergedError, Tracker
 
     rt = Runtime(num_threads=cfg.num_threads, device=cfg.device)
     seed_everything(cfg.seed)
@@ -237,8 +246,15 @@ def _train(cfg: RewardTrainConfig, out: Path, t0: float, *, resume: bool,
         start_epoch, best_loss, best_epoch, stale = (alg["epoch"] + 1, alg["best_loss"],
                                                      alg["best_epoch"], alg["stale"])
         best_state = alg["best_state"]
+        if alg.get("total_steps", total_steps) != total_steps:
+            raise ValueError(f"epochs changed since the run started ({alg['total_steps']} steps "
+                             f"then, {total_steps} now): the linear schedule's learning rate would "
+                             f"jump; resume with the run's epochs, or start again (--overwrite)")
         restore_rng(state["rng"])
         print(f"resumed from {state['folder']} after epoch {start_epoch}")
+        if stale >= cfg.patience:  # the run had stopped early: nothing more to train
+            print(f"early stop: no validation improvement for {stale} epoch(s) before the resume")
+            start_epoch = cfg.epochs
     elif resume:
         print(f"no checkpoint under {root}; starting from scratch")
     save_config(cfg, out / "config.yaml")  # after the data, the backbone and any checkpoint loaded
@@ -266,6 +282,10 @@ def _train(cfg: RewardTrainConfig, out: Path, t0: float, *, resume: bool,
             loss.backward()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                          if cfg.grad_clip > 0 else torch.tensor(0.0))
+            if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))):  # before step
+                raise DivergedError(f"step {step + 1}: loss = {loss.item()}, grad_norm = "
+                                    f"{float(grad_norm)} is not finite; the last epoch's "
+                                    f"checkpoint is intact: lower lr, then --resume")
             opt.step()
             sched.step()
             step += 1
@@ -295,12 +315,13 @@ def _train(cfg: RewardTrainConfig, out: Path, t0: float, *, resume: bool,
                                "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "rng": rng_state(), "algorithm": {
                                    "epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch,
-                                   "stale": stale,
+                                   "stale": stale, "total_steps": total_steps,
                                    "best_state": best_state}}, keep=KEEP_STATES)
         if stale >= cfg.patience:
             print(f"early stop: no validation improvement for {stale} epoch(s)")
             break
     tracker.close()
+    rt.close()
     if best_state is not None:
         model.load_state_dict(best_state)
 
@@ -322,8 +343,9 @@ def _train(cfg: RewardTrainConfig, out: Path, t0: float, *, resume: bool,
     # The policy's own outputs on held-out prompts (when the data has on-policy rows).
     if any(r.meta.get("construction") == "onpolicy" for r in data.test):
         metrics["on_policy"] = on_policy_validation(model, data.test, cfg.seed)
-    model.save(out / "model")
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    with writing(out / "model"):
+        model.save(out / "model")
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     if not cfg.keep_state:  # the model is saved: the optimiser/RNG state only served a resume
         import shutil
 

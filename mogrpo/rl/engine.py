@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from mogrpo.checkpointing import Selection, load_best, trainable_state
+from mogrpo.checkpointing import Selection, load_best, refuse_mixing, trainable_state
 from mogrpo.config import save_config
 from mogrpo.rl import run_state, samples, update
 from mogrpo.rl.config import PolicyRunConfig
@@ -146,9 +146,9 @@ class Run:
         self.runtime = rt = Runtime(num_threads=cfg.num_threads, check_world=check_world)
         self.acc, self.world, self.rank, self.main, self.device = (rt.acc, rt.world, rt.rank,
                                                                    rt.main, rt.device)
-        # refuses a file, an unwritable path, a folder mogrpo did not make, a folder in use
-        if self.main:
+        if self.main:  # refuses a file, an unwritable path, a folder mogrpo did not make or in use,
             self.lock = claim_output(self.out, f"train {name}")
+            refuse_mixing(self.out, resume)  # and a fresh run into a folder holding another run
         seed_everything(cfg.seed)
         rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=self.device)
         self.amp = rm.autocast_dtype = autocast_dtype(self.device, cfg.precision)
@@ -327,7 +327,7 @@ class Run:
                                     unit="step", initial=start, total=steps)
         for step in bar:
             t0, tokens0 = time.perf_counter(), self.tokens_generated
-            rec = step_fn(step)
+            rec = run_state.checked_step(self, step_fn, step)  # a step that diverged stops the run
             seconds = time.perf_counter() - t0
             rec = {"step": step + 1, **rec, "lr": self.sched.get_last_lr()[0],
                    "step_seconds": round(seconds, 3),
@@ -366,4 +366,5 @@ class Run:
             self.tracker.close()
             result = run_state.finish_run(self, result, full, steps=steps, **cost_extra)
             self.lock.release()
+        rt.close()  # every process waits here, then the process group is torn down
         return result

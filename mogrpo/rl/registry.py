@@ -102,12 +102,29 @@ RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "report_to", "sa
                      "eval_max_new_tokens"}
 
 
-def train(cfg, output, *, resume: bool = False, show_progress: bool = True) -> dict:
+def check_schedule_horizon(cfg, saved) -> None:
+    """A resumed run may change `steps` only under a constant schedule: a linear or cosine
+    decay is laid out over the run's steps, so a new horizon would make the learning rate
+    jump at the resume."""
+    import yaml
+
+    before = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("steps")
+    now = getattr(cfg, "steps", None)
+    if before is not None and now is not None and before != now and \
+            getattr(cfg, "lr_schedule", "") in ("linear", "cosine"):
+        raise ValueError(f"steps changed since the run started ({before} -> {now}) under "
+                         f"lr_schedule={cfg.lr_schedule}: the learning rate would jump at the "
+                         f"resume; resume with steps={before}, or start again (--overwrite)")
+
+
+def train(cfg, output, *, resume: bool = False, show_progress: bool = True,
+          overwrite: bool = False) -> dict:
     """Train the algorithm `cfg` configures (a GRPOConfig, PPOConfig, DPOConfig, RLOOConfig or
     any registered algorithm's config) into the run folder `output`; returns {eval_before,
     eval_after, cost}. The CLI's `mogrpo train <algo>` calls this. With `resume`, keys changed
     since the run started are reported, and only those in RESUME_MAY_CHANGE take the new
-    value."""
+    value. `overwrite` (without `resume`): an earlier run in `output` is moved aside first
+    (checkpointing.move_run_aside); else a folder holding one is refused."""
     import os
     import sys
     from pathlib import Path
@@ -115,10 +132,18 @@ def train(cfg, output, *, resume: bool = False, show_progress: bool = True) -> d
     from mogrpo.config import reconcile_resume
     from mogrpo.runfolder import release_all
 
+    main = os.environ.get("RANK", "0") == "0"
+    if overwrite and not resume and main:  # the earlier run is renamed, never deleted
+        from mogrpo.checkpointing import move_run_aside
+
+        aside = move_run_aside(Path(output), f"train {algorithm_of(cfg)}")
+        if aside is not None:
+            print(f"moved the earlier run in {output} to {aside}", file=sys.stderr)
     saved = Path(output) / "config.yaml"
     if resume and saved.is_file() and (Path(output) / "checkpoints" / "latest").is_file():
         cfg, notes = reconcile_resume(cfg, saved, RESUME_MAY_CHANGE)
-        if notes and os.environ.get("RANK", "0") == "0":
+        check_schedule_horizon(cfg, saved)
+        if notes and main:
             print("resume: the config differs from the run's config.yaml:\n  " + "\n  ".join(notes),
                   file=sys.stderr)
     try:

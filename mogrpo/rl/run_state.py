@@ -13,10 +13,36 @@ from typing import Callable
 import torch
 
 from mogrpo import packing
-from mogrpo.checkpointing import checkpoint_root, load_checkpoint, save_checkpoint, trainable_state
+from mogrpo.checkpointing import (
+    checkpoint_root,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_state,
+    writing,
+)
 from mogrpo.config import atomic_folder, atomic_write_text
 from mogrpo.runfolder import CheckpointError, restore_rng, rng_state
-from mogrpo.tracking import peak_memory_mb
+from mogrpo.tracking import FINITE_KEYS, DivergedError, check_finite, peak_memory_mb
+
+
+def checked_step(run, step_fn: Callable[[int], dict], step: int) -> dict:
+    """step_fn(step)'s record, refused (DivergedError naming step + 1, before anything of the
+    step is logged or saved) when a loss, gradient norm, KL or reward is not finite. Under
+    DeepSpeed the gradient norm is NaN by design (it clips inside its step): not checked."""
+    from mogrpo.checkpointing import latest_checkpoint
+
+    latest = latest_checkpoint(run.out)
+    keep = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written"
+    advice = f"; {keep}: lower lr (or check the rewards), then --resume"
+    deepspeed = run.runtime.sharding == "deepspeed"
+    keys = [k for k in FINITE_KEYS if not (k == "grad_norm" and deepspeed)]
+    try:
+        rec = step_fn(step)
+        check_finite(rec, step + 1, keys)
+    except DivergedError as exc:
+        where = "" if str(exc).startswith("step ") else f"step {step + 1}: "
+        raise DivergedError(f"{where}{exc}{advice}") from None
+    return rec
 
 
 def state_root(run) -> torch.nn.Module:
@@ -75,7 +101,7 @@ def finish_run(run, result: dict, full: dict | None, **extra) -> dict:
     selecting, + tokenizer; `full`: the gathered weights when sharded), eval_before.json and
     eval_after.json (`mogrpo eval`'s schema), cost.json (wall and phase seconds, peak memory,
     tokens, processes, + `extra`). Returns `result` with the cost added."""
-    with atomic_folder(run.out / "final") as tmp:
+    with writing(run.out / "final"), atomic_folder(run.out / "final") as tmp:
         run.policy.save_pretrained(tmp, state_dict=full)
         run.tok.save_pretrained(tmp)
     for tag in ("before", "after"):
