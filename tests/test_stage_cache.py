@@ -125,8 +125,8 @@ def test_a_folder_named_by_several_stages_is_digested_once_per_call(tmp_path, mo
     for i in range(3):
         (policy / f"f{i}.bin").write_bytes(bytes([i]) * 10)
     hashed: list[Path] = []
-    real = st._file_sha
-    monkeypatch.setattr(st, "_file_sha", lambda p: hashed.append(p) or real(p))
+    real = st.file_sha256
+    monkeypatch.setattr(st, "file_sha256", lambda p: hashed.append(p) or real(p))
     stages = [_stage(Cfg(data=str(policy), value=i), f"s{i}") for i in range(3)]
     run_stages(stages, tmp_path / "run", log=lambda m: None)
     assert len(hashed) == 3  # three files, once, for three stages

@@ -31,15 +31,16 @@ def checked_step(run, step_fn: Callable[[int], dict], step: int) -> dict:
     DeepSpeed the gradient norm is NaN by design (it clips inside its step): not checked."""
     from mogrpo.checkpointing import latest_checkpoint
 
-    latest = latest_checkpoint(run.out)
-    keep = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written"
-    advice = f"; {keep}: lower lr (or check the rewards), then --resume"
     deepspeed = run.runtime.sharding == "deepspeed"
     keys = [k for k in FINITE_KEYS if not (k == "grad_norm" and deepspeed)]
     try:
         rec = step_fn(step)
         check_finite(rec, step + 1, keys)
-    except DivergedError as exc:
+    except DivergedError as exc:  # only now: no file is read on the steps that go well
+        latest = latest_checkpoint(run.out)
+        keep = (f"the last checkpoint, {latest}, is intact" if latest
+                else "no checkpoint was written")
+        advice = f"; {keep}: lower lr (or check the rewards), then --resume"
         where = "" if str(exc).startswith("step ") else f"step {step + 1}: "
         raise DivergedError(f"{where}{exc}{advice}") from None
     return rec
