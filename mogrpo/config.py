@@ -98,12 +98,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    data = resolve_aliases(cls, data, set(fields))
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{cls.__name__}: unknown key(s) {unknown}; valid keys are: {', '.join(sorted(fields))}"
-        )
+    data = resolve_aliases(cls, data, set(fields))  # unknown keys are errors there
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -118,9 +113,19 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def resolve_aliases(cls: type, data: dict[str, Any], names: set[str]) -> dict[str, Any]:
-    """Rename alias keys (a config class's `ALIASES`, e.g. TRL's `learning_rate` for `lr`) to
-    the field names; an alias may set several fields (`cliprange` -> eps_low and eps_high).
-    Giving a field and one of its aliases both is an error."""
+    """The keyword arguments `data` as field names of config class `cls` (whose fields are
+    `names`): the one resolution that both the YAML loader (`from_dict`) and `cls(**kw)` (through
+    `ConfigMeta`) apply.
+
+    1. Alias keys (the class's `ALIASES`, e.g. TRL's `learning_rate` for `lr`) are renamed; an
+       alias may set several fields (`cliprange` -> eps_low and eps_high). A field and one of
+       its aliases both is an error.
+    2. The class's `translate_names(data)` (optional) turns names whose meaning is more than a
+       rename into fields (TRL's `epsilon`, `warmup_ratio`, `bf16`, ...: rl/trl_names.py).
+    3. A name in the class's `REFUSED` ({name: (reason, accepted values)}) is an error giving
+       the reason, unless its value is one of the accepted ones (what the class does anyway),
+       which is dropped.
+    4. Any other unknown key is an error naming the nearest field."""
     aliases = getattr(cls, "ALIASES", {})
     out = {k: v for k, v in data.items() if k not in aliases or k in names}
     for key, value in data.items():
@@ -132,7 +137,57 @@ def resolve_aliases(cls: type, data: dict[str, Any], names: set[str]) -> dict[st
                 raise ConfigError(f"{cls.__name__}: {key!r} is another name for {target!r}; give "
                                   f"only one of them")
             out[target] = value
+    translate = getattr(cls, "translate_names", None)
+    if translate is not None:
+        out = translate(dict(out))
+    refused = getattr(cls, "REFUSED", {})
+    for key in [k for k in out if k not in names and k in refused]:
+        reason, accepted = refused[key]
+        if not any(_same(out[key], a) for a in accepted):
+            raise ConfigError(f"{cls.__name__}: {key!r} is not supported: {reason}")
+        del out[key]
+    unknown = sorted(set(out) - names)
+    if unknown:
+        hints = "; ".join(f"the nearest field to {k!r} is {_nearest(k, names, aliases)!r}"
+                          for k in unknown)
+        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys are: "
+                          f"{', '.join(sorted(names))}; {hints}")
     return out
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    """`value == accepted`, with a bool never equal to a number (True is not 1 here) and YAML's
+    `1e-8` (a string in YAML 1.1) equal to the float."""
+    if isinstance(accepted, float) and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return isinstance(value, bool) == isinstance(accepted, bool) and value == accepted
+
+
+def _nearest(key: str, names: set[str], aliases: dict[str, Any]) -> str:
+    """The field whose name (or one of whose aliases) is closest to `key`."""
+    import difflib
+
+    def field_of(name: str) -> str:
+        target = aliases.get(name, name)
+        return target if isinstance(target, str) else target[0]
+
+    candidates = sorted(names | {a for a in aliases if all(
+        t in names for t in ((aliases[a],) if isinstance(aliases[a], str) else aliases[a]))})
+    if not candidates:
+        return ""
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    return field_of(close[0]) if close else candidates[0]
+
+
+class ConfigMeta(type):
+    """Metaclass of a config dataclass whose keyword arguments go through `resolve_aliases`,
+    so that `Config(**kw)` accepts exactly what the YAML loader accepts (aliases, TRL's names),
+    with the same errors (a dataclass's own `__init__` knows only the field names)."""
+
+    def __call__(cls, *args, **kwargs):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return super().__call__(*args, **resolve_aliases(cls, kwargs, names))
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None,
@@ -285,4 +340,6 @@ def describe(cls: type) -> str:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         also = f" [also: {', '.join(names[f.name])}]" if f.name in names else ""
         lines.append(f"  {f.name}{also} (default {default!r}): {f.metadata.get('help', '')}")
+    if getattr(cls, "translate_names", None) is not None:
+        lines.append("  TRL's field names are accepted with TRL's meaning (docs/trl.md).")
     return "\n".join(lines)

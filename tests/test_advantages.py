@@ -37,8 +37,67 @@ def test_zero_variance_group_gets_zero_advantage_and_is_counted():
 
 def test_dr_grpo_does_not_scale_by_std():
     rewards = T([[[1.0], [0.0], [0.5], [0.5]]])
-    adv, _ = group_advantages(rewards, T([1.0]), scale_by_std=False)
+    adv, _ = group_advantages(rewards, T([1.0]), scale_rewards="none")
     assert adv[0].tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])  # r - mean(r) = r - 0.5
+
+
+@pytest.mark.parametrize("mode", ["sum_then_normalize", "min", "lagrangian"])
+def test_batch_scale_divides_by_the_whole_batch_std_by_hand(mode):
+    # groups [1, 0] and [0.75, 0.25]: both centre on 0.5 -> [0.5, -0.5], [0.25, -0.25].
+    # "group" divides each by its own std (0.5, 0.25): [1, -1] twice, the weaker spread lost.
+    # "batch" divides both by the std of all four rewards: mean 0.5, population variance
+    # (0.25 + 0.25 + 0.0625 + 0.0625) / 4 = 0.15625, std 0.3952847.
+    rewards = T([[[1.0], [0.0]], [[0.75], [0.25]]])
+    kw = {"multipliers": T([0.0]), "constrained": torch.tensor([False])}
+    group, _ = group_advantages(rewards, T([1.0]), mode, eps=0.0, **kw)
+    assert group.flatten().tolist() == pytest.approx([1.0, -1.0, 1.0, -1.0])
+    batch, st = group_advantages(rewards, T([1.0]), mode, scale_rewards="batch", eps=0.0, **kw)
+    assert batch.flatten().tolist() == pytest.approx([1.2649111, -1.2649111, 0.6324555, -0.6324555])
+    # the floor applies to the batch std too: max(0.395, 0.5) = 0.5
+    floored, _ = group_advantages(rewards, T([1.0]), mode, scale_rewards="batch", eps=0.0,
+                                  std_floor=0.5, **kw)
+    assert floored.flatten().tolist() == pytest.approx([1.0, -1.0, 0.5, -0.5])
+    # a group with no spread still gets 0 and is counted
+    flat = T([[[1.0], [0.0]], [[0.4], [0.4]]])
+    adv, st = group_advantages(flat, T([1.0]), mode, scale_rewards="batch", **kw)
+    assert adv[1].tolist() == [0.0, 0.0] and st["zero_variance_groups"] == 1
+
+
+def test_batch_scale_normalize_then_sum_by_hand():
+    # aspect 0: groups [1, 0] and [0.5, 0.5]; aspect 1: [0.2, 0.2] and [0.8, 0.4]; w = [1, 1].
+    # Batch std of aspect 0 over [1, 0, .5, .5]: sqrt(0.5 / 4) = 0.3535534; of aspect 1 over
+    # [.2, .2, .8, .4]: sqrt(0.24 / 4) = 0.2449490. Centred in their groups, divided by those:
+    # group 0: aspect 0 [0.5, -0.5] / 0.354 = [1.4142, -1.4142] (aspect 1 constant: 0);
+    # group 1: aspect 1 [0.2, -0.2] / 0.245 = [0.8165, -0.8165] (aspect 0 constant: 0).
+    # Summed, then over the whole batch: mean 0, std sqrt((2 * 2 + 2 * 2/3) / 4) = 1.1547005.
+    rewards = T([[[1.0, 0.2], [0.0, 0.2]], [[0.5, 0.8], [0.5, 0.4]]])
+    adv, _ = group_advantages(rewards, T([1.0, 1.0]), "normalize_then_sum",
+                              scale_rewards="batch", eps=0.0)
+    assert adv.flatten().tolist() == pytest.approx([1.2247449, -1.2247449, 0.7071068, -0.7071068])
+    group, _ = group_advantages(rewards, T([1.0, 1.0]), "normalize_then_sum", eps=0.0)
+    assert group.flatten().tolist() == pytest.approx([1.0, -1.0, 1.0, -1.0])
+    none, _ = group_advantages(rewards, T([1.0, 1.0]), "normalize_then_sum",
+                               scale_rewards="none", eps=0.0)
+    assert none.flatten().tolist() == pytest.approx([0.5, -0.5, 0.2, -0.2])  # unscaled
+
+
+def test_batch_scale_over_processes_equals_one_process():
+    """Each process holds one group; `gather` hands it the whole batch's rewards (here the
+    combined reward is the one column), so both compute what one process does."""
+    rewards = T([[[1.0], [0.0]], [[0.75], [0.25]]])
+    whole, _ = group_advantages(rewards, T([1.0]), scale_rewards="batch", eps=0.0)
+    for p in range(2):
+        def gather(x, p=p):  # x: this process's [1, G] combined rewards -> [2, G], in order
+            other = rewards[1 - p:2 - p, :, 0]
+            return torch.cat([x, other] if p == 0 else [other, x])
+        part, _ = group_advantages(rewards[p:p + 1], T([1.0]), scale_rewards="batch", eps=0.0,
+                                   gather=gather)
+        assert part.flatten().tolist() == pytest.approx(whole[p].tolist())
+
+
+def test_unknown_scale_is_refused():
+    with pytest.raises(ValueError, match="scale_rewards must be one of"):
+        group_advantages(torch.zeros(1, 2, 1), torch.ones(1), scale_rewards="global")
 
 
 def test_nan_aspect_is_masked_not_zero():

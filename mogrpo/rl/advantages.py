@@ -20,7 +20,11 @@ Modes (docs/theory.md derives each one and the properties the tests check):
   then group-normalised. `update_multipliers` does the dual ascent step
   lambda_c <- max(0, lambda_c + lr * (tau_c - mean_batch(r_c))).
 
-`scale_by_std=False` drops the division by the group std (Dr. GRPO, arXiv 2503.20783).
+`scale_rewards` (TRL's name and values) says which std divides: "group" (the above), "batch"
+(the std over the whole batch, every group of every process, instead of each group's: PPO Lite,
+arXiv 2508.08221; the centring stays per group) or "none" (no division: Dr. GRPO, arXiv
+2503.20783). Every mode takes all three; in `normalize_then_sum` the per-aspect std is the
+aspect's group std or its batch std, and "none" also leaves the sum unscaled.
 `std_floor` (beyond the papers) divides by max(std, floor) instead: a group whose rewards
 differ by less than the floor (in reward units) is not blown up to unit scale, so the
 reward model's noise among equally compliant answers does not push as hard as a refusal
@@ -34,6 +38,8 @@ import torch
 
 # the scalarisation of the columns is the reward objective's; the modes normalise what it gives
 from mogrpo.reward.objective import MODES, combine, weighted_sum  # noqa: F401  (weighted_sum: re-exported)
+
+SCALES = ("group", "batch", "none")  # TRL's scale_rewards values: which std divides
 
 
 def _nan_mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +55,7 @@ def _nan_mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, mode: str = "sum_then_normalize",
-                     *, scale_by_std: bool = True, eps: float = 1e-4, std_floor: float = 0.0,
+                     *, scale_rewards: str = "group", eps: float = 1e-4, std_floor: float = 0.0,
                      multipliers: torch.Tensor | None = None,
                      constrained: torch.Tensor | None = None,
                      gather=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -57,10 +63,13 @@ def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, mode: str = "
 
     Returns (advantages, stats): stats has the fraction and count of zero-variance groups
     and the mean/std of the combined reward and of the advantages. `gather` (x [B, G] -> the
-    whole batch's [B_total, G]; default: x itself) gives `normalize_then_sum` the batch it
-    normalises over when several processes each hold part of it, so that they compute what one
-    process would.
+    whole batch's [B_total, G], along the first dimension whatever the others; default: x itself)
+    gives `normalize_then_sum` and `scale_rewards="batch"` the batch they normalise over when
+    several processes each hold part of it, so that they compute what one process would.
+    `scale_rewards`: "group" | "batch" | "none" (module docstring).
     """
+    if scale_rewards not in SCALES:
+        raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
     if rewards.dim() != 3:
         raise ValueError(f"rewards must be [B, G, K], got shape {tuple(rewards.shape)}")
     B, G, K = rewards.shape
@@ -75,19 +84,19 @@ def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, mode: str = "
     if mode == "normalize_then_sum":
         mean, std = _nan_mean_std(rewards, dim=1)  # [B, 1, K]
         centred = rewards - mean
-        z = centred / (std.clamp(min=std_floor) + eps) if scale_by_std else centred
+        z = _scaled(centred, std, rewards, scale_rewards, std_floor, eps, gather)
         z = torch.where(std <= eps, torch.zeros_like(z), z)  # aspect constant in the group
         z = torch.nan_to_num(z)  # n/a cells sit at the group mean
         adv = (z * weights).sum(-1)  # [B, G]
         whole = adv if gather is None else gather(adv)  # [B_total, G]
         a_mean, a_std = whole.mean(), whole.std(unbiased=False)
         zero = (adv.abs().amax(dim=1) <= eps)  # [B]
-        adv = (adv - a_mean) / (a_std + eps) if scale_by_std else adv - a_mean
+        adv = adv - a_mean if scale_rewards == "none" else (adv - a_mean) / (a_std + eps)
         adv = torch.where(zero[:, None], torch.zeros_like(adv), adv)
     else:
         mean, std = _nan_mean_std(combined, dim=1)  # [B, 1]
         centred = combined - mean
-        adv = centred / (std.clamp(min=std_floor) + eps) if scale_by_std else centred
+        adv = _scaled(centred, std, combined, scale_rewards, std_floor, eps, gather)
         zero = (std.squeeze(1) <= eps) | torch.isnan(std.squeeze(1))  # [B]
         adv = torch.where(zero[:, None], torch.zeros_like(adv), adv)
         adv = torch.nan_to_num(adv)  # a sample with no reward at all gets no push
@@ -101,6 +110,20 @@ def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, mode: str = "
         "advantage/max_abs": float(adv.abs().max()),
     }
     return adv, stats
+
+
+def _scaled(centred: torch.Tensor, group_std: torch.Tensor, values: torch.Tensor, scale: str,
+            std_floor: float, eps: float, gather) -> torch.Tensor:
+    """`centred` ([B, G] or [B, G, K]) divided by the std `scale` names, floored at `std_floor`:
+    `group_std` (each group's, [B, 1(, K)]), or the population std of `values` over the whole
+    batch (every process's rows via `gather`; per aspect when there is a K dimension)."""
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        every = values if gather is None else gather(values)  # [B_total, G(, K)]
+        flat = every.reshape(-1, *every.shape[2:])  # [B_total * G(, K)]
+        group_std = _nan_mean_std(flat, dim=0)[1]  # [1(, K)]: broadcasts like a group's
+    return centred / (group_std.clamp(min=std_floor) + eps)
 
 
 def update_multipliers(multipliers: torch.Tensor, rewards: torch.Tensor, thresholds: torch.Tensor,
