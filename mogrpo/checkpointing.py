@@ -1,14 +1,16 @@
 """The one checkpoint format of every trainer (the policy algorithms and the reward model),
 and the selection of the best checkpoint.
 
-Layout of a run folder:
-    checkpoints/step-NNNNNN/trainer_state.pt   {step, trainable, optimizer, scheduler, rng,
+Layout of a run folder (Hugging Face's checkpoint-N names, N the step, not zero-padded):
+    checkpoints/checkpoint-N/trainer_state.pt  {step, trainable, optimizer, scheduler, rng,
                                                 algorithm, ...}: everything a resume needs
-    checkpoints/step-NNNNNN/...                 the model in its own format (optional)
-    checkpoints/step-NNNNNN/best/               the selected weights so far (optional)
+    checkpoints/checkpoint-N/...                the model in its own format (optional)
+    checkpoints/checkpoint-N/best/              the selected weights so far (optional)
     checkpoints/latest                          the newest checkpoint's folder name
 A checkpoint folder appears whole or not at all (written aside, then renamed), and `latest`
-moves only after it; the newest `keep` are kept. `trainable` holds the tensors that train
+moves only after it; the newest `keep` are kept. Runs made before the rename hold
+checkpoints/step-NNNNNN/ (same contents): they are still read, resumed and pruned, ordered
+with the new names by step (checkpoint_folders). `trainable` holds the tensors that train
 (LoRA adapters, or every weight); `algorithm` the trainer's own state (GRPO's multipliers,
 the reward trainer's early-stopping record, ...).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -29,6 +32,25 @@ from mogrpo.runfolder import CheckpointError, OutputError, first_line, load_newe
 
 REQUIRED = ("step", "trainable", "optimizer", "scheduler", "rng", "algorithm")
 STATE_FILE = "trainer_state.pt"
+# checkpoint-N; step-NNNNNN is the name runs made before the rename hold (still read)
+_FOLDER = re.compile(r"^(?:checkpoint-(\d+)|step-(\d{6,}))$")
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint of `step`: checkpoint-N (Hugging Face's)."""
+    return f"checkpoint-{step}"
+
+
+def checkpoint_folders(root: Path) -> list[Path]:
+    """The checkpoint folders under `root`, oldest first by step (checkpoint-N, and the
+    step-NNNNNN of runs made before the rename; of two with the same step, checkpoint-N is
+    the newer)."""
+    found = []
+    for p in Path(root).iterdir() if Path(root).is_dir() else []:
+        m = _FOLDER.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1) or m.group(2)), m.group(1) is not None, p))
+    return [p for *_, p in sorted(found)]
 
 
 @contextlib.contextmanager
@@ -63,7 +85,7 @@ def held_run(run: Path) -> list[str]:
     """What of an earlier run `run` holds that a new run would mix with: checkpoints, final/,
     best/, a reward model's model/ (empty when none)."""
     run = Path(run)
-    held = ["checkpoints/"] if any(checkpoint_root(run).glob("step-*")) else []
+    held = ["checkpoints/"] if checkpoint_folders(checkpoint_root(run)) else []
     return held + [f"{n}/" for n in ("final", "best", "model") if (run / n).exists()]
 
 
@@ -119,20 +141,21 @@ def copy_linked(src: Path, dst: Path) -> None:
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (0 = all)."""
     if keep > 0:
-        for old in sorted(root.glob("step-*"))[:-keep]:
+        for old in checkpoint_folders(root)[:-keep]:
             shutil.rmtree(old)
 
 
 def save_checkpoint(root: Path, state: dict, *, keep: int,
                     write_model: Callable[[Path], None] | None = None,
                     best: Path | None = None) -> Path:
-    """checkpoints/step-<state["step"]>/ atomically, then `latest`, then prune to `keep`.
+    """checkpoints/checkpoint-<state["step"]>/ atomically, then `latest`, then prune to `keep`
+    (a step-NNNNNN of the same step, from before a resume, is superseded and removed).
     `write_model(folder)` adds the model in its own format; `best` (a save_best folder) is
     kept as best/ so that a resume restores the selection that goes with the state."""
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise ValueError(f"a checkpoint state needs {missing}")
-    folder = root / f"step-{state['step']:06d}"
+    folder = root / checkpoint_name(state["step"])
     with writing(folder), atomic_folder(folder) as tmp:
         if write_model is not None:
             write_model(tmp)
@@ -141,6 +164,7 @@ def save_checkpoint(root: Path, state: dict, *, keep: int,
             copy_linked(best, tmp / "best")
     with writing(root / "latest"):
         atomic_write_text(root / "latest", folder.name)
+    shutil.rmtree(root / f"step-{state['step']:06d}", ignore_errors=True)
     prune(root, keep)
     return folder
 
@@ -150,9 +174,9 @@ def load_checkpoint(root: Path, restore: Callable[[dict], None], *, warn=None) -
     accepts; a newer one that does not (a kill, a full disk, a damaged file) is skipped with
     a warning; when none loads, the error names them all. Returns the state with "folder"
     added, or None when there is no checkpoint."""
-    # Newest first by name: a folder appears whole (atomic rename) before `latest` moves to it,
+    # Newest first by step: a folder appears whole (atomic rename) before `latest` moves to it,
     # so the newest folder is the newest complete checkpoint.
-    files = [f / STATE_FILE for f in sorted(root.glob("step-*"), reverse=True)]
+    files = [f / STATE_FILE for f in reversed(checkpoint_folders(root))]
 
     def check_and_restore(state: dict) -> None:
         for key in REQUIRED:

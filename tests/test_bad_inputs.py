@@ -293,7 +293,7 @@ def _truncated_policy(c: Ctx) -> Path:
 
 def _damage_checkpoints(c: Ctx, damage) -> Path:
     run = c.grpo_run()
-    for state in run.glob("checkpoints/step-*/trainer_state.pt"):
+    for state in run.glob("checkpoints/checkpoint-*/trainer_state.pt"):
         damage(state)
     return run
 

@@ -34,7 +34,7 @@ def test_checkpoint_round_trip_and_latest(tmp_path):
     written = []
     folder = save_checkpoint(root, _state(3), keep=0,
                              write_model=lambda d: (d / "model.bin").write_text("m"))
-    assert folder.name == "step-000003" and (folder / "model.bin").read_text() == "m"
+    assert folder.name == "checkpoint-3" and (folder / "model.bin").read_text() == "m"
     assert latest_checkpoint(tmp_path / "run") == folder
     state = load_checkpoint(root, written.append)
     assert written == [state] and state["folder"] == folder
@@ -47,31 +47,32 @@ def test_checkpoint_needs_every_key(tmp_path):
     del bad["rng"]
     with pytest.raises(ValueError, match="rng"):
         save_checkpoint(tmp_path, bad, keep=0)
-    assert not list(tmp_path.glob("step-*"))
+    assert not list(tmp_path.glob("checkpoint-*"))
     assert set(REQUIRED) == {"step", "trainable", "optimizer", "scheduler", "rng", "algorithm"}
 
 
 def test_prune_keeps_the_newest(tmp_path):
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, _state(step), keep=2)
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000004"]
-    assert (tmp_path / "latest").read_text() == "step-000004"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3",
+                                                                     "checkpoint-4"]
+    assert (tmp_path / "latest").read_text() == "checkpoint-4"
     for step in (5, 6):
         save_checkpoint(tmp_path, _state(step), keep=0)  # 0 = keep all
-    assert len(list(tmp_path.glob("step-*"))) == 4
+    assert len(list(tmp_path.glob("checkpoint-*"))) == 4
 
 
 def test_resume_takes_the_newest_checkpoint_that_loads(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, _state(step), keep=0)
-    (tmp_path / "step-000003" / "trainer_state.pt").write_bytes(b"damaged")  # a kill mid-write
+    (tmp_path / "checkpoint-3" / "trainer_state.pt").write_bytes(b"damaged")  # a kill mid-write
     old = _state(2)
     del old["algorithm"]  # written by another program: no algorithm state
-    torch.save(old, tmp_path / "step-000002" / "trainer_state.pt")
+    torch.save(old, tmp_path / "checkpoint-2" / "trainer_state.pt")
     warnings = []
     state = load_checkpoint(tmp_path, lambda s: None, warn=warnings.append)
     assert state["step"] == 1 and len(warnings) == 2
-    assert "step-000003" in warnings[0] and "step-000002" in warnings[1]
+    assert "checkpoint-3" in warnings[0] and "checkpoint-2" in warnings[1]
 
 
 def test_resume_refused_by_restore_falls_back(tmp_path):
@@ -84,6 +85,31 @@ def test_resume_refused_by_restore_falls_back(tmp_path):
 
     assert load_checkpoint(tmp_path, restore, warn=lambda m: None)["step"] == 1
     assert load_checkpoint(tmp_path / "none", restore) is None
+
+
+def test_checkpoints_of_a_run_made_before_the_rename_still_resume(tmp_path):
+    """A run folder of an earlier version holds checkpoints/step-NNNNNN/: resume reads the newest
+    of them, the next checkpoint is checkpoint-N, and pruning orders both names by step."""
+    from mogrpo.checkpointing import checkpoint_folders, held_run
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (9, 10):  # by name, step-000009 < step-000010 as by step
+        (root / f"step-{step:06d}").mkdir(parents=True)
+        torch.save(_state(step), root / f"step-{step:06d}" / "trainer_state.pt")
+    (root / "latest").write_text("step-000010")
+    assert latest_checkpoint(tmp_path / "run") == root / "step-000010"
+    assert held_run(tmp_path / "run") == ["checkpoints/"]
+    state = load_checkpoint(root, lambda s: None)
+    assert state["step"] == 10 and state["folder"] == root / "step-000010"
+    save_checkpoint(root, _state(11), keep=2)  # the resumed run's next checkpoint
+    assert [p.name for p in checkpoint_folders(root)] == ["step-000010", "checkpoint-11"]
+    assert (root / "latest").read_text() == "checkpoint-11"
+    assert load_checkpoint(root, lambda s: None)["step"] == 11
+    save_checkpoint(root, _state(10), keep=0)  # the same step again supersedes the old name
+    assert [p.name for p in checkpoint_folders(root)] == ["checkpoint-10", "checkpoint-11"]
+    # checkpoint-N is not zero-padded: ordered by step, not by name
+    save_checkpoint(root, _state(100), keep=2)
+    assert [p.name for p in checkpoint_folders(root)] == ["checkpoint-11", "checkpoint-100"]
 
 
 def test_tracker_rows_fresh_and_resumed(tmp_path):
@@ -169,8 +195,8 @@ def test_objective_builds_masks_combines_and_records():
     combined = obj.combine(r)  # harmful: (2*0.9 + 1*0.5) * 5/3; benign: (2*0.7 + 1*1.0) * 5/3
     assert combined[:, 0].tolist() == pytest.approx([(1.8 + 0.5) * 5 / 3, (1.4 + 1.0) * 5 / 3])
     rec = obj.record(r)
-    assert rec["reward/safety/mean"] == pytest.approx(0.9) and rec["reward/safety/std"] == 0.0
-    assert rec["reward/politeness/mean"] == pytest.approx(0.75)
+    assert rec["rewards/safety/mean"] == pytest.approx(0.9) and rec["rewards/safety/std"] == 0.0
+    assert rec["rewards/politeness/mean"] == pytest.approx(0.75)
     assert rec["reward/combined/mean"] == pytest.approx(float(combined.mean()))
     # another column set (an evaluator with other aspects): same weights, masks of present names
     # only
@@ -201,7 +227,7 @@ def test_reward_trainer_and_policy_trainer_share_one_checkpoint_format(tiny_enco
                                                                        tiny_reward_model_dir,
                                                                        prompt_file,
                                                                        tmp_path, capsys):
-    """Each trainer writes checkpoints/step-N/trainer_state.pt with the same keys, and resumes
+    """Each trainer writes checkpoints/checkpoint-N/trainer_state.pt with the same keys, and resumes
     from it through the same code (checkpointing.load_checkpoint)."""
     from helpers import FAST, make_data, run_overrides
 
@@ -227,10 +253,10 @@ def test_reward_trainer_and_policy_trainer_share_one_checkpoint_format(tiny_enco
     rows = (rm / "metrics.jsonl").read_text()
     assert main(["reward", "train", "--quiet", "--output", str(rm), "--resume", *rm_args,
                  "epochs=1"]) == 0  # the same schedule: a longer one would make the LR jump
-    assert f"resumed from {rm / 'checkpoints' / 'step-'}" in capsys.readouterr().out
+    assert f"resumed from {rm / 'checkpoints' / 'checkpoint-'}" in capsys.readouterr().out
     assert main(["train", "grpo", "--quiet", "--output", str(policy), "--resume", *pol_args,
                  "steps=2"]) == 0
-    assert (f"resumed from {policy / 'checkpoints' / 'step-000001'} at step 1"
+    assert (f"resumed from {policy / 'checkpoints' / 'checkpoint-1'} at step 1"
             in capsys.readouterr().err)
     assert (rm / "metrics.jsonl").read_text() == rows  # every epoch was made: nothing logged again
 

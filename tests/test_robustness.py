@@ -164,13 +164,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_policy_dir,
     monkeypatch.setattr(scoring.Scorer, "score", dying)
     assert main(["train", "grpo", "--quiet", "--output", str(part), *args]) == 130
     monkeypatch.setattr(scoring.Scorer, "score", real)
-    newest = part / "checkpoints" / "step-000003" / "trainer_state.pt"
+    newest = part / "checkpoints" / "checkpoint-3" / "trainer_state.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a damaged newest checkpoint
     capsys.readouterr()
     assert main(["train", "grpo", "--quiet", "--output", str(part), "--resume", *args]) == 0
     err = capsys.readouterr().err
-    assert "warning: skipping checkpoint step-000003" in err and "resumed from" in err and \
-        "step-000002" in err
+    assert "warning: skipping checkpoint checkpoint-3" in err and "resumed from" in err and \
+        "checkpoint-2" in err
     a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (full, part))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _steps(part) == [1, 2, 3, 4]
@@ -231,7 +231,8 @@ def test_crafted_reward_trainer_state_does_not_run(tiny_encoder_dir, tmp_path, c
     assert main(["reward", "train", "--quiet", "--output", str(out), *args]) == 0
     marker = tmp_path / "PWNED"
     _Evil.target = str(marker)
-    (state,) = (out / "checkpoints").glob("step-*/trainer_state.pt")  # the one checkpoint format
+    # the one checkpoint format
+    (state,) = (out / "checkpoints").glob("checkpoint-*/trainer_state.pt")
     torch.save({"trainable": _Evil()}, state)
     assert main(["reward", "train", "--quiet", "--output", str(out), "--resume", *args]) == 2
     assert not marker.exists()
@@ -292,7 +293,7 @@ def test_stale_temp_files_are_removed_when_a_run_takes_its_folder(tmp_path):
     atomic_write_text(out / "metrics.jsonl", "")
     (out / ".mogrpo").write_text("{}")
     # a killed checkpoint write
-    (out / "checkpoints" / ".step-000004.tmp-ab12cd34").mkdir(parents=True)
+    (out / "checkpoints" / ".checkpoint-4.tmp-ab12cd34").mkdir(parents=True)
     (out / ".metrics.jsonl.tmp-xyz").write_text("half")
     (out / "notes.txt").write_text("kept")
     claim_output(out, "test").release()
@@ -334,7 +335,7 @@ def test_ctrl_c_ends_in_one_line_naming_the_checkpoint(tiny_policy_dir, tiny_rew
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("mogrpo: interrupted; the last checkpoint is ") and \
-        "checkpoints/step-" in line
+        "checkpoints/checkpoint-" in line
     assert line.endswith("--resume") and "train grpo" in line
 
 

@@ -142,8 +142,8 @@ def test_final_is_the_selected_step(tiny_policy_dir, tiny_reward_model_dir, prom
         eval_max_prompts=0)]) == 0
 
     final = load_file(str(out / "final" / "adapter_model.safetensors"))
-    step2 = load_file(str(out / "checkpoints" / "step-000002" / "adapter_model.safetensors"))
-    step3 = load_file(str(out / "checkpoints" / "step-000003" / "adapter_model.safetensors"))
+    step2 = load_file(str(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
+    step3 = load_file(str(out / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors"))
     assert final.keys() == step2.keys() and len(final) == 28  # LoRA A and B of 7 linears x 2 layers
     assert all(torch.equal(final[k], step2[k]) for k in final)
     assert not all(torch.equal(final[k], step3[k]) for k in final)  # training moved on after step 2
@@ -167,7 +167,7 @@ def test_final_is_the_selected_step(tiny_policy_dir, tiny_reward_model_dir, prom
         (0, 0), (1, 1), (2, 2), (3, 2), (4, 2)]
     assert len(list((out / "validation").glob("step-*_generations.jsonl"))) == 5
     # Checkpoints keep the selection that goes with them.
-    assert json.loads((out / "checkpoints" / "step-000003" / "best" / "selection.json")
+    assert json.loads((out / "checkpoints" / "checkpoint-3" / "best" / "selection.json")
                       .read_text())["step"] == 2
     # The evaluation after is the selected weights': greedy on the same prompts, the same
     # completions.
@@ -207,7 +207,7 @@ def test_resume_keeps_the_selection_of_its_checkpoint(tiny_policy_dir, tiny_rewa
                                     4: (0.9, 0, 0)})
     assert main(["train", "grpo", "--output", str(out), "--quiet", "--resume", *args]) == 0
     final = load_file(str(out / "final" / "adapter_model.safetensors"))
-    step2 = load_file(str(out / "checkpoints" / "step-000002" / "adapter_model.safetensors"))
+    step2 = load_file(str(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
     assert all(torch.equal(final[k], step2[k]) for k in final)
     assert json.loads((out / "cost.json").read_text())["selected_step"] == 2
     assert json.loads((out / "best" / "selection.json").read_text())["step"] == 2
@@ -230,7 +230,7 @@ def test_full_fine_tuning_keeps_the_selected_weights(tiny_qwen2_dir, tiny_reward
                          lr=1e-2, save_every=1, validation_prompts=str(validation_file),
                          validate_every=1, report_to=[])
     assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
-    final, step1 = final_weights(out / "final"), final_weights(out / "checkpoints" / "step-000001")
+    final, step1 = final_weights(out / "final"), final_weights(out / "checkpoints" / "checkpoint-1")
     assert final.keys() == step1.keys() and all(torch.equal(final[k], step1[k]) for k in final)
     assert json.loads((out / "cost.json").read_text())["selected_step"] == 1
 
@@ -326,7 +326,7 @@ def test_two_processes_select_as_one_process(kind, tiny_policy_dir, tiny_qwen2_d
     assert a["selected_step"] == b["selected_step"] == 2
     assert [v["selected_step"] for v in b["validation"]] == [0, 1, 2, 2]
     fa, fb = final_weights(one / "final"), final_weights(two / "final")
-    step2 = final_weights(two / "checkpoints" / "step-000002")
+    step2 = final_weights(two / "checkpoints" / "checkpoint-2")
     assert fa.keys() == fb.keys() == step2.keys()
     assert all(torch.equal(fb[k], step2[k]) for k in fb)
     assert all(torch.allclose(fa[k], fb[k], atol=1e-5) for k in fa)

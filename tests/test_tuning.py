@@ -36,7 +36,7 @@ def test_select_setting_by_hand():
 def _fake_run(folder: Path, selection: dict, lr: float) -> None:
     (folder / "final").mkdir(parents=True)
     (folder / "final" / "adapter_model.safetensors").write_bytes(f"weights lr={lr}".encode())
-    (folder / "checkpoints" / "step-000030").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-30").mkdir(parents=True)
     (folder / "stage.json").write_text("{}")
     cost = {"selection": {**selection, "max_over_refusal": 0.05, "max_degenerate_rise": 0.02},
             "validation": [BASE, selection]}

@@ -1,4 +1,7 @@
-"""The comparison report of a `mogrpo run` folder: report.md, report.json and plots/*.png.
+"""The comparison report of a `mogrpo run` folder: report.md, report.json and plots/*.png
+(write_report); the same report of any set of standalone policy runs (write_runs_report,
+`mogrpo report RUN [RUN ...] --output DIR`: a row per run, named by its folder, from its
+eval_after.json, cost.json and metrics.jsonl, and the first run's eval_before.json as the base).
 
 Reads RUN/eval/<model>/eval.json (+ generations.jsonl) for base and each algorithm,
 RUN/<algo>/cost.json and RUN/<algo>/metrics.jsonl. Writes one table (a row per model,
@@ -41,9 +44,11 @@ from mogrpo.report.rows import (
 )
 from mogrpo.report.sections import judge_agreement, spread_cell
 from mogrpo.report.seeds import mean_row, rank_by_ranges, spread_of
-from mogrpo.report.write import write_report
+from mogrpo.report.write import run_evaluation, write_report, write_runs_report
 
 __all__ = ["ALARM_CHECKS", "COST", "COST_KEYS", "HEADLINE", "INDEPENDENT", "RANKED", "SET_RATES",
            "SHAPE", "algo_stage", "best_per_column", "columns_for", "hacking_alarm", "headline_for",
            "judge_agreement", "make_plots", "mean_row", "model_row", "rank_by_ranges",
-           "set_columns", "spread_cell", "spread_of", "verdict", "write_report"]
+           "run_evaluation",
+           "set_columns", "spread_cell", "spread_of", "verdict", "write_report",
+           "write_runs_report"]

@@ -18,11 +18,12 @@ def _range(per_seed: dict, model: str, key: str, mean) -> tuple[float, float]:
     return (mean - min(vals), max(vals) - mean)
 
 
-def make_plots(run: Path, rows: dict[str, dict], costs: dict, folders: dict[str, list[str]],
+def make_plots(run: Path, rows: dict[str, dict], costs: dict, folders: dict[str, list[Path]],
                per_seed: dict[str, dict] | None = None) -> dict[str, str]:
-    """The report's plots. `rows`: {model: row} (algorithms: seed-wise means); `folders`:
-    {algo: its stage folders, one per seed} (training curves); `per_seed`: {algo: {seed: row}},
-    whose min–max over seeds become error bars (and a band on the training curves)."""
+    """The report's plots, in `run`/plots/ (the report's folder). `rows`: {model: row}
+    (algorithms: seed-wise means); `folders`: {algo: its run folders, one per seed} (training
+    curves); `per_seed`: {algo: {seed: row}}, whose min–max over
+    seeds become error bars (and a band on the training curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,26 +72,27 @@ def make_plots(run: Path, rows: dict[str, dict], costs: dict, folders: dict[str,
     curves = {}
     for a, names in folders.items():
         recs = []
-        for name in names:
-            f = run / name / "metrics.jsonl"
+        for folder in names:
+            f = Path(folder) / "metrics.jsonl"
             if f.is_file():
                 recs.append([json.loads(x) for x in f.read_text().splitlines() if x.strip()])
         if recs:
             curves[a] = recs
     aspect_names = sorted({k.split("/")[1] for seeds in curves.values() for recs in seeds
                            for r in recs for k in r
-                           if k.startswith("reward/") and k.endswith("/mean")}, key=_aspect_order)
+                           if k.startswith(("reward/", "rewards/")) and k.endswith("/mean")},
+                          key=_aspect_order)
     if aspect_names:
         fig, axes = plt.subplots(1, len(aspect_names), figsize=(3.2 * len(aspect_names), 3),
                                  squeeze=False)
         for ax, asp in zip(axes[0], aspect_names, strict=True):
             for a, seeds in curves.items():
-                key = f"reward/{asp}/mean"
                 by_step: dict = {}
                 for recs in seeds:
-                    for r in recs:
-                        if r.get(key) is not None:
-                            by_step.setdefault(r["step"], []).append(r[key])
+                    for r in recs:  # per column rewards/NAME/mean; reward/combined/mean
+                        v = r.get(f"rewards/{asp}/mean", r.get(f"reward/{asp}/mean"))
+                        if v is not None:
+                            by_step.setdefault(r["step"], []).append(v)
                 if by_step:
                     xs = sorted(by_step)
                     line, = ax.plot(xs, _smooth([sum(by_step[x]) / len(by_step[x]) for x in xs]),

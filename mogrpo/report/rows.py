@@ -53,6 +53,9 @@ def model_row(ev: dict) -> dict:
     """Flatten one eval.json into {metric: value}."""
     h, b = ev.get("harmful") or {}, ev.get("benign") or {}
     row: dict = {}
+    if not h and not b:  # a task without prompt kinds: its own columns over all prompts
+        row.update({f"rm/{a}": v for a, v in (ev.get("aspects") or {}).items()})
+        row["all_refusal_rate"] = ev.get("refusal_rate")
     for src, prefix in (("aspects", "rm"), ("eval_rm", "eval_rm")):
         aspects = sorted(set(h.get(src) or {}) | set(b.get(src) or {}), key=_aspect_order)
         for a in aspects:
@@ -71,7 +74,7 @@ def model_row(ev: dict) -> dict:
     row["over_refusal_alarming"] = b.get("over_refusal_rate_alarming")
     row["clarifying_rate"] = ev.get("clarifying_rate")
     row["degenerate_rate"] = ev.get("degenerate_rate")
-    row["toxicity"] = _pooled_value(h, b, "toxicity")
+    row["toxicity"] = _pooled_value(h, b, "toxicity") if h or b else ev.get("toxicity")
     for key, _, _ in SHAPE:
         row[key] = ev.get(key)
     row["probe_gap"] = (ev.get("probe") or {}).get("gap")  # same benign request, two phrasings
@@ -98,7 +101,17 @@ def _judged_present(cols, rows: dict[str, dict]) -> list[tuple[str, str, int]]:
 
 
 def headline_for(rows: dict[str, dict]) -> list[tuple[str, str, int]]:
-    """HEADLINE with the further evaluation sets' columns after the over-refusal ones."""
+    """HEADLINE with the further evaluation sets' columns after the over-refusal ones; for
+    runs on a task without prompt kinds, its reward columns, refusals and the shape instead."""
+    if rows and all(r.get("compliance_rate") is None and r.get("over_refusal_rate") is None
+                    for r in rows.values()):
+        keys = sorted({k[3:] for r in rows.values() for k in r if k.startswith("rm/")} -
+                      {"combined"})
+        return ([(f"rm/{a}", f"train reward: {a}", +1) for a in keys]
+                + [("rm/combined", "train reward: combined", +1),
+                   ("all_refusal_rate", "refusal (pattern judge)", 0)]
+                + [c for c in HEADLINE if c[0] in ("toxicity", "degenerate_rate", "kl_to_base",
+                                                    "wall_seconds", "peak_memory_mb")])
     at = [k for k, _, _ in HEADLINE].index("over_refusal_alarming") + 1
     return _judged_present(HEADLINE[:at] + set_columns(rows) + HEADLINE[at:], rows)
 

@@ -68,11 +68,12 @@ def _judges_section(agree: dict | None) -> list[str]:
     return out
 
 
-def _tuning_section(run: Path, folders: dict[str, dict]) -> list[str]:
+def _tuning_section(folders: dict[str, dict[int, Path]]) -> list[str]:
+    """The tuning table of the runs `folders` ({algo: {seed: run folder}}) that tuned."""
     rows = []
     for by_seed in folders.values():
-        for name in by_seed.values():
-            f = run / name / "tuning.json"
+        for folder in by_seed.values():
+            f, name = folder / "tuning.json", folder.name
             if f.is_file():
                 t = json.loads(f.read_text())
                 tried = "; ".join(f"{json.dumps(x['setting'])}: "
@@ -160,11 +161,11 @@ def _alarm_section(alarms: dict[str, list[dict]],
     return out
 
 
-def _reward_model_section(run: Path) -> list[str]:
-    """The reward models' held-out figures: Pearson per aspect and the on-policy rankings."""
+def _reward_model_section(files: dict[str, Path]) -> list[str]:
+    """The reward models' held-out figures: Pearson per aspect and the on-policy rankings;
+    `files`: {name: the reward run's metrics.json} (those missing are left out)."""
     out = []
-    for name in ("reward", "evaluator_reward"):
-        f = run / name / "metrics.json"
+    for name, f in files.items():
         if not f.is_file():
             continue
         m = json.loads(f.read_text())
@@ -190,13 +191,12 @@ def _reward_model_section(run: Path) -> list[str]:
     return out
 
 
-def _examples(run: Path, folders: dict[str, str], n: int,
+def _examples(files: dict[str, Path], n: int,
               seed_of: dict[str, int] | None = None) -> list[str]:
-    """Completions side by side; `folders`: {model: its folder under eval/}; `seed_of` (several
+    """Completions side by side; `files`: {model: its generations.jsonl}; `seed_of` (several
     seeds): the seed whose run each algorithm's column shows."""
     gens = {}
-    for m, folder in folders.items():
-        f = run / "eval" / folder / "generations.jsonl"
+    for m, f in files.items():
         if f.is_file():
             gens[m] = {}
             for line in f.read_text().splitlines():

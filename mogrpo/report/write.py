@@ -1,6 +1,8 @@
-"""write_report: a run folder's report.md, report.json and plots, from the rows (rows.py), their
-means and spreads over seeds (seeds.py), the markdown sections (sections.py) and the plots
-(plots.py)."""
+"""write_report: a `mogrpo run` folder's report.md, report.json and plots; write_runs_report: the
+same report of any set of standalone policy runs (`mogrpo train ALGO`, `mogrpo report`). Both
+gather the files of each model (eval.json, generations, the run folder) and pass them to
+`_write`, which builds the report from the rows (rows.py), their means and spreads over seeds
+(seeds.py), the markdown sections (sections.py) and the plots (plots.py)."""
 
 from __future__ import annotations
 
@@ -46,23 +48,46 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
     An algorithm is in the report when at least one of its seeds' evaluations is finished."""
     run = Path(run_dir)
     seeds = list(seeds) if seeds else [0]
-    multi = len(seeds) > 1
     base_file = run / "eval" / "base" / "eval.json"
     if not base_file.is_file():
         raise FileNotFoundError(f"{run}/eval/base/eval.json missing: run the pipeline first")
-    base_ev = json.loads(base_file.read_text())
-    # per algorithm: {seed: stage folder name}, for the seeds whose evaluation is finished
-    folders = {a: {s: algo_stage(a, s, seeds) for s in seeds
-                   if (run / "eval" / algo_stage(a, s, seeds) / "eval.json").is_file()}
-               for a in algorithms}
-    folders = {a: f for a, f in folders.items() if f}
+    # per algorithm: {seed: its model's files}, for the seeds whose evaluation is finished
+    models = {a: {s: _model(run / algo_stage(a, s, seeds),
+                            run / "eval" / algo_stage(a, s, seeds) / "eval.json",
+                            run / "eval" / algo_stage(a, s, seeds) / "generations.jsonl")
+                  for s in seeds
+                  if (run / "eval" / algo_stage(a, s, seeds) / "eval.json").is_file()}
+              for a in algorithms}
+    return _write(run, _model(None, base_file, run / "eval" / "base" / "generations.jsonl"),
+                  {a: m for a, m in models.items() if m}, seeds, title="# mogrpo run report",
+                  reward_models={n: run / n / "metrics.json"
+                                 for n in ("reward", "evaluator_reward")},
+                  stages=stages, pipeline_seconds=pipeline_seconds, examples=examples)
+
+
+def _model(folder: Path | None, eval_file: Path, generations: Path) -> dict:
+    """One model's files: its run folder (cost.json, metrics.jsonl, tuning.json; None for the
+    base policy), its evaluation and its completions."""
+    return {"folder": folder, "eval": eval_file, "generations": generations}
+
+
+def _write(out: Path, base: dict, entries: dict[str, dict[int, dict]], seeds: list[int], *,
+           title: str, notes: list[str] = (), reward_models: dict[str, Path],
+           stages: dict | None = None, pipeline_seconds: float | None = None,
+           examples: int = 3) -> dict:
+    """report.md, report.json and plots/ in `out`, of the base policy's evaluation `base` and
+    `entries` ({algorithm: {seed: _model}}); `notes`: paragraphs after the introduction;
+    `reward_models`: {name: its metrics.json} (those that exist are shown)."""
+    multi = len(seeds) > 1
+    base_ev = json.loads(base["eval"].read_text())
+    folders = {a: {s: m["folder"] for s, m in by.items()} for a, by in entries.items()}
     per_seed: dict[str, dict] = {}  # algo -> {seed: row}
     seed_costs: dict[str, dict] = {}  # algo -> {seed: cost.json}
-    for a, by_seed in folders.items():
+    for a, by_seed in entries.items():
         per_seed[a] = {}
-        for s, name in by_seed.items():
-            row = model_row(json.loads((run / "eval" / name / "eval.json").read_text()))
-            f = run / name / "cost.json"
+        for s, m in by_seed.items():
+            row = model_row(json.loads(m["eval"].read_text()))
+            f = m["folder"] / "cost.json"
             if f.is_file():
                 seed_costs.setdefault(a, {})[s] = json.loads(f.read_text())
                 for key, _, _ in COST:
@@ -82,18 +107,27 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
     best = best_per_column(rows, cols)
     verdicts = {a: verdict(rows, a) for a in rows if a != "base"}
     ranking = _ranking(per_seed, head) if multi else []
-    plots = make_plots(run, rows, costs, {a: list(f.values()) for a, f in folders.items()},
+    plots = make_plots(out, rows, costs, {a: list(f.values()) for a, f in folders.items()},
                        per_seed)
     means = " (seed-wise means)" if multi else ""
 
-    md = ["# mogrpo run report", ""]
-    md.append(f"Held-out prompts: {base_ev.get('harmful', {}).get('n', 0)} harmful, "
-              f"{base_ev.get('benign', {}).get('n', 0)} benign; {base_ev.get('decoding')} "
-              f"decoding, {base_ev.get('max_new_tokens')} new tokens. 'train RM' is the training "
+    md = [title, ""]
+    decoding = [f"{base_ev[k]} {what}" for k, what in (("decoding", "decoding"),
+                                                       ("max_new_tokens", "new tokens"))
+                if base_ev.get(k) is not None]  # (the trainers' evaluations: not recorded)
+    kinds = (f"{base_ev.get('harmful', {}).get('n', 0)} harmful, "
+             f"{base_ev.get('benign', {}).get('n', 0)} benign"
+             if base_ev.get("harmful") or base_ev.get("benign")
+             else f"{base_ev.get('n', 0)} (no prompt kinds: the task's own reward columns)")
+    md.append(f"Held-out prompts: {kinds}"
+              + "".join(f"{'; ' if i == 0 else ', '}{d}" for i, d in enumerate(decoding))
+              + ". 'train RM' is the training "
               "reward model (the signal the policies optimised, not an independent judge); "
               "'eval RM' is the evaluator reward model (trained on disjoint prompts with another "
               "seed); refusal, compliance and toxicity come from independent judges "
               "(docs/evaluation.md). Best value per column in bold.")
+    for note in notes:
+        md += ["", note]
     if multi:
         md.append("")
         md.append(f"Seeds: {', '.join(map(str, seeds))}. Each algorithm was trained and evaluated "
@@ -127,10 +161,10 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
     seed_alarms = {a: {s: hacking_alarm(rows["base"], r) for s, r in per_seed[a].items()}
                    for a in per_seed}
     md += _alarm_section(alarms, seed_alarms if multi else None)
-    md += _reward_model_section(run)
+    md += _reward_model_section(reward_models)
     agree = judge_agreement()
     md += _judges_section(agree)
-    md += _tuning_section(run, folders)
+    md += _tuning_section(folders)
     md.append("## All metrics")
     md.append("")
     md.append("| model | " + " | ".join(label for _, label, _ in cols) + " |")
@@ -155,8 +189,9 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
         rm_keys = [k for k in v if k.startswith("rm/") and k != "rm/combined"]
         all_rm = bool(rm_keys) and all(v[k]["improved"] for k in rm_keys)
         ind = [k for k in ("refusal_rate", "compliance_rate", "toxicity") if k in v]
-        md.append(f"- Training-RM aspects: {'all improved' if all_rm else 'NOT all improved'} "
-                  f"({_changes(v, rm_keys)}).")
+        if rm_keys:
+            md.append(f"- Training-RM aspects: {'all improved' if all_rm else 'NOT all improved'}"
+                      f" ({_changes(v, rm_keys)}).")
         ev_keys = [k for k in v if k.startswith("eval_rm/")]
         if ev_keys:
             md.append(f"- Evaluator RM: {_changes(v, ev_keys)}.")
@@ -179,8 +214,8 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
         md.append("")
     if costs:
         md += _cost_section(costs, multi)
-    md += _examples(run,
-                    {"base": "base", **{a: next(iter(f.values())) for a, f in folders.items()}},
+    md += _examples({"base": base["generations"],
+                     **{a: next(iter(by.values()))["generations"] for a, by in entries.items()}},
                     examples, {a: next(iter(f)) for a, f in folders.items()} if multi else None)
     md.append("## Plots")
     md.append("")
@@ -212,6 +247,119 @@ def write_report(run_dir: str | Path, algorithms: list[str], *, seeds: list[int]
                                 for a, by in seed_costs.items()},
               "plots": plots, "stages": stages or {}, "judge_agreement": agree,
               "pipeline_seconds": pipeline_seconds}
-    atomic_write_text(run / "report.md", "\n".join(md) + "\n")
-    atomic_write_text(run / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
+
+
+def write_runs_report(runs: list[str | Path], output: str | Path, *, examples: int = 3,
+                      log=None) -> dict:
+    """The report of standalone policy runs (`mogrpo train ALGO --output RUN`, or a `mogrpo run`
+    folder's algorithm runs) in `output` (report.md, report.json, plots/): one row per run,
+    named by its folder (by parent/folder where two share a name), from its eval_after.json,
+    cost.json and metrics.jsonl; the base row is the first run's eval_before.json. `log` (e.g.
+    print) is told where the report is."""
+    from mogrpo.runfolder import claim_output
+
+    paths = [Path(r) for r in runs]
+    if not paths:
+        raise ValueError("mogrpo report needs at least one run folder")
+    for r in paths:
+        _check_policy_run(r)
+    names = _run_names(paths)
+    out = Path(output)
+    lock = claim_output(out, "report")
+    try:
+        evals = [run_evaluation(r) for r in paths]
+        models = {n: {0: _model(r, e["after"], e["after_generations"])}
+                  for n, r, e in zip(names, paths, evals, strict=True)}
+        report = _write(out, _model(None, evals[0]["before"], evals[0]["before_generations"]),
+                        models, [0], title="# mogrpo report",
+                        notes=_runs_notes(paths, names, evals),
+                        reward_models=_reward_models_of(paths), examples=examples)
+    finally:
+        lock.release()
+    if log is not None:
+        log(f"report of {len(paths)} runs: {out / 'report.md'}")
+    return report
+
+
+def run_evaluation(run: Path) -> dict:
+    """The evaluations of a policy run before and after training, as files {before, after,
+    before_generations, after_generations}: a `mogrpo run` folder's algorithm run (RUN/../eval/
+    <name>/ and RUN/../eval/base/, the pipeline's evaluation stages) or the run's own
+    eval_before.json / eval_after.json (None where a run evaluated nothing: eval_prompts=none)."""
+    run = Path(run)
+    stage = run.parent / "eval" / run.name
+    if (run.parent / "run_config.yaml").is_file() and (stage / "eval.json").is_file():
+        base = run.parent / "eval" / "base"
+        return {"before": base / "eval.json" if (base / "eval.json").is_file() else None,
+                "after": stage / "eval.json", "before_generations": base / "generations.jsonl",
+                "after_generations": stage / "generations.jsonl"}
+    out = {}
+    for tag in ("before", "after"):
+        f = run / f"eval_{tag}.json"
+        try:
+            held = f.is_file() and bool(json.loads(f.read_text()))
+        except ValueError:
+            held = False
+        out[tag] = f if held else None
+        out[f"{tag}_generations"] = run / f"eval_{tag}_generations.jsonl"
+    return out
+
+
+def _check_policy_run(run: Path) -> None:
+    """A finished policy run folder with an evaluation, or one line that says what `run` is."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    if (run / "run_config.yaml").is_file():
+        raise ValueError(f"{run} is a `mogrpo run` folder: its report is {run / 'report.md'} "
+                         f"(`mogrpo run ... --report-only` rewrites it); or give its algorithm "
+                         f"runs, e.g. {run / 'grpo'}")
+    if not (run / "config.yaml").is_file() or not (run / "final").is_dir():
+        raise ValueError(f"{run} is not a finished policy run (no config.yaml and final/; made "
+                         f"by `mogrpo train ALGO --output RUN`)")
+    ev = run_evaluation(run)
+    if ev["before"] is None or ev["after"] is None:
+        raise ValueError(f"{run} holds no evaluation (eval_before.json / eval_after.json empty "
+                         f"or missing: trained with eval_prompts=none?); nothing to report")
+
+
+def _run_names(paths: list[Path]) -> list[str]:
+    """Each run's folder name; parent/name where two runs share a name (or one is named base)."""
+    if len({p.resolve() for p in paths}) < len(paths):
+        raise ValueError("the same run folder is given twice")
+    names = [p.name for p in paths]
+    clash = {n for n in names if names.count(n) > 1 or n == "base"}
+    names = [f"{p.resolve().parent.name}/{p.name}" if p.name in clash else p.name for p in paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    return names
+
+
+def _runs_notes(paths: list[Path], names: list[str], evals: list[dict]) -> list[str]:
+    """Where the runs' own base evaluations differ from the first run's (the base row)."""
+    base = model_row(json.loads(evals[0]["before"].read_text()))
+    differ = [n for n, e in zip(names, evals, strict=True)
+              if model_row(json.loads(e["before"].read_text())) != base]
+    note = (f"Runs: {', '.join(f'{n} (`{p}`)' for n, p in zip(names, paths, strict=True))}. "
+            f"Each row is a run's evaluation after training (its eval_after.json; a `mogrpo run` "
+            f"folder's algorithm run: the pipeline's eval/<name>/); the base row is the "
+            f"evaluation before training of the first run, {names[0]}.")
+    if differ:
+        note += (f" The base evaluations of {', '.join(differ)} differ from it (another base "
+                 "policy, prompts or judges): compare those rows with their own eval_before.json.")
+    return [note]
+
+
+def _reward_models_of(paths: list[Path]) -> dict[str, Path]:
+    """{reward model: its run's metrics.json} of the reward models the runs name (a reward
+    model folder RUN/model beside RUN/metrics.json; relative paths as the runs were started)."""
+    import yaml
+
+    out = {}
+    for p in paths:
+        rm = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("reward_model")
+        if isinstance(rm, str) and rm:
+            out.setdefault(rm, Path(rm).expanduser().parent / "metrics.json")
+    return out
