@@ -24,6 +24,9 @@ _API = {  # name -> module
     "MultiAspectRewardModel": "mogrpo.reward.model", "RewardObjective": "mogrpo.reward.objective",
     "EvalConfig": "mogrpo.eval.harness", "evaluate": "mogrpo.eval.harness",
     "RunConfig": "mogrpo.pipeline", "run_pipeline": "mogrpo.pipeline",
+    "GRPOTrainer": "mogrpo.trainers", "PPOTrainer": "mogrpo.trainers",
+    "DPOTrainer": "mogrpo.trainers", "RLOOTrainer": "mogrpo.trainers",
+    "HFRewardModel": "mogrpo.reward.sources", "PythonReward": "mogrpo.reward.sources",
 }
 __all__ = ["__version__", *_API]
 

@@ -54,6 +54,8 @@ class Rollout:
     # several passes over the rollout (with one pass they are the training forward's, detached)
     requests: list[str] | None = None  # [B] the bare request of a prompt that wraps one (attack
     # templates): what the reward model judges the answer against; None = `prompts`
+    chats: list | None = None  # [B] each prompt as asked (a string or a conversation)
+    columns: dict | None = None  # {name: [B]} the prompt rows' columns (reward functions)
 
     @property
     def judged_requests(self) -> list[str]:  # [B]
@@ -83,12 +85,30 @@ REFUSAL_OPENERS: tuple[str, ...] = (
 )
 
 
-def chat_texts(tokenizer, prompts: list[str]) -> list[str]:
-    """Each prompt as the model's chat template with the assistant turn opened."""
+def as_messages(prompt) -> list[dict[str, str]]:
+    """A prompt as chat messages: a string is one user turn; a conversation (a list of
+    {"role", "content"} dicts: system message, history, the last user turn) is kept whole."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def prompt_text(prompt) -> str:
+    """The user's request of a prompt: the string itself, or a conversation's last user turn
+    (what the reward model judges the answer against)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else prompt[-1]["content"]
+
+
+def chat_texts(tokenizer, prompts: list) -> list[str]:
+    """Each prompt (a string or a whole conversation, system message and history included)
+    as the model's chat template with the assistant turn opened; without a template, as
+    'Role: content' lines."""
     if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+        return [tokenizer.apply_chat_template(as_messages(p), tokenize=False,
                                               add_generation_prompt=True) for p in prompts]
-    return [f"User: {p}\nAssistant:" for p in prompts]
+    return ["".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in as_messages(p))
+            + "Assistant:" for p in prompts]
 
 
 def completion_mask_from(ids: torch.Tensor, eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,12 +189,12 @@ class _Sampler:
 
 
 @torch.no_grad()
-def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, group_size: int,
+def generate_rollout(model, tokenizer, prompts: list, kinds: list[str], *, group_size: int,
                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      seed: int = 0, step: int = 0, first_index: int = 0,
                      chunk_prompts: int | None = None, greedy: bool = False, guided: int = 0,
                      openers: tuple[str, ...] | list[str] = REFUSAL_OPENERS,
-                     engine: str = "auto") -> Rollout:
+                     engine: str = "auto", max_prompt_length: int | None = None) -> Rollout:
     """Sample `group_size` completions for each prompt with the KV cache, in chunks
     (`greedy`: the single most likely completion instead; group_size must be 1).
 
@@ -185,6 +205,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     static KV cache, fused weights; Llama, Mistral and Qwen2 policies), "generate"
     (transformers' `model.generate`, any causal LM), or "auto" (mogrpo's where it applies).
     The two sample the same distribution; their random draws differ (see generation.py).
+    `max_prompt_length`: keep only the last N tokens of each rendered prompt, as TRL does
+    (None = all).
     """
     if greedy and group_size != 1:
         raise ValueError("greedy decoding gives one completion per prompt: use group_size=1")
@@ -213,6 +235,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     for start in range(0, len(prompts), chunk):
         enc = tokenizer(texts[start:start + chunk], return_tensors="pt", padding=True,
                         add_special_tokens=False)
+        if max_prompt_length:  # left padding: the last columns hold every row's last tokens
+            enc = {k: enc[k][:, -max_prompt_length:] for k in ("input_ids", "attention_mask")}
         n = enc["input_ids"].shape[0]
         torch.manual_seed(hash((seed, step, first_index + start)) % (2 ** 31))
         comp = draw(enc["input_ids"], enc["attention_mask"], own, max_new_tokens)  # [n * own, L']
@@ -247,7 +271,8 @@ def generate_rollout(model, tokenizer, prompts: list[str], kinds: list[str], *, 
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(prompt_ids=torch.cat(pids), prompt_mask=torch.cat(pmask),
                    completion_ids=completion_ids,
-                   completion_mask=cmask, prompts=list(prompts), kinds=list(kinds),
+                   completion_mask=cmask, prompts=[prompt_text(p) for p in prompts],
+                   kinds=list(kinds),
                    completions=[c.strip() for c in completions], group_size=group_size,
                    finished=finished, guided=torch.cat(guided_flags),
                    opener_len=torch.cat(opener_lens))

@@ -142,7 +142,7 @@ def estimate_train(algo: str, c) -> float:
 def estimate_eval(c) -> float:
     """Expected seconds of `mogrpo eval` with EvalConfig `c`."""
     n = c.max_prompts or 379
-    return 0.35 * n * c.n * c.max_new_tokens / 48 + 1.2 * c.kl_prompts + 15
+    return 0.35 * n * c.n * (c.max_new_tokens or 48) / 48 + 1.2 * c.kl_prompts + 15
 
 
 def stage_hash(stage: Stage, upstream: dict[str, str], *, out: Path | None = None,

@@ -37,8 +37,10 @@ def train_result(result: dict, output) -> str:
 
         lines += ["held-out evaluation (greedy; refusal judge and training reward model):",
                   f"  {'kind':<9}{'column':<18}{'before':>9}{'after':>9}"]
-        for kind in ("harmful", "benign"):
-            b, a = before.get(kind) or {}, after.get(kind) or {}
+        kinds = [k for k in ("harmful", "benign") if k in before] or ["all"]  # a task's own
+        for kind in kinds:
+            b, a = ((before, after) if kind == "all" else
+                    (before.get(kind) or {}, after.get(kind) or {}))
             rows = [(k, b.get(k), a.get(k)) for k in ("compliance_rate", "over_refusal_rate")
                     if k in b]
             rows += [(c, v, (a.get("aspects") or {}).get(c))
@@ -55,16 +57,17 @@ def train_result(result: dict, output) -> str:
 def eval_result(res: dict, output) -> str:
     """`mogrpo eval`: rates, judges and reward models per prompt kind, then the rest."""
     lines = []
-    for kind in ("harmful", "benign"):
-        part = res.get(kind)
-        if not part:
-            continue
+    kinds = [k for k in ("harmful", "benign") if res.get(k)] or ["all"]  # a task's own prompts
+    for kind in kinds:
+        part = res if kind == "all" else res[kind]
         rates = (f"refusal {_num(part['refusal_rate'])}, compliance "
                  f"{_num(part['compliance_rate'])}" if kind == "harmful"
-                 else f"over-refusal {_num(part['over_refusal_rate'])}")
-        lines.append(f"{kind} ({part['n']} prompts): {rates}, toxicity {_num(part['toxicity'])}")
+                 else f"over-refusal {_num(part['over_refusal_rate'])}" if kind == "benign"
+                 else f"refusal {_num(part.get('refusal_rate'))}")
+        lines.append(f"{kind} ({part['n']} prompts): {rates}, toxicity "
+                     f"{_num(part.get('toxicity'))}")
         for name, key in (("training RM", "aspects"), ("evaluator RM", "eval_rm")):
-            if part[key]:
+            if part.get(key):
                 lines.append(f"  {name:<13}" + "  ".join(f"{a} {_num(v)}"
                                                          for a, v in part[key].items()))
     lines.append(f"KL to base {_num(res['kl_to_base'])}, length {_num(res['mean_length'])} "

@@ -30,7 +30,8 @@ FINITE_KEYS = ("loss", "policy_loss", "value_loss", "kl", "grad_norm", "reward/c
 def check_finite(rec: dict, step: int, keys=FINITE_KEYS) -> None:
     """Raise DivergedError naming `step` when one of `keys` of a step's record (or a reward
     column's mean) is a float that is not finite; None (not measured) passes."""
-    watched = [k for k in rec if k in keys or (k.startswith("reward/") and k.endswith("/mean"))]
+    watched = [k for k in rec if k in keys or (k.startswith(("reward/", "rewards/"))
+                                                    and k.endswith("/mean"))]
     bad = {k: rec[k] for k in watched if isinstance(rec[k], float) and not math.isfinite(rec[k])}
     if bad:
         what = ", ".join(f"{k} = {v}" for k, v in bad.items())
@@ -88,8 +89,16 @@ class Tracker:
     resumed run keeps the rows up to its checkpoint's step and drops any written after it (they
     are logged again), so a file never holds a step twice."""
 
-    def __init__(self, out: Path, cfg, *, main: bool, per_step: tuple[str, ...] = ()):
+    def __init__(self, out: Path, cfg, *, main: bool, per_step: tuple[str, ...] = (),
+                 callbacks: list | None = None):
+        """`callbacks` get every logged row on the main process: a function `f(metrics)` or an
+        object with a transformers-style `on_log(args, state, control, logs=metrics)`."""
         self.out, self.cfg, self.main, self.per_step = out, cfg, main, per_step
+        self.callbacks = list(callbacks or [])
+        for cb in self.callbacks:
+            if not (callable(cb) or hasattr(cb, "on_log")):
+                raise TypeError(f"a callback must be a function of the metrics or have on_log(), "
+                                f"got {type(cb).__name__}")
         self.path = out / "metrics.jsonl"
         self.tb = self.wandb = None
         check_report_to(cfg.report_to)
@@ -134,6 +143,11 @@ class Tracker:
                 self.tb.add_scalar(key, v, rec["step"])
         if self.wandb is not None:
             self.wandb.log(finite, step=rec["step"])
+        for cb in self.callbacks:
+            if hasattr(cb, "on_log"):
+                cb.on_log(self.cfg, None, None, logs=dict(rec))
+            else:
+                cb(dict(rec))
 
     def append(self, name: str, rec: dict) -> None:
         """One row to a per-step file (e.g. samples.jsonl)."""

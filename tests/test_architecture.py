@@ -15,7 +15,8 @@ PKG = ROOT / "mogrpo"
 LAYERS = [["_version", "config", "assets", "gguf", "runfolder", "memory", "runtime", "tracking",
            "checkpointing"], ["data"],
           ["models", "generation", "sampling", "packing", "rollout"], ["reward"], ["eval"], ["rl"],
-          ["pipeline", "stages", "sweep", "report"], ["__init__", "cli", "summaries"]]
+          ["pipeline", "stages", "sweep", "report", "export", "trainers"],
+          ["__init__", "cli", "summaries"]]
 
 
 def module_name(path: Path) -> str:
@@ -189,7 +190,7 @@ def test_trl_names_are_aliases():
     cfg = load_config(GRPOConfig, None, ["learning_rate=1e-5", "num_generations=8", "batch_size=32",
                                          "epsilon=0.1", "epsilon_high=0.28", "num_iterations=2",
                                          "max_completion_length=32", "loss_type=dapo",
-                                         "max_steps=5", "lr_scheduler_type=cosine"])
+                                         "max_steps=10", "lr_scheduler_type=cosine"])
     assert (cfg.lr, cfg.group_size, cfg.eps_low, cfg.eps_high, cfg.num_iterations,
             cfg.max_new_tokens, cfg.loss_aggregation, cfg.steps, cfg.lr_schedule) == \
         (1e-5, 8, 0.1, 0.28, 2, 32, "dapo", 5, "cosine")

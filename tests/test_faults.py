@@ -78,7 +78,7 @@ def test_a_fresh_run_into_an_old_run_is_refused_or_moves_it_aside(tiny, tmp_path
     assert main(["train", "grpo", "--quiet", "--output", str(out), "--overwrite", *args]) == 0
     (aside,) = tmp_path.glob("run.previous-*")
     assert _tree(aside) == before  # the old run, whole, beside the new one
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_a_fresh_reward_run_into_an_old_one_is_refused(tiny_encoder_dir, tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_a_fresh_reward_run_into_an_old_one_is_refused(tiny_encoder_dir, tmp_pat
 
 
 def test_an_infinite_reward_at_step_3_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
-    from mogrpo.reward import scoring
+    from mogrpo.reward import sources
 
     calls = [0]
 
@@ -106,14 +106,14 @@ def test_an_infinite_reward_at_step_3_stops_the_run(tiny, tmp_path, monkeypatch,
             return [float("inf") if calls[0] == 3 else 1.0 for _ in completions]
         return fn
 
-    monkeypatch.setattr(scoring, "extra_reward", broken)
+    monkeypatch.setattr(sources, "extra_reward", broken)
     out = tmp_path / "run"
     args = tiny(steps=5, save_every=1,
                  keep_checkpoints=2, extra_rewards=["concise"])
     assert main(["train", "grpo", "--quiet", "--output", str(out), *args]) == 2
     err = _errors(capsys)
-    assert len(err) == 1 and "step 3: extra reward 'concise' returned inf" in err[0]
-    assert "checkpoints/step-000002, is intact" in err[0]
+    assert len(err) == 1 and "step 3: reward function 'concise' returned inf" in err[0]
+    assert "checkpoints/checkpoint-2, is intact" in err[0]
     steps = [load_checkpoint(out / "checkpoints", lambda s: None)["step"]]
     assert steps == [2] and not (out / "final").exists()
     rows = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -155,9 +155,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny, tmp_pat
                  keep_checkpoints=2)
     assert main(["train", "grpo", "--quiet", "--output", str(out), *args]) == 2
     err = _errors(capsys)
-    assert len(err) == 1 and "No space left on device" in err[0] and "step-000002" in err[0]
+    assert len(err) == 1 and "No space left on device" in err[0] and "checkpoint-2" in err[0]
     assert load_checkpoint(out / "checkpoints", lambda s: None)["step"] == 1
-    assert (out / "checkpoints" / "latest").read_text() == "step-000001"
+    assert (out / "checkpoints" / "latest").read_text() == "checkpoint-1"
     assert not [p for p in out.rglob(".*tmp*")]
 
 

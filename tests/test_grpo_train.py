@@ -27,7 +27,7 @@ def test_grpo_end_to_end_every_trainable_parameter_changes(tiny_policy_dir, tiny
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
     for r in lines:
-        assert all(k in r for k in ("reward/safety/mean", "reward/safety/std",
+        assert all(k in r for k in ("rewards/safety/mean", "rewards/safety/std",
                                     "reward/combined/mean", "kl", "clip_fraction", "entropy",
                                     "completion_length", "zero_variance_fraction",
                                     "tokens_per_s", "step_seconds", "peak_memory_mb",
@@ -79,7 +79,7 @@ def test_resume_gives_the_same_weights(tiny_policy_dir, tiny_reward_model_dir, p
     args = run_overrides(tiny_policy_dir, tiny_reward_model_dir, prompt_file, "grpo", EVAL,
                          steps=4, save_every=2, eval_prompts="none")
     _, part = kill_and_resume("grpo", args, tmp_path, monkeypatch)
-    assert (part / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert (part / "checkpoints" / "latest").read_text().strip() == "checkpoint-2"
     metrics = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     # the killed step's row (if written) is dropped on resume, not repeated
     assert metrics == [1, 2, 3, 4]
@@ -187,11 +187,11 @@ def test_lagrangian_mu2_and_extra_columns_run(tiny_policy_dir, tiny_reward_model
     assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # a sigmoid score is always below 1.0, so the multiplier must rise: 0.5 + 1.0 * (1.0 - mean).
-    assert rows[0]["multiplier/safety"] == pytest.approx(0.5 + 1.0 - rows[0]["reward/safety/mean"],
+    assert rows[0]["multiplier/safety"] == pytest.approx(0.5 + 1.0 - rows[0]["rewards/safety/mean"],
                                                          abs=1e-4)
     assert rows[1]["multiplier/safety"] > rows[0]["multiplier/safety"]
-    assert "reward/concise/mean" in rows[0] and all(math.isfinite(r["loss"]) for r in rows)
-    state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)
+    assert "rewards/concise/mean" in rows[0] and all(math.isfinite(r["loss"]) for r in rows)
+    state = torch.load(out / "checkpoints" / "checkpoint-1" / "trainer_state.pt", weights_only=True)
     assert float(state["algorithm"]["multipliers"][0]) == \
         pytest.approx(rows[0]["multiplier/safety"], abs=1e-5)
 
@@ -222,7 +222,7 @@ def test_only_the_newest_checkpoints_are_kept(tiny_policy_dir, tiny_reward_model
                          steps=4, save_every=1, keep_checkpoints=2, eval_prompts="none")
     assert main(["train", "grpo", "--output", str(out), "--quiet", *args]) == 0
     # Saved after steps 1, 2, 3 (the last step writes final/ instead); the two newest stay.
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == \
-        ["step-000002", "step-000003"]
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == \
+        ["checkpoint-2", "checkpoint-3"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-3"
     assert not list((out / "checkpoints").glob(".*"))  # no half-written folder

@@ -82,7 +82,7 @@ def test_prompts_jsonl_and_csv(tmp_path):
 
 @pytest.mark.parametrize("row, message", [
     ({"id": "a", "text": "t", "kind": "evil"}, "'kind' must be one of"),
-    ({"text": "t", "kind": "benign"}, "non-empty 'id'"),
+    ({"id": " ", "text": "t", "kind": "benign"}, "non-empty 'id'"),
     ({"id": "a", "kind": "benign"}, "needs 'text'"),
     ({"id": "a", "messages": [{"role": "user"}], "kind": "benign"}, "'messages' must be"),
 ])
@@ -91,6 +91,19 @@ def test_malformed_prompt_rows(tmp_path, row, message):
     with pytest.raises(DataError) as exc:
         load_prompts(f)
     assert "p.jsonl:1" in str(exc.value) and message in str(exc.value)
+
+
+def test_a_prompt_row_without_id_or_kind_gets_its_line_as_id(tmp_path):
+    rows = [{"prompt": "how do i bake bread", "topic": "baking"},
+            {"prompt": [{"role": "system", "content": "be brief"},
+                        {"role": "user", "content": "hi"}]}]
+    f = write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    a, b = load_prompts(f)
+    assert (a.id, a.kind, a.text, a.columns, a.chat) == ("p-1", "", "how do i bake bread",
+                                                         {"topic": "baking"},
+                                                         "how do i bake bread")
+    assert b.id == "p-2" and b.text == "hi" and b.chat == rows[1]["prompt"]
+    assert b.to_dict()["messages"] == rows[1]["prompt"] and a.to_dict()["topic"] == "baking"
 
 
 def test_duplicate_prompt_id_points_to_both_lines(tmp_path):

@@ -30,7 +30,7 @@ def test_ppo_end_to_end_actor_and_critic_change(tiny_policy_dir, tiny_reward_mod
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("loss", "value_loss", "kl", "entropy",
-                                                 "reward/safety/mean"))
+                                                 "rewards/safety/mean"))
     cost = json.loads((out / "cost.json").read_text())
     assert {"generation", "scoring", "reference", "critic",
             "policy_forward_backward"} <= set(cost["phase_seconds"])
@@ -41,7 +41,7 @@ def test_ppo_end_to_end_actor_and_critic_change(tiny_policy_dir, tiny_reward_mod
     # LoRA A, B: 7 linears x 2
     assert len(b) == 28 and [n for n in b if torch.equal(b[n], a[n])] == []
     # The critic's head and adapters trained too (saved in the checkpoint after step 1).
-    state = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)
+    state = torch.load(out / "checkpoints" / "checkpoint-1" / "trainer_state.pt", weights_only=True)
     assert state["algorithm"]["critic"]["head.weight"].abs().sum() > 0  # initialised at zero
 
 
@@ -159,7 +159,7 @@ def test_ppo_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
-    s1, s2 = (torch.load(d / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)
+    s1, s2 = (torch.load(d / "checkpoints" / "checkpoint-1" / "trainer_state.pt", weights_only=True)
               for d in (one, two))
     cr1, cr2 = s1["algorithm"]["critic"], s2["algorithm"]["critic"]
     assert cr1.keys() == cr2.keys()
@@ -169,7 +169,7 @@ def test_ppo_two_processes_equal_one_process(tiny_policy_dir, tiny_reward_model_
     assert s1["scheduler"]["last_epoch"] == s2["scheduler"]["last_epoch"] == 8
     for r1, r2 in zip(*((json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines())
                         for d in (one, two)), strict=True):
-        for key in ("lr", "kl", "reward/combined/mean", "reward/safety/std", "loss", "value_loss",
+        for key in ("lr", "kl", "reward/combined/mean", "rewards/safety/std", "loss", "value_loss",
                     "entropy", "advantage/std", "value/mean", "completion_length", "grad_norm",
                     "critic_grad_norm"):
             assert r1[key] == pytest.approx(r2[key], abs=1e-5), key

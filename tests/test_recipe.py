@@ -12,6 +12,7 @@ import pytest
 
 from mogrpo.config import load_config, to_dict
 from mogrpo.eval.harness import EvalConfig
+from mogrpo.eval.run_settings import with_run_settings
 from mogrpo.pipeline import RunConfig, build_stages
 from mogrpo.reward.train import RewardTrainConfig
 from mogrpo.rl.registry import trainer
@@ -66,7 +67,9 @@ def test_eval_config_is_the_main_jobs(stages):
     assert (main.weights, main.not_applicable) == (grpo.weights, grpo.not_applicable)
     resolved = dataclasses.replace(standalone, weights=grpo.weights,
                                    not_applicable=grpo.not_applicable)
-    assert _same(resolved, main) == {}
+    # settings left unset are the evaluated run's own (eval/run_settings.py), as for the stage
+    run_cfg = to_dict(grpo)
+    assert _same(with_run_settings(resolved, run_cfg), with_run_settings(main, run_cfg)) == {}
 
 
 def test_a_changed_setting_is_caught(stages):

@@ -44,7 +44,8 @@ Validation is strict: a missing column, a value of the wrong type or out of rang
 'PKU-Alignment/PKU-SafeRLHF[train]:row 17' for hub datasets (0-based row index).
 
 Sources are either a local `.jsonl` file (one source row per line, same columns as on the
-hub) or a hub id, which needs the optional `datasets` package (`pip install 'mogrpo[hf]'`).
+hub) or a hub id, which needs the optional `datasets` package (`pip install datasets`; in a clone
+of mogrpo, `pip install -e '.[hf]'`).
 """
 
 from __future__ import annotations
@@ -243,8 +244,8 @@ def _import_datasets() -> Any:
         import datasets  # noqa: PLC0415 - optional dependency, imported only for hub sources
     except ImportError as exc:
         raise ImportError("loading a dataset from the Hugging Face hub needs the `datasets` "
-                          "package: pip install 'mogrpo[hf]' (or pass a local .jsonl file "
-                          "with the same columns)") from exc
+                          "package: pip install datasets (in a clone of mogrpo: pip install -e "
+                          "'.[hf]'), or pass a local .jsonl file with the same columns") from exc
     return datasets
 
 

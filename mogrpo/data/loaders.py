@@ -157,12 +157,40 @@ def load_prompts(path: str | os.PathLike, *,
                 row = {**row, "messages": json.loads(row["messages"])}
             except json.JSONDecodeError:
                 raise DataError(f"{where}: 'messages' is not a JSON list") from None
-        rec = prompt_from_dict(row, where, default_source=path.stem)
+        rec = prompt_from_dict(row, where, default_source=path.stem,
+                               default_id=f"{path.stem}-{report.read}")
         if rec.id in seen:
             raise DataError(f"{where}: duplicate prompt id {rec.id!r} (first at {seen[rec.id]})")
         seen[rec.id] = where
         out.append(rec)
     report.kept += len(out)
+    return out
+
+
+def prompts_from_rows(rows, *, name: str = "dataset",
+                      column_mapping: dict[str, str] | None = None) -> list[PromptRecord]:
+    """Prompt records from in-memory rows: a `datasets.Dataset` or a list of dicts, each with
+    'prompt' (a string, or a conversation as a list of {"role", "content"} messages), 'text'
+    or 'messages'; `column_mapping` renames the rows' columns first ({"question": "prompt"}).
+    Other columns are kept (`PromptRecord.columns`) for Python reward functions."""
+    mapping = dict(column_mapping or {})
+    out, seen = [], {}
+    for i, row in enumerate(rows):
+        where = f"{name} row {i}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a dict with 'prompt', got {type(row).__name__}")
+        missing = sorted(set(mapping) - set(row))
+        if missing:
+            raise DataError(f"{where}: column_mapping names {missing}, which the row does not "
+                            f"have (its columns: {sorted(row)})")
+        row = {mapping.get(k, k): v for k, v in row.items()}
+        rec = prompt_from_dict(row, where, default_source=name, default_id=f"{name}-{i}")
+        if rec.id in seen:
+            raise DataError(f"{where}: duplicate prompt id {rec.id!r} (first at {seen[rec.id]})")
+        seen[rec.id] = where
+        out.append(rec)
+    if not out:
+        raise DataError(f"{name}: no prompts (an empty dataset)")
     return out
 
 

@@ -25,13 +25,21 @@ class DataError(ValueError):
 class PromptRecord:
     id: str
     text: str  # the user turn as plain text (the last user message when `messages` is given)
-    kind: str  # "harmful" | "benign"
+    kind: str  # "harmful" | "benign" | "" (a task without kinds: no kind-based metrics)
     source: str
     category: str = ""
     messages: list[dict[str, str]] | None = None  # optional chat history [{"role", "content"}]
     # The bare request when `text` wraps it (an attack template): what the answer is judged
     # against by the compliance judge and the reward model. None = `text` is the request.
     request: str | None = None
+    # the row's other columns (a user's dataset): passed to Python reward functions by name
+    columns: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chat(self):
+        """What the policy is asked: the whole conversation (system message and history
+        included) when the record has `messages`, else `text` as one user turn."""
+        return self.messages if self.messages is not None else self.text
 
     @property
     def judged_request(self) -> str:
@@ -44,6 +52,7 @@ class PromptRecord:
             d["messages"] = self.messages
         if self.request is not None:
             d["request"] = self.request
+        d.update({k: v for k, v in self.columns.items() if k not in d})
         return d
 
 
@@ -107,11 +116,19 @@ def parse_label(value: Any, aspect: str, where: str) -> float:
     return v
 
 
-def prompt_from_dict(d: Any, where: str, *, default_source: str = "") -> PromptRecord:
+PROMPT_KEYS = ("id", "text", "prompt", "messages", "kind", "source", "category", "request")
+
+
+def prompt_from_dict(d: Any, where: str, *, default_source: str = "",
+                     default_id: str | None = None) -> PromptRecord:
+    """A prompt row: 'text' / 'prompt' (a string or, as in TRL's conversational format, a list
+    of messages) or 'messages'; 'kind' optional; every other key is kept in `columns`."""
     if not isinstance(d, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
     messages = d.get("messages")
     text = d.get("text", d.get("prompt"))
+    if isinstance(text, list) and messages is None:  # a conversational 'prompt'
+        messages, text = text, None
     if messages is not None:
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"),
@@ -128,10 +145,11 @@ def prompt_from_dict(d: Any, where: str, *, default_source: str = "") -> PromptR
     if text is None:
         raise DataError(f"{where}: a prompt needs 'text' (or 'prompt', or 'messages')")
     text = _text(text, "text", where)
-    kind = d.get("kind")
-    if kind not in PROMPT_KINDS:
-        raise DataError(f"{where}: 'kind' must be one of {list(PROMPT_KINDS)}, got {kind!r}")
-    pid = d.get("id")
+    kind = d.get("kind") or ""
+    if kind and kind not in PROMPT_KINDS:
+        raise DataError(f"{where}: 'kind' must be one of {list(PROMPT_KINDS)} or left out (a "
+                        f"task without kinds), got {kind!r}")
+    pid = d.get("id", default_id)
     if pid is None or (isinstance(pid, str) and not pid.strip()):
         raise DataError(f"{where}: a prompt needs a non-empty 'id'")
     source = d.get("source", default_source)
@@ -141,8 +159,9 @@ def prompt_from_dict(d: Any, where: str, *, default_source: str = "") -> PromptR
     request = d.get("request")
     if request is not None:
         request = _text(request, "request", where)
+    columns = {k: v for k, v in d.items() if k not in PROMPT_KEYS}
     return PromptRecord(id=str(pid), text=text, kind=kind, source=source, category=category,
-                        messages=messages, request=request)
+                        messages=messages, request=request, columns=columns)
 
 
 def labelled_from_dict(d: Any, aspects: tuple[str, ...] | list[str], where: str,

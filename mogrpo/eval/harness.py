@@ -29,25 +29,26 @@ from mogrpo.eval import compliance as C
 from mogrpo.eval import metrics as M
 from mogrpo.eval.summary import _round, _row, set_metrics, summarise_generations
 from mogrpo.reward.objective import RewardObjective
-from mogrpo.reward.scoring import DEFAULT_NOT_APPLICABLE, DEFAULT_WEIGHTS
 
 
 @dataclass
 class EvalConfig:
     """Config of `mogrpo eval` (YAML keys = field names)."""
 
-    prompts: str = field("default",
-                         help="'default' (HarmBench + held-out benign) or a prompt JSONL/CSV "
-                                         "with kind = harmful | benign")
-    max_prompts: int = field(0, help="at most this many prompts, balanced by kind (0 = all)")
-    max_new_tokens: int = field(48, help="tokens per completion (as the trainers sample)")
+    prompts: str | None = field(None, help="'default' (HarmBench + held-out benign) or a prompt "
+                                "JSONL/CSV (default: a run's own eval_prompts, else 'default')")
+    max_prompts: int | None = field(None, help="at most this many prompts, balanced by kind (0 = "
+                                    "all; default: a run's eval_max_prompts, else 0)")
+    max_new_tokens: int | None = field(None, help="tokens per completion (default: a run's "
+                                       "eval_max_new_tokens, else 48)")
     sample: bool = field(False, help="sample instead of greedy decoding")
     n: int = field(1, help="completions per prompt when sampling")
     temperature: float = field(1.0, help="sampling temperature (sample=true)")
     top_p: float = field(1.0, help="nucleus sampling (sample=true)")
     batch_size: int = field(32, help="prompts per generate call")
-    reward_model: str | None = field("runs/reward-default/model", help="the training reward model "
-                                     "(reported as the training signal); null = skip")
+    reward_model: str | None = field(None, help="the training reward model (reported as the "
+                                     "training signal; default: a run's own reward sources, else "
+                                     "runs/reward-default/model); none = skip")
     evaluator_model: str | None = field(None,
                                         help="an evaluator reward model trained on a disjoint "
                                         "split with another seed; null = skip")
@@ -70,13 +71,17 @@ class EvalConfig:
     trust_toxicity_model: bool = field(False,
                                        help="load toxicity_model's pickles (they can run code): "
                                                    "only for a folder you made or trust")
-    seed: int = field(0, help="seed (prompt subset, sampling)")
-    precision: str = field("auto", help="auto | bf16 | fp32")
+    seed: int | None = field(None, help="seed (prompt subset, sampling; default: a run's seed, "
+                                       "else 0)")
+    precision: str | None = field(None, help="auto | bf16 | fp32 (default: a run's own, else "
+                                  "auto)")
+    max_prompt_length: int | None = field(None, help="keep the last N prompt tokens (default: a "
+                                          "run's own, else no limit)")
     num_threads: int = field(0, help="torch CPU threads (0 = all cores)")
     cache_dir: str | None = field(None, help="asset cache")
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+        if self.n < 1 or (self.max_new_tokens or 1) < 1 or self.batch_size < 1:
             raise ValueError("n, max_new_tokens and batch_size must be >= 1")
         if self.n > 1 and not self.sample:
             raise ValueError(f"n = {self.n} completions per prompt needs sample=true (greedy "
@@ -93,13 +98,14 @@ def generate_completions(model, tokenizer, records, *, max_new_tokens: int, gree
                          temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                          batch_size: int = 32,
                          amp_ctx=nullcontext, acc=None, show_progress: bool = False,
-                         engine: str = "auto"):
+                         engine: str = "auto", max_prompt_length: int | None = None):
     """n completions per prompt record: prompts sorted by length (less padding) in batches of
     `batch_size`; under several processes (`acc`) the batches go round-robin and are
     gathered back. Each batch is seeded by its position, so the result does not depend on
     the number of processes. Returns (completions, token counts (EOS excluded), finished),
     each a list of R lists of n. `engine`: rollout.generate_rollout's; mogrpo's engine builds
-    its weight snapshot once for all batches (generation.keep_weights)."""
+    its weight snapshot once for all batches (generation.keep_weights). `max_prompt_length`:
+    keep each rendered prompt's last N tokens (generate_rollout's)."""
     from tqdm import tqdm
 
     from mogrpo.generation import keep_weights
@@ -113,12 +119,12 @@ def generate_completions(model, tokenizer, records, *, max_new_tokens: int, gree
         for s in tqdm(starts, desc="eval generate", disable=not show_progress):
             idx = order[s:s + batch_size]
             with amp_ctx():
-                ro = generate_rollout(model, tokenizer, [records[i].text for i in idx],
+                ro = generate_rollout(model, tokenizer, [records[i].chat for i in idx],
                                       [records[i].kind for i in idx], group_size=n,
                                       max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_p=top_p, seed=seed,
                                       first_index=s, greedy=greedy,
-                                      engine=engine)
+                                      engine=engine, max_prompt_length=max_prompt_length)
             lengths = (ro.completion_mask.sum(1) - ro.finished.long()).tolist()  # EOS not counted
             for j, i in enumerate(idx):
                 g = slice(j * n, (j + 1) * n)
@@ -135,12 +141,16 @@ def generate_completions(model, tokenizer, records, *, max_new_tokens: int, gree
 
 
 def rm_scores(model, prompts: list[str], kinds: list[str], completions: list[str],
-              objective: RewardObjective) -> tuple[torch.Tensor | None, list[str]]:
+              objective: RewardObjective, records=None) -> tuple[torch.Tensor | None, list[str]]:
     """A reward model's scores [M, K] with NaN where an aspect is not applicable to the
-    prompt's kind (the objective's masks), and its aspect names; (None, []) without a model."""
+    prompt's kind (the objective's masks), and its aspect names; (None, []) without a model.
+    `model` may be a run's whole Scorer (every reward source), which reads `records` [M]."""
     if model is None:
         return None, []
-    s = model.score(prompts, completions, batch_size=64).float().clone()  # [M, K]
+    if hasattr(model, "score_records"):
+        s = model.score_records(records, completions)  # [M, K]
+    else:
+        s = model.score(prompts, completions, batch_size=64).float().clone()  # [M, K]
     return objective.for_columns(model.aspects).mask(s, kinds), list(model.aspects)
 
 
@@ -166,7 +176,9 @@ def judge_completions(records, comps, ntok, fin, *, objective: RewardObjective, 
     flat = [c for cs in comps for c in cs]
     flat_ntok = [t for ts in ntok for t in ts]
     flat_fin = [f for fs in fin for f in fs]
-    train_s, train_cols = rm_scores(rm, requests, kinds, flat, objective)  # as in training
+    flat_records = [r for r in records for _ in range(n)]  # [M]
+    # as in training
+    train_s, train_cols = rm_scores(rm, requests, kinds, flat, objective, flat_records)
     eval_s, eval_cols = rm_scores(evaluator, requests, kinds, flat, objective)
     tox = toxicity.max_sentence_toxicity(flat).tolist() if toxicity is not None else None
     # [M] the objective's score, as in training
@@ -204,7 +216,8 @@ def write_generations(path, rows: list[dict]) -> None:
 
 def evaluate_loaded(model, tokenizer, records, *, rm, objective: RewardObjective,
                     max_new_tokens: int, amp_ctx=nullcontext, acc=None,
-                    out_file=None, engine: str = "auto") -> dict:
+                    out_file=None, engine: str = "auto",
+                    max_prompt_length: int | None = None) -> dict:
     """The trainers' before/after evaluation with the policy they hold: greedy completions
     of `records` (shared out over the processes), judged by the training RM and the refusal
     patterns; the main process writes `out_file`. Returns the summary (`mogrpo eval`'s
@@ -213,7 +226,8 @@ def evaluate_loaded(model, tokenizer, records, *, rm, objective: RewardObjective
         return {}
     comps, ntok, fin = generate_completions(model, tokenizer, records,
                                             max_new_tokens=max_new_tokens,
-                                            amp_ctx=amp_ctx, acc=acc, engine=engine)
+                                            amp_ctx=amp_ctx, acc=acc, engine=engine,
+                                            max_prompt_length=max_prompt_length)
     summary, rows = judge_completions(records, comps, ntok, fin, objective=objective, rm=rm)
     if out_file is not None and (acc is None or acc.is_main_process):
         write_generations(out_file, rows)
@@ -222,23 +236,22 @@ def evaluate_loaded(model, tokenizer, records, *, rm, objective: RewardObjective
 
 def eval_objective(model_ref: str, cfg: EvalConfig, rm=None) -> RewardObjective:
     """The objective the "combined" scores use: cfg's weights and not_applicable where given,
-    else the run's own (its config.yaml, when `model_ref` is a run folder), else training's
-    defaults; so `mogrpo eval` on a run scores as the run's own evaluation did."""
-    import yaml
+    else the run's own (its config.yaml, when `model_ref` is a run folder, resolved as its
+    trainer resolved them), else training's defaults; so `mogrpo eval` on a run scores as the
+    run's own evaluation did."""
+    from mogrpo.eval.run_settings import read_run_config
+    from mogrpo.reward.objective import resolve_run_objective
 
-    run_cfg = {}
-    path = Path(model_ref) / "config.yaml"
-    if path.is_file():
-        try:
-            run_cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"{path}: the run's config does not read ({exc}); give weights= and "
-                             f"not_applicable= explicitly") from None
-    weights = cfg.weights if cfg.weights is not None else run_cfg.get("weights", DEFAULT_WEIGHTS)
-    not_applicable = (cfg.not_applicable if cfg.not_applicable is not None
-                      else run_cfg.get("not_applicable", DEFAULT_NOT_APPLICABLE))
-    return RewardObjective.build(rm.aspects if rm is not None else (), weights, not_applicable,
-                                 training=False)
+    columns = list(rm.aspects) if rm is not None else []
+    run_cfg = {**read_run_config(model_ref)}
+    if cfg.weights is not None:
+        run_cfg.update(weights=cfg.weights, reward_weights=None)
+    if cfg.not_applicable is not None:
+        run_cfg["not_applicable"] = cfg.not_applicable
+    weights, not_applicable = resolve_run_objective(columns, run_cfg)
+    if cfg.not_applicable is not None:  # as given, even for columns this model lacks
+        not_applicable = cfg.not_applicable
+    return RewardObjective.build(columns, weights, not_applicable, training=False)
 
 
 def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
@@ -247,6 +260,7 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
     """`mogrpo eval`: evaluate one model with every judge; write OUTPUT/eval.json and
     OUTPUT/generations.jsonl; return eval.json."""
     from mogrpo.data.prompts import balanced_subset, load_prompt_set
+    from mogrpo.eval.run_settings import read_run_config, training_scorer, with_run_settings
     from mogrpo.generation import unsupported
     from mogrpo.models import (
         MergedGenerationCopy,
@@ -263,6 +277,8 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
     from mogrpo.runtime import Runtime
 
     t0 = time.time()
+    run_cfg = read_run_config(model_ref)
+    cfg = with_run_settings(cfg, run_cfg)  # what the run's own trainer evaluated with
     out = Path(output)
     # before any work: a bad --output fails now, not after generating
     lock = claim_output(out, "eval")
@@ -275,12 +291,11 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
     if not records:
         raise ValueError(f"no evaluation prompts in {cfg.prompts!r}")
     # judges load first, so a missing file fails before minutes of generation
-    rms = []
-    for path in (cfg.reward_model, cfg.evaluator_model):
-        m = MultiAspectRewardModel.load(require_reward_model(path), device=device) if path else None
-        if m is not None:
-            m.autocast_dtype = amp
-        rms.append(m)
+    rms = [training_scorer(cfg, run_cfg, device, amp)]
+    ev = cfg.evaluator_model
+    rms.append(MultiAspectRewardModel.load(require_reward_model(ev), device=device) if ev else None)
+    if rms[1] is not None:
+        rms[1].autocast_dtype = amp
     tox_judge = (ToxicityJudge(cfg.toxicity_model,
                                trusted=cfg.trust_toxicity_model) if cfg.toxicity_model
                  else ToxicityJudge.from_cache(cfg.cache_dir))
@@ -300,7 +315,8 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
                                             greedy=not cfg.sample, n=n, temperature=cfg.temperature,
                                             top_p=cfg.top_p, seed=cfg.seed,
                                             batch_size=cfg.batch_size,
-                                            amp_ctx=amp_ctx, show_progress=show_progress)
+                                            amp_ctx=amp_ctx, show_progress=show_progress,
+                                            max_prompt_length=cfg.max_prompt_length)
     summary, rows = judge_completions(records, comps, ntok, fin,
                                       objective=eval_objective(model_ref, cfg, rms[0]),
                                       rm=rms[0], evaluator=rms[1],
@@ -321,7 +337,7 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
         for s in range(0, len(sub), cfg.batch_size):
             part = sub[s:s + cfg.batch_size]
             with amp_ctx():
-                ro = generate_rollout(gen_model, tok, [p.text for p in part],
+                ro = generate_rollout(gen_model, tok, [p.chat for p in part],
                                       [p.kind for p in part], group_size=1,
                                       max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                       seed=cfg.seed + 7,

@@ -57,6 +57,9 @@ def summarise_generations(kinds: list[str], completions: list[str], tokens: list
                    "truncated_rate": M.mean_of(float(not f) for f in finished),
                    "clarifying_rate": M.mean_of(float(M.is_clarifying(t)) for t in completions),
                    "degenerate_rate": M.mean_of(float(M.is_degenerate(t)) for t in completions),
+                   "refusal_rate": M.refusal_rate(completions),
+                   "toxicity": None if toxicity is None else M.mean_of(toxicity),
+                   "aspects": _aspect_means(train_scores, train_cols, list(range(len(kinds)))),
                    "combined": None if combined is None else M.mean_of(combined.tolist()),
                    "eval_combined": (None if eval_combined is None
                                      else M.mean_of(eval_combined.tolist()))})
@@ -105,9 +108,12 @@ def set_metrics(sources: list[str], kinds: list[str], completions: list[str], pr
         rows = [i for i, s in enumerate(sources) if s == src]
         texts = [completions[i] for i in rows]
         kind = kinds[rows[0]] if len({kinds[i] for i in rows}) == 1 else "mixed"
-        part: dict = {"kind": kind, "n": len(rows),
-                      **_refusal_rates(kind, texts, [prompts[i] for i in rows],
-                                       requests=[(requests or prompts)[i] for i in rows])}
+        part: dict = {"kind": kind, "n": len(rows)}
+        if kind:  # a set without kinds (a user's own task): the refusal share alone
+            part.update(_refusal_rates(kind, texts, [prompts[i] for i in rows],
+                                       requests=[(requests or prompts)[i] for i in rows]))
+        else:
+            part["refusal_rate"] = M.refusal_rate(texts)
         part["degenerate_rate"] = M.mean_of(float(M.is_degenerate(t)) for t in texts)
         sets[src] = part
     out: dict = {"sets": sets}

@@ -21,9 +21,9 @@ class RewardTrainConfig:
     pooling: str = field("mean", help="mean | cls | last (use last for decoder backbones)")
     max_length: int = field(256,
                             help="max tokens per (prompt, response) pair; longer side truncated")
-    dropout: float = field(0.0, help="dropout inside the backbone; 0 by default because on CPU the "
-                                     "dropout masks tripled the step time (measured on MiniLM) and "
-                                     "early stopping regularises the small data set")
+    dropout: float = field(0.0, help="dropout inside the backbone; 0 by default: early stopping "
+                                     "regularises the small data set, and dropout slows CPU "
+                                     "training (benchmarks/RESULTS.md)")
     data: list[str] = field(default_factory=lambda: ["default", "onpolicy"],
                             help="data sources: 'default' (packaged, offline), 'onpolicy' "
                                  "(packaged "

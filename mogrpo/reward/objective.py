@@ -17,6 +17,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The default objective of training and evaluation alike (one source). Group normalisation
+# makes only the weights' shares within one prompt's group matter, and a group holds one
+# kind: on a harmful prompt safety (2) must outweigh politeness + meaningfulness (1) so that
+# refusing decides the ranking, and on a benign prompt actionability (2) must outweigh them
+# equally, or refusing everything is the cheap way up (docs/theory.md section 7: with
+# actionability 1, a refusal on a benign prompt got a mean advantage of -0.5 against +1.3 on
+# a harmful one, and the policy refused both).
+DEFAULT_WEIGHTS: dict[str, float] = {"safety": 2.0, "actionability": 2.0, "politeness": 0.5,
+                                     "meaningfulness": 0.5}
+# Aspects that say nothing about a prompt kind, masked (NaN) for it. Actionability on a harmful
+# prompt: fulfilling it is exactly what safety forbids. Safety on a benign prompt: every safety
+# label the default data has there is 1, so the reward model's safety score on a benign prompt
+# carries no label, only a bias, and that bias favours refusing (measured on a trained policy's
+# held-out benign answers: safety 0.976 for its refusals against 0.923 for its answers); with
+# the aspect normalised in its group and weighted 2, it cancelled most of actionability's
+# penalty for refusing a benign request (docs/theory.md section 7).
+DEFAULT_NOT_APPLICABLE: dict[str, list[str]] = {"harmful": ["actionability"], "benign": ["safety"]}
+
 MODES = ("sum_then_normalize", "normalize_then_sum", "min", "lagrangian")  # advantage modes
 
 
@@ -70,6 +88,42 @@ def mask_not_applicable(rewards: torch.Tensor, kinds: list[str], columns: list[s
             if a in columns:
                 rewards[rows, ..., columns.index(a)] = math.nan
     return rewards
+
+
+def resolve_weights(columns, weights: dict[str, float] | None,
+                    reward_weights: list[float] | None = None,
+                    defaults: dict[str, float] | None = None) -> dict[str, float]:
+    """One weight per column (pure). `reward_weights` (TRL's name): one per column, in column
+    order, overriding `weights`. Otherwise `weights` by name, and every column it does not
+    name weighs 1 (as each of TRL's reward functions does), so a reward model with its own
+    aspect names trains without a `weights` key. `weights` equal to `defaults` (the safety
+    task's, naming its four aspects) is the untouched default: names the columns lack are
+    dropped instead of refused."""
+    columns = list(columns)
+    if reward_weights is not None:
+        if len(reward_weights) != len(columns):
+            raise ValueError(f"reward_weights has {len(reward_weights)} values for the "
+                             f"{len(columns)} reward columns {columns}: give one per column, "
+                             f"in that order (or weights by name)")
+        return {c: float(w) for c, w in zip(columns, reward_weights)}
+    weights = dict(weights or {})
+    if defaults is not None and weights == defaults:
+        weights = {k: v for k, v in weights.items() if k in columns}
+    return {**{c: 1.0 for c in columns}, **weights}
+
+
+def resolve_run_objective(columns, cfg) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """(weights, not_applicable) of a run's columns from its config (an object or config.yaml's
+    dict): `resolve_weights`, and the default not_applicable restricted to the columns there
+    are (a task without 'safety' or 'actionability' masks nothing by default)."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    weights = resolve_weights(columns, get("weights", DEFAULT_WEIGHTS), get("reward_weights"),
+                              defaults=DEFAULT_WEIGHTS)
+    na = get("not_applicable", DEFAULT_NOT_APPLICABLE)
+    na = {k: list(v) for k, v in (na if na is not None else DEFAULT_NOT_APPLICABLE).items()}
+    if na == {k: list(v) for k, v in DEFAULT_NOT_APPLICABLE.items()}:
+        na = {k: [c for c in v if c in columns] for k, v in na.items()}
+    return weights, {k: v for k, v in na.items() if v}
 
 
 @dataclass(frozen=True)
@@ -143,7 +197,7 @@ class RewardObjective:
         rec = {}
         for j, c in enumerate(self.columns):
             col = flat[:, j][~torch.isnan(flat[:, j])]
-            rec[f"reward/{c}/mean"] = float(col.mean()) if col.numel() else None
-            rec[f"reward/{c}/std"] = float(col.std(unbiased=False)) if col.numel() else None
+            rec[f"rewards/{c}/mean"] = float(col.mean()) if col.numel() else None
+            rec[f"rewards/{c}/std"] = float(col.std(unbiased=False)) if col.numel() else None
         rec["reward/combined/mean"] = float(torch.nanmean(self.combine(flat)))
         return rec

@@ -46,7 +46,7 @@ def sample_policy(model_ref: str, *, prompts: str = "default", samples: int = 2,
                       disable=not show_progress):
         part = records[start:start + batch_prompts]
         with ctx():
-            ro = generate_rollout(model, tok, [p.text for p in part], [p.kind for p in part],
+            ro = generate_rollout(model, tok, [p.chat for p in part], [p.kind for p in part],
                                   group_size=G,
                                   max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                   step=0, first_index=start, guided=guided,

@@ -1,60 +1,25 @@
-"""Scoring completions on every aspect: the reward model plus optional extra columns.
+"""Scoring completions on every reward column: the reward sources (reward/sources.py: the
+multi-aspect reward model, Hugging Face reward models, Python functions) plus optional extra
+columns.
 
-Result: rewards [B, G, K'] where K' = the reward model's K aspects followed by the extra
-columns named in the config. An extra column is a plain callable
-`(prompts, completions) -> list[float | None]`; None becomes NaN (masked downstream).
+Result: rewards [B, G, K] where K = every source's columns in order, then the extra columns
+named in the config. A reward function returns None (or NaN) where it does not apply; that
+becomes NaN (masked downstream).
 `not_applicable` blanks aspects by prompt kind (by default actionability on harmful
 prompts, where fulfilling the request is exactly what safety forbids).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
-
 import torch
 
-from mogrpo.reward.objective import mask_not_applicable
-from mogrpo.tracking import DivergedError
+from mogrpo.reward.objective import (  # noqa: F401 (the defaults, by their old address)
+    DEFAULT_NOT_APPLICABLE,
+    DEFAULT_WEIGHTS,
+    mask_not_applicable,
+)
+from mogrpo.reward.sources import MultiAspectSource, PythonReward, RewardFn, check_columns
 
-RewardFn = Callable[[list[str], list[str]], list]
-
-# The default objective of training and evaluation alike (one source). Group normalisation
-# makes only the weights' shares within one prompt's group matter, and a group holds one
-# kind: on a harmful prompt safety (2) must outweigh politeness + meaningfulness (1) so that
-# refusing decides the ranking, and on a benign prompt actionability (2) must outweigh them
-# equally, or refusing everything is the cheap way up (docs/theory.md section 7: with
-# actionability 1, a refusal on a benign prompt got a mean advantage of -0.5 against +1.3 on
-# a harmful one, and the policy refused both).
-DEFAULT_WEIGHTS: dict[str, float] = {"safety": 2.0, "actionability": 2.0, "politeness": 0.5,
-                                     "meaningfulness": 0.5}
-# Aspects that say nothing about a prompt kind, masked (NaN) for it. Actionability on a harmful
-# prompt: fulfilling it is exactly what safety forbids. Safety on a benign prompt: every safety
-# label the default data has there is 1, so the reward model's safety score on a benign prompt
-# carries no label, only a bias, and that bias favours refusing (measured on a trained policy's
-# held-out benign answers: safety 0.976 for its refusals against 0.923 for its answers); with
-# the aspect normalised in its group and weighted 2, it cancelled most of actionability's
-# penalty for refusing a benign request (docs/theory.md section 7).
-DEFAULT_NOT_APPLICABLE: dict[str, list[str]] = {"harmful": ["actionability"], "benign": ["safety"]}
-
-def _politeness_judge(cache=None) -> RewardFn:
-    from mogrpo.reward.judges import ToxicityJudge
-
-    judge = ToxicityJudge.from_cache(cache)
-    return lambda prompts, completions: judge.politeness(completions).tolist()
-
-def _length_ratio(prompts, completions):
-    """1 - words / 200, floored at 0: a mild push towards concise answers."""
-    return [max(0.0, 1.0 - len(c.split()) / 200.0) for c in completions]
-
-def extra_reward(name: str, cache=None) -> RewardFn:
-    """Built-in extra reward columns, by config name."""
-    if name == "judge_politeness":
-        return _politeness_judge(cache)
-    if name == "concise":
-        return _length_ratio
-    raise ValueError(f"unknown extra reward {name!r}; built-ins: judge_politeness, concise "
-                     "(or pass callables to Scorer directly)")
 
 def repetition_share(text: str, n: int = 3) -> float:
     """Share of a text's word n-grams that repeat an earlier n-gram of the same text (pure),
@@ -78,17 +43,25 @@ def penalise_repetition(meaningfulness: torch.Tensor, completions: list[str],
 
 
 class Scorer:
-    """Rewards [B, G, K'] of completions: the reward model's aspects, then the extra columns;
-    `repetition_penalty` scales the 'meaningfulness' column by (1 - penalty * repeated-trigram
-    share) when the reward model has that aspect (0 = off)."""
+    """Rewards [B, G, K] of completions: every reward source's columns side by side
+    (reward/sources.py: the multi-aspect reward model, Hugging Face reward models, Python
+    functions), then the extra columns; `repetition_penalty` scales the 'meaningfulness'
+    column by (1 - penalty * repeated-trigram share) when there is one (0 = off).
+    `sources`: a list of sources, or one multi-aspect reward model (the default objective)."""
 
-    def __init__(self, reward_model, extra: dict[str, RewardFn] | None = None,
+    def __init__(self, sources, extra: dict[str, RewardFn] | None = None,
                  not_applicable: dict[str, list[str]] | None = None, batch_size: int = 64,
                  repetition_penalty: float = 0.0):
-        self.rm = reward_model
+        if not isinstance(sources, (list, tuple)):
+            sources = [MultiAspectSource(sources, batch_size)]
+        self.sources = list(sources) + [
+            PythonReward(lambda prompts, completions, _f=fn, **_: _f(prompts, completions), name,
+                         plain=True)
+            for name, fn in (extra or {}).items()]
+        # the multi-aspect reward model, when there is one (the evaluations' 'training_rm')
+        self.rm = next((s.rm for s in self.sources if isinstance(s, MultiAspectSource)), None)
         self.repetition_penalty = repetition_penalty
-        self.extra = dict(extra or {})
-        self.columns = list(reward_model.aspects) + list(self.extra)
+        self.columns = check_columns(self.sources)
         self.not_applicable = not_applicable or {}
         unknown = sorted({a for v in self.not_applicable.values() for a in v} - set(self.columns))
         if unknown:
@@ -96,32 +69,63 @@ class Scorer:
                              f"{self.columns}")
         self.batch_size = batch_size
 
+    @property
+    def aspects(self) -> list[str]:  # the columns, under a reward model's name for them
+        return self.columns
+
     @torch.no_grad()
-    def score(self, prompts: list[str], kinds: list[str], completions: list[str], group_size: int
+    def score_flat(self, prompts: list[str], completions: list[str], *, chats: list | None = None,
+                   columns: dict[str, list] | None = None, penalise: bool = True) -> torch.Tensor:
+        """Rewards [N, K] of N (prompt, completion) pairs, unmasked. `chats` [N]: each pair's
+        prompt as asked (a string or a conversation), for chat-template reward models and
+        Python functions; `columns`: the prompts' other columns, one list [N] per name."""
+        if not self.sources:
+            raise ValueError("no reward to score with: give a reward model or function "
+                             "(rewards:, reward_model=, or reward_funcs=)")
+        cols = []
+        for src in self.sources:
+            out = src(prompts, completions, chats=chats, columns=columns or {})
+            if out.shape != (len(completions), len(src.columns)):
+                raise ValueError(f"reward {src.columns} gave shape {tuple(out.shape)} for "
+                                 f"{len(completions)} completions")
+            cols.append(out.float())
+        rewards = torch.cat(cols, dim=1)  # [N, K]
+        if penalise and self.repetition_penalty and "meaningfulness" in self.columns:
+            j = self.columns.index("meaningfulness")
+            rewards[:, j] = penalise_repetition(rewards[:, j], completions,
+                                                self.repetition_penalty)
+        return rewards
+
+    def score_records(self, records, completions: list[str]) -> torch.Tensor:
+        """[M, K] for evaluation rows: `records` [M] (PromptRecords), `completions` [M]; no
+        repetition penalty (evaluations report the sources' own scores)."""
+        return self.score_flat([r.judged_request for r in records], completions,
+                               chats=[r.chat for r in records], columns=record_columns(records),
+                               penalise=False)
+
+    def score(self, prompts: list[str], kinds: list[str], completions: list[str], group_size: int,
+              *, chats: list | None = None, columns: dict[str, list] | None = None
               ) -> torch.Tensor:
-        """Rewards [B, G, K'] for B prompts (with kinds) and B*G completions."""
+        """Rewards [B, G, K] for B prompts (with kinds) and B*G completions; `chats` [B] and
+        `columns` ({name: [B]}) as in `score_flat`, per prompt."""
         B, G = len(prompts), group_size
         if len(completions) != B * G:
             raise ValueError(f"{len(completions)} completions for {B} prompts x G={G}")
-        flat_prompts = [p for p in prompts for _ in range(G)]  # [N]
-        # [N, K]
-        rm = self.rm.score(flat_prompts, completions, batch_size=self.batch_size).float().clone()
-        if not bool(torch.isfinite(rm).all()):  # the model's NaN is not "not applicable"
-            raise DivergedError(f"the reward model scored NaN or inf (aspects "
-                                f"{list(self.rm.aspects)})")
-        if self.repetition_penalty and "meaningfulness" in self.rm.aspects:
-            j = list(self.rm.aspects).index("meaningfulness")
-            rm[:, j] = penalise_repetition(rm[:, j], completions, self.repetition_penalty)
-        cols = [rm]
-        for name, fn in self.extra.items():
-            values = fn(flat_prompts, completions)
-            if len(values) != len(completions):
-                raise ValueError(f"extra reward {name!r} returned {len(values)} values for "
-                                 f"{len(completions)} completions")
-            col = torch.tensor([math.nan if v is None else float(v) for v in values])
-            if bool(torch.isinf(col).any()):  # None / NaN = not applicable; inf is a broken reward
-                raise DivergedError(f"extra reward {name!r} returned inf for completion "
-                                    f"{int(torch.isinf(col).nonzero()[0])}")
-            cols.append(col[:, None])
-        rewards = torch.cat(cols, dim=1).reshape(B, G, len(self.columns))
+
+        def flat(xs):
+            return [x for x in xs for _ in range(G)]  # [B] -> [N]
+
+        cols = {"kind": kinds, **(columns or {})}
+        rewards = self.score_flat(flat(prompts), completions,
+                                  chats=flat(chats) if chats is not None else None,
+                                  columns={k: flat(v) for k, v in cols.items()})
+        rewards = rewards.reshape(B, G, len(self.columns))
         return mask_not_applicable(rewards, kinds, self.columns, self.not_applicable)
+
+
+def record_columns(records) -> dict[str, list]:
+    """The columns Python reward functions receive for prompt records: `kind` and every other
+    column of the rows (None where a row lacks it)."""
+    names = sorted({k for r in records for k in r.columns} - {"prompts", "completions"})
+    return {"kind": [r.kind for r in records],
+            **{k: [r.columns.get(k) for r in records] for k in names}}

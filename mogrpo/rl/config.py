@@ -3,12 +3,14 @@ the algorithms read models, data, rewards, optimisation and run settings the sam
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from mogrpo.config import field
+from mogrpo.config import ConfigMeta, field
 from mogrpo.reward.scoring import DEFAULT_NOT_APPLICABLE, DEFAULT_WEIGHTS
+from mogrpo.rl import trl_names
 from mogrpo.tracking import check_report_to
 
 OPENER_CREDIT = ("signed", "refusals", "all")
@@ -17,10 +19,12 @@ POLICY_DTYPES = ("fp32", "bf16")  # the weights' dtype by name (engine.DTYPES ma
 
 
 @dataclass
-class PolicyRunConfig:
+class PolicyRunConfig(metaclass=ConfigMeta):
     """Keys every policy-training config has (GRPO, PPO, DPO, RLOO subclass it), so the
     algorithms read models, data, rewards, optimisation and run settings the same way.
-    TRL's names are accepted as aliases (ALIASES), e.g. learning_rate, num_generations."""
+    TRL's names are accepted with TRL's meaning, as keyword arguments and YAML keys alike
+    (docs/trl.md): renames in ALIASES, the rest in `translate_names` (rl/trl_names.py); the
+    names mogrpo cannot honour are refused with the reason (REFUSED)."""
 
     ALIASES: ClassVar[dict[str, str | tuple[str, ...]]] = {
         "model_name_or_path": "policy", "learning_rate": "lr", "num_generations": "group_size",
@@ -29,12 +33,18 @@ class PolicyRunConfig:
         "lr_scheduler_type": "lr_schedule", "save_steps": "save_every",
         "save_total_limit": "keep_checkpoints",
         "kl_coef": "beta", "seed_everything": "seed"}
+    REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = trl_names.REFUSED_TRAINING
 
     # models
     policy: str = field("builtin:smollm2-135m-instruct",
                         help="causal LM: hub id, folder, .gguf file or builtin:")
     reward_model: str = field("runs/reward-default/model",
-                              help="a reward model folder (mogrpo reward train)")
+                              help="a reward model folder (mogrpo reward train); the reward "
+                                   "when `rewards` is not given")
+    rewards: list[dict] | None = field(None, help="reward sources, mixed in one objective: "
+                                       "{type: multi_aspect, path: DIR}, {type: hf, model: ID, "
+                                       "name: NAME}, {type: python, ref: 'module:function'}, "
+                                       "{type: builtin, name: concise} (default: reward_model)")
     lora_r: int = field(16, help="LoRA rank (PPO: actor and critic); 0 = full fine-tuning with a "
                                  "frozen reference copy")
     lora_alpha: int = field(32, help="LoRA alpha")
@@ -42,8 +52,9 @@ class PolicyRunConfig:
     lora_target_modules: list[str] | None = field(None, help="modules to adapt (default: all "
                                                              "linear layers)")
     gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass "
-                                                     "(less memory, about a third more compute; "
-                                                     "for long completions / big models)")
+                                                     "(less activation memory for one more forward "
+                                                     "per layer; for long completions / big "
+                                                     "models)")
     shared_prefix: bool = field(True, help="encode a prompt once for all its completions in the "
                                            "training, reference and critic forwards (exact; Llama, "
                                            "Mistral and Qwen2 with sdpa or eager attention, else "
@@ -58,6 +69,9 @@ class PolicyRunConfig:
     eval_max_prompts: int = field(120, help="evaluate on at most this many prompts, balanced by "
                                             "kind (0 = all)")
     eval_max_new_tokens: int = field(48, help="tokens per greedy evaluation completion")
+    max_prompt_length: int | None = field(None, help="keep the last N tokens of each rendered "
+                                          "prompt in rollouts and evaluation, as TRL truncates "
+                                          "(None = no limit)")
     # checkpoint selection (mogrpo/rl/selection.py; docs/evaluation.md)
     validation_prompts: str = field("default", help="prompts that select the checkpoint final/ "
                                                     "holds: 'default' (the validation split of the "
@@ -66,10 +80,9 @@ class PolicyRunConfig:
                                                     "both kinds, or 'none' (no selection: final/ "
                                                     "is the last step)")
     validation_max_prompts: int = field(0, help="validate on at most this many prompts, balanced "
-                                                "by kind (0 = all: 82 harmful + 111 benign by "
-                                                "default, about 30 s on 2 cores; with 32 benign "
-                                                "prompts a validation over-refusal of 0.03 was "
-                                                "0.09 on the test sets)")
+                                                "by kind (0 = all, the default: a small split "
+                                                "cannot hold the over-refusal limit; "
+                                                "docs/evaluation.md)")
     validate_every: int = field(10, help="validate every N steps (0 = only the base and the last "
                                          "step, which are always validated when validation is on)")
     select_max_over_refusal: float = field(0.05, help="selection constraint: validation "
@@ -90,6 +103,9 @@ class PolicyRunConfig:
     not_applicable: dict[str, list[str]] = field(
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_NOT_APPLICABLE.items()},
         help="prompt kind -> reward columns set to NaN (masked)")
+    reward_weights: list[float] | None = field(None, help="one weight per reward column, in "
+                                                          "column order (TRL's name); overrides "
+                                                          "`weights`")
     repetition_penalty: float = field(1.0, help="meaningfulness reward times (1 - this * the "
                                                 "completion's share of repeated word trigrams): a "
                                                 "looping refusal or answer is not meaningful "
@@ -103,11 +119,10 @@ class PolicyRunConfig:
     generation_chunk: int = field(0, help="prompts per generate call (0 = the whole local batch); "
                                           "seeding is per chunk, so keep it equal across runs to "
                                           "compare")
-    guided_samples: int = field(1,
-                                help="samples per group that start from a refusal opener and are "
-                                        "finished by the policy (exploration the reward then "
-                                        "judges; "
-                                        "mogrpo/rollout.py); 0 = every sample is the policy's own")
+    guided_samples: int | None = field(None, help="samples per group started from a refusal "
+                                       "opener and finished by the policy (mogrpo/rollout.py); "
+                                       "0 = every sample is the policy's own; default: 1 on the "
+                                       "default (safety) prompts, else 0")
     opener_credit: str = field("refusals", help="which guided samples train their forced opener "
                                                 "tokens: refusals (those the refusal labeller "
                                                 "judges a refusal as a whole; docs/theory.md "
@@ -126,7 +141,9 @@ class PolicyRunConfig:
     merged_generation: bool = field(True, help="LoRA with rollout_engine=generate: sample from a "
                                                "copy with the adapters merged in, re-synced every "
                                                "step (faster decoding; "
-                                               "models.MergedGenerationCopy)")
+                                               "models.MergedGenerationCopy): a whole unsharded "
+                                               "copy on every process; FSDP2 runs need it "
+                                               "(docs/scale.md)")
     # optimisation
     beta: float = field(0.04, help="KL coefficient against the reference policy (GRPO: k3 penalty "
                                    "in the loss; PPO, RLOO: per-token penalty in the reward; DPO: "
@@ -153,29 +170,62 @@ class PolicyRunConfig:
                                       "`pip install wandb`; project from $WANDB_PROJECT, default "
                                       "mogrpo)")
     cache_dir: str | None = field(None, help="asset cache")
+    output_dir: str | None = field(None, help="run folder (TRL's name): the CLI's --output "
+                                              "defaults to it, as does train(cfg)'s output")
+
+    @classmethod
+    def optimizer_steps(cls, data: dict) -> int | None:
+        """The run's optimiser steps from config keys `data` (None: known only once the run has
+        its data); TRL's warmup_ratio is a share of them."""
+        return None
+
+    @classmethod
+    def translate_names(cls, data: dict) -> dict:
+        """TRL's names that are more than a rename, with TRL's meaning (rl/trl_names.py)."""
+        return trl_names.translate_policy(cls, data, cls.optimizer_steps)
+
+    def reward_specs(self) -> list[dict]:
+        """The reward sources to build (reward/sources.py): `rewards`, else the multi-aspect
+        reward model at `reward_model`."""
+        if self.rewards is not None:
+            return list(self.rewards)
+        return [{"type": "multi_aspect", "path": self.reward_model}]
+
+    def one_of(self, name: str, choices, note: str = "") -> None:
+        """Refuse a value of key `name` outside `choices`, naming them (`note` adds a hint)."""
+        if getattr(self, name) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}{note}, got "
+                             f"{getattr(self, name)!r}")
 
     def check(self) -> None:
         """Checks every algorithm shares; subclasses call it from __post_init__."""
-        if not 0 <= self.guided_samples < self.group_size:
+        if self.rewards is not None:
+            from mogrpo.reward.sources import check_specs
+
+            check_specs(self.rewards)
+        if self.guided_samples is not None and not 0 <= self.guided_samples < self.group_size:
             raise ValueError(f"guided_samples = {self.guided_samples} with group_size = "
                              f"{self.group_size}: use "
                              f"0 <= guided_samples < group_size (at least one sample per group "
                              f"must be the "
                              f"policy's own), e.g. 1")
-        if self.opener_credit not in OPENER_CREDIT:
-            raise ValueError(f"opener_credit must be one of {OPENER_CREDIT}, got "
-                             f"{self.opener_credit!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        self.one_of("opener_credit", OPENER_CREDIT)
+        self.one_of("lr_schedule", LR_SCHEDULES)
         check_report_to(self.report_to)
         if any(w < 0 for w in self.weights.values()):
             raise ValueError(f"weights must be >= 0, got {self.weights}")
+        if self.reward_weights is not None and not all(w >= 0 for w in self.reward_weights):
+            raise ValueError(f"reward_weights must be >= 0, got {self.reward_weights}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length = {self.max_prompt_length} must be >= 1 (None = "
+                             f"no limit)")
         if not self.lr > 0:  # also rejects NaN
             raise ValueError(f"lr = {self.lr} must be > 0 (e.g. lr=4e-4)")
         if not 0 <= self.repetition_penalty <= 1:
             raise ValueError(f"repetition_penalty = {self.repetition_penalty} must be in [0, 1] "
-                             f"(1 = a full loop "
-                             f"scores 0 meaningfulness)")
+                             f"(1 = a full loop scores 0 meaningfulness): it is mogrpo's "
+                             f"reward-side penalty, not TRL's (transformers') generation "
+                             f"repetition_penalty, which mogrpo does not support")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.beta < 0 or self.warmup_steps < 0:
             raise ValueError("weight_decay, grad_clip, beta and warmup_steps must be >= 0")
         if not (self.temperature > 0 and 0 < self.top_p <= 1):
@@ -184,14 +234,10 @@ class PolicyRunConfig:
         for name in ("max_new_tokens", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.policy_dtype not in POLICY_DTYPES:
-            raise ValueError(f"policy_dtype must be one of {sorted(POLICY_DTYPES)}, got "
-                             f"{self.policy_dtype!r}")
         from mogrpo.rollout import ENGINES
 
-        if self.rollout_engine not in ENGINES:
-            raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, got "
-                             f"{self.rollout_engine!r}")
+        self.one_of("policy_dtype", POLICY_DTYPES)
+        self.one_of("rollout_engine", ENGINES)
         if self.policy_dtype == "bf16" and self.precision == "fp32":
             raise ValueError("policy_dtype=bf16 computes in bf16: use precision=bf16 (or auto on "
                              "a GPU)")
@@ -220,11 +266,13 @@ class PolicyRunConfig:
 class OnlineConfig(PolicyRunConfig):
     """Keys of the algorithms that sample the policy at every step (GRPO, PPO, RLOO)."""
 
-    ALIASES: ClassVar[dict] = {**PolicyRunConfig.ALIASES, "max_steps": "steps",
+    # TRL's max_steps, save_steps, epsilon and epsilon_high: translate_names
+    ALIASES: ClassVar[dict] = {**{k: v for k, v in PolicyRunConfig.ALIASES.items()
+                                  if k != "save_steps"},
                                "mu": "num_iterations",
                                "ppo_epochs": "num_iterations", "num_ppo_epochs": "num_iterations",
-                               "epsilon": "eps_low", "epsilon_high": "eps_high",
                                "cliprange": ("eps_low", "eps_high")}
+    REFUSED: ClassVar[dict] = {**PolicyRunConfig.REFUSED, **trl_names.REFUSED_SAMPLING}
 
     batch_size: int = field(16, help="sequences per step (B*G) across all processes")
     steps: int = field(60, help="training steps (rollouts)")
@@ -233,6 +281,21 @@ class OnlineConfig(PolicyRunConfig):
     eps_high: float = field(0.2, help="clip range above 1 (DAPO: 0.28)")
     log_entropy: bool = field(True, help="compute token entropy for the logs (costs a little)")
     sample_every: int = field(10, help="log sample completions every N steps (0 = never)")
+
+    @classmethod
+    def optimizer_steps(cls, data: dict) -> int | None:
+        get = lambda name: trl_names.value(cls, data, name)  # noqa: E731
+        return int(get("steps")) * int(get("num_iterations"))
+
+    @classmethod
+    def translate_names(cls, data: dict) -> dict:
+        """TRL's batch sizes, step counts and clip range (rl/trl_names.py), then the shared
+        ones."""
+        micro = ("micro_batch_size" if "micro_batch_size" in
+                 {f.name for f in dataclasses.fields(cls)} else None)
+        trl_names.per_device_batch(cls, data, micro=micro)
+        trl_names.translate_online(cls, data)
+        return super().translate_names(data)
 
     def check(self) -> None:
         super().check()

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from mogrpo.config import atomic_write_text, field
+from mogrpo.rl import trl_names
 from mogrpo.rl.config import PolicyRunConfig
 from mogrpo.rl.engine import Run
 from mogrpo.rl.losses import dpo_loss
@@ -40,9 +41,10 @@ from mogrpo.runtime import all_sum
 @dataclass
 class DPOConfig(PolicyRunConfig):
     """Config of `mogrpo train dpo` (YAML keys = field names; shared keys in PolicyRunConfig;
-    TRL's num_train_epochs is an alias of epochs)."""
+    TRL's DPO names with their meaning, docs/trl.md)."""
 
-    ALIASES: ClassVar[dict] = {**PolicyRunConfig.ALIASES, "num_train_epochs": "epochs"}
+    REFUSED: ClassVar[dict] = {**{k: v for k, v in PolicyRunConfig.REFUSED.items()
+                                  if k != "num_train_epochs"}, **trl_names.REFUSED_DPO}
 
     pairs: str | None = field(None,
                               help="own preference data: JSONL with prompt/chosen/rejected, or "
@@ -60,6 +62,16 @@ class DPOConfig(PolicyRunConfig):
     weight_decay: float = field(0.01, help="AdamW weight decay")
     lr_schedule: str = field("linear", help="constant_with_warmup | linear | cosine")
 
+    @classmethod
+    def translate_names(cls, data: dict) -> dict:
+        """TRL's DPO names: num_train_epochs (whole), a one-loss loss_type list, pairs per
+        device (rl/trl_names.py), then the shared names."""
+        trl_names.epochs(cls, data)
+        trl_names.translate_loss_type(cls, data)
+        trl_names.per_device_batch(cls, data, micro=None)
+        data.pop("_accumulation", None)
+        return super().translate_names(data)
+
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError("group_size (samples per prompt) must be >= 2 to pick a best and a "
@@ -74,13 +86,16 @@ class DPOConfig(PolicyRunConfig):
                 raise ValueError(f"{name} must be >= 1")
 
 
-def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_new_tokens: int
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_new_tokens: int,
+                 max_prompt_length: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[P, T] input ids and attention mask (prompt left-padded, response right-padded) and the
-    response mask [P, L]; the layout `completion_logprobs` expects. Responses end with EOS."""
+    response mask [P, L]; the layout `completion_logprobs` expects. Responses end with EOS.
+    `max_prompt_length`: each prompt keeps its last N tokens (as the rollouts do)."""
     from mogrpo.rollout import chat_texts
 
     p = tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    p = [x[-max_prompt_length:] for x in p] if max_prompt_length else p
     r = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     r = [(ids[:max_new_tokens - 1] + [eos]) for ids in r]
@@ -93,11 +108,13 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_new_to
     return ids, attn, rmask
 
 
-def sequence_logprob(token_logprobs, tokenizer, prompts, responses, max_new_tokens, device):
+def sequence_logprob(token_logprobs, tokenizer, prompts, responses, max_new_tokens, device,
+                     max_prompt_length: int | None = None):
     """Summed log-prob [P] of each response given its prompt, and its token count [P].
     `token_logprobs(ids, attn, L)` gives the token log-probs [P, L] (the policy's, with
     gradients, or the reference's)."""
-    ids, attn, rmask = encode_pairs(tokenizer, prompts, responses, max_new_tokens)
+    ids, attn, rmask = encode_pairs(tokenizer, prompts, responses, max_new_tokens,
+                                    max_prompt_length)
     rmask = rmask.to(device)
     logp = token_logprobs(ids.to(device), attn.to(device), rmask.shape[1])
     return (logp * rmask).sum(-1), rmask.sum(-1)
@@ -117,10 +134,13 @@ def load_pairs_file(spec: str) -> list[dict]:
         return list(load_hf_pairs(source))
     out = []
     for where, row in iter_jsonl(spec):
+        conversation = isinstance(row, dict) and isinstance(row.get("prompt"), list) and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["prompt"])
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
-                                                for k in ("prompt", "chosen", "rejected")):
-            raise DataError(f"{where}: a pair needs string fields 'prompt', 'chosen' and "
-                            f"'rejected'")
+                                                for k in ("chosen", "rejected")) or not (
+                isinstance(row.get("prompt"), str) or conversation):
+            raise DataError(f"{where}: a pair needs string fields 'chosen' and 'rejected', and "
+                            f"'prompt' as a string or a list of {{role, content}} messages")
         out.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
     return out
 
@@ -155,7 +175,8 @@ def sample_pairs(run: Run, show_progress: bool) -> list[dict]:
         combined = run.objective.combine(run.score(ro))  # [b, G]
         found, sk = best_worst_pairs(combined, cfg.min_margin)
         skipped += sk
-        found_here += [(start + b, {"prompt": ro.prompts[b], "kind": ro.kinds[b],
+        # the prompt as asked: a conversation stays whole for the chat template
+        found_here += [(start + b, {"prompt": ro.chats[b], "kind": ro.kinds[b],
                                     "chosen": ro.completions[b * G + i],
                                     "rejected": ro.completions[b * G + j],
                                     "margin": float(combined[b, i] - combined[b, j])}) for b, i,
@@ -172,14 +193,15 @@ def sample_pairs(run: Run, show_progress: bool) -> list[dict]:
 
 
 def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False,
-              show_progress: bool = True) -> dict:
+              show_progress: bool = True, **objects) -> dict:
     """Pairs and reference log-probs are computed once (shared out over the processes and
     gathered in order); each optimiser step's batch of pairs is split over the processes,
     each local mean loss weighted by its share (x processes, as DDP averages), so the
-    update is the single-process one."""
+    update is the single-process one. `objects` (reward_sources, files, callbacks) go to the
+    run (rl/engine.Run), as the trainer API passes them."""
     from accelerate.utils import gather_object
 
-    run = Run(cfg, output, name="dpo", resume=resume, show_progress=show_progress)
+    run = Run(cfg, output, name="dpo", resume=resume, show_progress=show_progress, **objects)
     acc, tok, L_max = run.acc, run.tok, cfg.max_new_tokens
 
     # ---- pairs (sampled from the reference and scored, or the user's), cached in the run folder
@@ -205,7 +227,8 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         chunk = pairs[c * cfg.batch_size:(c + 1) * cfg.batch_size]
         mine.append((c, *(sequence_logprob(ref_lp, tok, [p["prompt"] for p in chunk],
                                            [p[key] for p in chunk],
-                                           L_max, run.device)[0].cpu() for key in ("chosen",
+                                           L_max, run.device,
+                                           cfg.max_prompt_length)[0].cpu() for key in ("chosen",
                                                                                    "rejected"))))
     parts = sorted(gather_object(mine), key=lambda x: x[0])
     ref_c, ref_r = torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts])
@@ -234,9 +257,9 @@ def train_dpo(cfg: DPOConfig, output: str | os.PathLike, *, resume: bool = False
         ps = [p["prompt"] for p in chunk]
         with run.timer("policy_forward_backward"):
             pc, lc = sequence_logprob(policy_lp, tok, ps, [p["chosen"] for p in chunk], L_max,
-                                      run.device)
+                                      run.device, cfg.max_prompt_length)
             pr, lr_ = sequence_logprob(policy_lp, tok, ps, [p["rejected"] for p in chunk], L_max,
-                                       run.device)
+                                       run.device, cfg.max_prompt_length)
             loss, st = dpo_loss(pc.float(), pr.float(), ref_c[idx].to(pc.device),
                                 ref_r[idx].to(pc.device),
                                 beta=cfg.beta, loss_type=cfg.loss_type,

@@ -71,6 +71,54 @@ def load_run_policy(cfg: PolicyRunConfig, device, amp, need_reference: bool):
     return model, tok, ref
 
 
+def run_objective(cfg: PolicyRunConfig, sources: list | None, extra: dict | None, device, amp):
+    """(Scorer, RewardObjective) of a run: the sources given in Python (config.yaml then
+    records their specs) or built from the config's `rewards`, plus the extra columns; the
+    weights and masks resolved over the columns (reward/objective.resolve_run_objective)."""
+    from mogrpo.reward.objective import RewardObjective, resolve_run_objective
+    from mogrpo.reward.scoring import Scorer
+    from mogrpo.reward.sources import build_sources
+
+    if sources is None:
+        sources = build_sources(cfg.reward_specs(), cache_dir=cfg.cache_dir, device=device)
+    else:
+        cfg.rewards = [src.spec() for src in sources]
+        for src in sources:
+            if hasattr(src, "to"):
+                src.to(device)
+    for src in sources:
+        if hasattr(src, "rm"):
+            src.rm.autocast_dtype = amp
+    scorer = Scorer(sources, extra or {}, repetition_penalty=cfg.repetition_penalty)
+    weights, scorer.not_applicable = resolve_run_objective(scorer.columns, cfg)
+    # no source at all (DPO on given pairs): nothing to train on, the evaluations score nothing
+    return scorer, RewardObjective.build(scorer.columns, weights, scorer.not_applicable,
+                                         training=bool(scorer.columns))
+
+
+def guided_count(cfg: PolicyRunConfig) -> int:
+    """Guided samples per group: the config's, else 1 on the default (safety) training prompts
+    and 0 on a user's own: refusal openers belong to the safety task."""
+    if cfg.guided_samples is not None:
+        return cfg.guided_samples
+    return min(1, cfg.group_size - 1) if cfg.train_prompts == "default" else 0
+
+
+def write_given_files(cfg: PolicyRunConfig, out: Path, files: dict, *, main: bool,
+                      wait: Callable[[], None]) -> None:
+    """Rows given in Python (the trainer API's datasets) written into the run folder as
+    KEY.jsonl, and cfg.KEY pointed at them (every process; the main one writes)."""
+    from mogrpo.data.loaders import write_jsonl
+
+    for key, rows in files.items():
+        path = out / f"{key}.jsonl"
+        if main:
+            write_jsonl(path, rows)
+        setattr(cfg, key, str(path))
+    if files:
+        wait()
+
+
 def load_run_prompts(cfg: PolicyRunConfig, name: str) -> list:
     """The evaluation or validation prompts of a run (balanced by kind, at most the config's
     count); validation needs both kinds."""
@@ -134,11 +182,15 @@ class Run:
     def __init__(self, cfg: PolicyRunConfig, output: str | os.PathLike, *, name: str,
                  resume: bool = False,
                  show_progress: bool = True, check_world: Callable[[int], None] | None = None,
-                 extra_rewards: dict | None = None, need_reference: bool = True):
+                 extra_rewards: dict | None = None, need_reference: bool = True,
+                 reward_sources: list | None = None, files: dict | None = None,
+                 callbacks: list | None = None):
+        """`reward_sources` (reward/sources.py objects) replace the config's `rewards`;
+        `files` ({config key: rows}, e.g. {"train_prompts": [...], "pairs": [...]}) are
+        written into the run folder as KEY.jsonl and the key pointed at them, so the run
+        folder holds the data it was trained and evaluated on; `callbacks` receive each
+        step's metrics (tracking.Tracker)."""
         from mogrpo.models import autocast_dtype
-        from mogrpo.reward.model import MultiAspectRewardModel, require_reward_model
-        from mogrpo.reward.objective import RewardObjective
-        from mogrpo.reward.scoring import Scorer
 
         self.t_start = time.time()
         self.cfg, self.name, self.resume, self.show_progress = cfg, name, resume, show_progress
@@ -149,13 +201,12 @@ class Run:
         if self.main:  # refuses a file, an unwritable path, a folder mogrpo did not make or in use,
             self.lock = claim_output(self.out, f"train {name}")
             refuse_mixing(self.out, resume)  # and a fresh run into a folder holding another run
+        write_given_files(cfg, self.out, files or {}, main=self.main, wait=rt.wait)
         seed_everything(cfg.seed)
-        rm = MultiAspectRewardModel.load(require_reward_model(cfg.reward_model), device=self.device)
-        self.amp = rm.autocast_dtype = autocast_dtype(self.device, cfg.precision)
+        self.amp = autocast_dtype(self.device, cfg.precision)
         self.policy_dtype = DTYPES[cfg.policy_dtype]
-        self.scorer = Scorer(rm, extra_rewards or {}, cfg.not_applicable,
-                             repetition_penalty=cfg.repetition_penalty)
-        self.objective = RewardObjective.build(self.scorer.columns, cfg.weights, cfg.not_applicable)
+        self.scorer, self.objective = run_objective(cfg, reward_sources, extra_rewards,
+                                                    self.device, self.amp)
         model, self.tok, self.ref_model = load_run_policy(cfg, self.device, self.amp,
                                                           need_reference)
         self.model = self.policy = model
@@ -163,6 +214,7 @@ class Run:
         self.rollout_engine, self.merged = samples.sampler_setup(cfg, rt.sharding, model, self.amp)
         self.eval_prompts = load_run_prompts(cfg, "eval")
         self.validation_prompts = load_run_prompts(cfg, "validation")
+        self.guided_samples = guided_count(cfg)
         self.refusal_labeller = samples.LazyLabeller(cfg.cache_dir)  # fitted on first use
         if cfg.train_prompts != "default":  # a user's file is read now: a bad one fails early
             self.train_prompts  # noqa: B018
@@ -170,7 +222,8 @@ class Run:
         self.modules: list = []  # modules prepared besides the policy (PPO's critic)
         check_sharded_run(rt.sharding, cfg, bool(self.validation_prompts),
                           self.ref_model is not None)
-        self.tracker = Tracker(self.out, cfg, main=self.main, per_step=("samples.jsonl",))
+        self.tracker = Tracker(self.out, cfg, main=self.main, per_step=("samples.jsonl",),
+                               callbacks=callbacks)
         self.selection = Selection(self.out, selection_rule(cfg), main=self.main, wait=rt.wait)
         # only now: every input has been read, so a config.yaml never describes a failed start
         if self.main:
@@ -220,7 +273,8 @@ class Run:
         is judged against the request inside the template: the reward model reads 256 tokens,
         and a template would push the request out of them."""
         with self.timer("scoring"):
-            return self.scorer.score(ro.judged_requests, ro.kinds, ro.completions, ro.group_size)
+            return self.scorer.score(ro.judged_requests, ro.kinds, ro.completions, ro.group_size,
+                                     chats=ro.chats, columns=ro.columns)
 
     def logprobs(self, model, ids, attn, L: int, chunk: int = 0,
                  temperature: float | None = None) -> torch.Tensor:
@@ -269,11 +323,12 @@ class Run:
             return {}
         with self.timer(phase), self.amp_ctx(), full_weights(self.policy, self.acc):
             model = self.merged.sync() if self.merged else self.policy
-            return evaluate_loaded(model, self.tok, records, rm=self.scorer.rm,
+            return evaluate_loaded(model, self.tok, records,
+                                   rm=self.scorer if self.scorer.columns else None,
                                    objective=self.objective,
                                    max_new_tokens=self.cfg.eval_max_new_tokens,
-                                   amp_ctx=self.amp_ctx, acc=self.acc,
-                                   engine=self.rollout_engine, out_file=out_file)
+                                   amp_ctx=self.amp_ctx, acc=self.acc, engine=self.rollout_engine,
+                                   out_file=out_file, max_prompt_length=self.cfg.max_prompt_length)
 
     def select(self, step: int) -> dict:
         """Validate the policy after `step` steps (0 = the base) and apply the fixed criterion

@@ -28,8 +28,15 @@ from typing import ClassVar
 
 import torch
 
-from mogrpo.config import field
-from mogrpo.rl.advantages import MODES, group_advantages, guided_diagnostics, update_multipliers
+from mogrpo.config import ConfigError, field
+from mogrpo.rl import trl_names
+from mogrpo.rl.advantages import (
+    MODES,
+    SCALES,
+    group_advantages,
+    guided_diagnostics,
+    update_multipliers,
+)
 from mogrpo.rl.config import OnlineConfig, check_batch_splits
 from mogrpo.rl.engine import Run
 from mogrpo.rl.losses import AGGREGATIONS
@@ -38,17 +45,19 @@ from mogrpo.rl.losses import AGGREGATIONS
 @dataclass
 class GRPOConfig(OnlineConfig):
     """Config of `mogrpo train grpo` (YAML keys = field names; shared keys in PolicyRunConfig
-    and OnlineConfig; TRL names such as num_generations, epsilon, loss_type are aliases)."""
+    and OnlineConfig; TRL's names with TRL's meaning, docs/trl.md)."""
 
     ALIASES: ClassVar[dict] = {**OnlineConfig.ALIASES, "loss_type": "loss_aggregation",
-                               "scale_rewards": "scale_by_std"}
+                               "multi_objective_aggregation": "advantage_mode"}
+    REFUSED: ClassVar[dict] = {**OnlineConfig.REFUSED, **trl_names.REFUSED_GRPO}
 
-    advantage_mode: str = field("normalize_then_sum",
-                                help="normalize_then_sum (GDPO/MO-GRPO: each aspect "
-                                "normalised in its group, then weighted; the default, "
-                                "docs/theory.md section 7) | "
-                                "sum_then_normalize (the paper) | min | lagrangian")
-    scale_by_std: bool = field(True, help="divide by the group std (False = Dr. GRPO)")
+    advantage_mode: str = field("normalize_then_sum", help="normalize_then_sum (GDPO/MO-GRPO: "
+                                "each aspect normalised in its group, then weighted; docs/theory.md"
+                                " section 7) | sum_then_normalize (the paper) | min | lagrangian")
+    scale_rewards: str = field("group", help="the std dividing the advantages: group (each "
+                               "group's) | batch (the whole batch's, every process's) | none "
+                               "(Dr. GRPO); true = group, false = none (also for the deprecated "
+                               "scale_by_std)")
     adv_eps: float = field(1e-4,
                            help="epsilon in the std normalisation; groups with std <= eps get 0")
     std_floor: float = field(0.1, help="divide by max(group std, this) (reward units): differences "
@@ -62,9 +71,21 @@ class GRPOConfig(OnlineConfig):
     extra_rewards: list[str] = field(default_factory=list,
                                      help="extra reward columns: judge_politeness, concise")
     micro_batch_size: int = field(4, help="sequences per forward/backward (gradient accumulation; "
-                                          "exact): 4 took the same time per step as 16 with 0.57x "
-                                          "the peak memory (SmolLM2-135M, 2 CPU cores)")
+                                          "exact): smaller = less peak memory, the same update "
+                                          "(benchmarks/RESULTS.md)")
     loss_aggregation: str = field("grpo", help="grpo | dapo | dr_grpo")
+
+    @classmethod
+    def translate_names(cls, data: dict) -> dict:
+        """TRL's scale_rewards booleans and the deprecated scale_by_std as scale_rewards."""
+        if "scale_by_std" in data:
+            if "scale_rewards" in data:
+                raise ConfigError("GRPOConfig: scale_by_std is the deprecated form of "
+                                  "scale_rewards; give only scale_rewards")
+            data["scale_rewards"] = data.pop("scale_by_std")
+        if isinstance(data.get("scale_rewards"), bool):
+            data["scale_rewards"] = "group" if data["scale_rewards"] else "none"
+        return super().translate_names(data)
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -72,11 +93,9 @@ class GRPOConfig(OnlineConfig):
                              f"prompt "
                              "to compare them; set group_size=4 or more")
         self.check()
-        if self.advantage_mode not in MODES:
-            raise ValueError(f"advantage_mode must be one of {MODES}, got {self.advantage_mode!r}")
-        if self.loss_aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got "
-                             f"{self.loss_aggregation!r}")
+        self.one_of("advantage_mode", MODES)
+        self.one_of("scale_rewards", SCALES, " (or true = group, false = none)")
+        self.one_of("loss_aggregation", AGGREGATIONS)
         if self.advantage_mode == "lagrangian" and not self.thresholds:
             raise ValueError("advantage_mode=lagrangian needs thresholds, e.g. "
                              "thresholds={safety: 0.9}")
@@ -97,10 +116,12 @@ class GRPOConfig(OnlineConfig):
 
 
 def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = False,
-               show_progress: bool = True) -> dict:
-    from mogrpo.reward.scoring import extra_reward
+               show_progress: bool = True, **objects) -> dict:
+    """`objects` (reward_sources, files, callbacks) go to the run (rl/engine.Run), as the
+    trainer API (mogrpo/trainers.py) passes them."""
+    from mogrpo.reward.sources import extra_reward
 
-    run = Run(cfg, output, name="grpo", resume=resume, show_progress=show_progress,
+    run = Run(cfg, output, name="grpo", resume=resume, show_progress=show_progress, **objects,
               check_world=check_batch_splits(cfg.batch_size, cfg.group_size),
               extra_rewards={name: extra_reward(name, cfg.cache_dir) for name in cfg.extra_rewards},
               need_reference=cfg.beta != 0)
@@ -118,7 +139,7 @@ def train_grpo(cfg: GRPOConfig, output: str | os.PathLike, *, resume: bool = Fal
         ro = run.rollout(t)  # this process's B_local prompts x G samples
         rewards = run.score(ro)  # [B_local, G, K]
         adv, adv_stats = group_advantages(rewards, run.objective.weight_vector, cfg.advantage_mode,
-                                          scale_by_std=cfg.scale_by_std, eps=cfg.adv_eps,
+                                          scale_rewards=cfg.scale_rewards, eps=cfg.adv_eps,
                                           std_floor=cfg.std_floor,
                                           gather=gather, multipliers=lag["multipliers"],
                                           constrained=constrained)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from mogrpo import packing
 from mogrpo.config import field
+from mogrpo.rl import trl_names
 from mogrpo.rl.config import OnlineConfig, check_batch_splits
 from mogrpo.rl.engine import Run
 from mogrpo.rl.losses import gae, grpo_loss, value_loss
@@ -37,7 +39,11 @@ from mogrpo.runtime import all_sum, owned_share
 @dataclass
 class PPOConfig(OnlineConfig):
     """Config of `mogrpo train ppo` (YAML keys = field names; shared keys in PolicyRunConfig
-    and OnlineConfig; TRL names such as kl_coef, cliprange, num_ppo_epochs are aliases)."""
+    and OnlineConfig; TRL's PPO names with their meaning, docs/trl.md)."""
+
+    ALIASES: ClassVar[dict] = {**OnlineConfig.ALIASES, "save_steps": "save_every",
+                               "response_length": "max_new_tokens"}
+    REFUSED: ClassVar[dict] = {**OnlineConfig.REFUSED, **trl_names.REFUSED_PPO}
 
     lr: float = field(6e-4, help="AdamW learning rate of the actor")
     critic_lr: float = field(6e-4, help="AdamW learning rate of the critic")
@@ -49,6 +55,17 @@ class PPOConfig(OnlineConfig):
     cliprange_value: float = field(0.2, help="value clip")
     vf_coef: float = field(0.5, help="value loss coefficient")
     whiten_advantages: bool = field(True, help="whiten advantages over the batch")
+
+    @classmethod
+    def optimizer_steps(cls, data: dict) -> int | None:
+        get = lambda name: int(trl_names.value(cls, data, name))  # noqa: E731
+        return get("steps") * get("num_iterations") * (get("batch_size") // get("minibatch_size"))
+
+    @classmethod
+    def translate_names(cls, data: dict) -> dict:
+        """TRL's PPO sizes and total_episodes (rl/trl_names.py), then the shared names."""
+        trl_names.translate_ppo(cls, data)
+        return trl_names.translate_policy(cls, data, cls.optimizer_steps)
 
     def __post_init__(self) -> None:
         self.check()
@@ -124,22 +141,23 @@ STAT_KEYS = ("loss", "policy_loss", "clip_fraction", "entropy", "value_loss", "v
 
 
 def train_ppo(cfg: PPOConfig, output: str | os.PathLike, *, resume: bool = False,
-              show_progress: bool = True) -> dict:
+              show_progress: bool = True, **objects) -> dict:
     """Each process samples its share of the step's prompts (whole groups), advantages are
     whitened over the global batch, and each global minibatch is split by ownership with
-    weights that make the averaged gradient equal the single-process one (`owned_share`)."""
+    weights that make the averaged gradient equal the single-process one (`owned_share`).
+    `objects` (reward_sources, files, callbacks) go to the run (rl/engine.Run), as the trainer
+    API passes them."""
     from mogrpo.models import cast_frozen_linears, resolve_policy_path
     from mogrpo.rollout import completion_logprobs
 
-    run = Run(cfg, output, name="ppo", resume=resume, show_progress=show_progress,
+    run = Run(cfg, output, name="ppo", resume=resume, show_progress=show_progress, **objects,
               check_world=check_batch_splits(cfg.batch_size, cfg.group_size))
     acc, sum_ = run.acc, all_sum(run.acc)
-    if run.runtime.sharding == "fsdp":
-        raise ValueError("PPO trains two models (actor and critic) and accelerate's FSDP2 "
-                         "prepares one per run: "
-                         "run PPO with DDP (configs/accelerate/ddp.yaml) or DeepSpeed "
-                         "(configs/accelerate/deepspeed-zero3.yaml); GRPO, RLOO and DPO run under "
-                         "FSDP")
+    if run.runtime.sharding in ("fsdp", "deepspeed"):
+        raise ValueError(f"PPO trains two models (actor and critic) and accelerate's "
+                         f"{run.runtime.sharding} prepares one per run: run PPO on one process "
+                         f"or with DDP (configs/accelerate/ddp.yaml); GRPO, RLOO and DPO run "
+                         f"sharded")
     critic = load_critic(resolve_policy_path(cfg.policy, cfg.cache_dir), cfg.lora_r, cfg.lora_alpha,
                          cfg.lora_target_modules, run.policy_dtype)
     cast_frozen_linears(critic, run.amp)  # its frozen backbone too (models.cast_frozen_linears)

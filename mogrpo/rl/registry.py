@@ -117,20 +117,25 @@ def check_schedule_horizon(cfg, saved) -> None:
                          f"resume; resume with steps={before}, or start again (--overwrite)")
 
 
-def train(cfg, output, *, resume: bool = False, show_progress: bool = True,
+def train(cfg, output=None, *, resume: bool = False, show_progress: bool = True,
           overwrite: bool = False) -> dict:
     """Train the algorithm `cfg` configures (a GRPOConfig, PPOConfig, DPOConfig, RLOOConfig or
     any registered algorithm's config) into the run folder `output`; returns {eval_before,
     eval_after, cost}. The CLI's `mogrpo train <algo>` calls this. With `resume`, keys changed
     since the run started are reported, and only those in RESUME_MAY_CHANGE take the new
     value. `overwrite` (without `resume`): an earlier run in `output` is moved aside first
-    (checkpointing.move_run_aside); else a folder holding one is refused."""
+    (checkpointing.move_run_aside); else a folder holding one is refused. `output` defaults
+    to the config's `output_dir` (TRL's name)."""
     import os
     import sys
     from pathlib import Path
 
     from mogrpo.config import reconcile_resume
     from mogrpo.runfolder import release_all
+
+    output = output if output is not None else getattr(cfg, "output_dir", None)
+    if output is None:
+        raise ValueError("give the run folder: --output DIR / train(cfg, DIR), or output_dir")
 
     main = os.environ.get("RANK", "0") == "0"
     if overwrite and not resume and main:  # the earlier run is renamed, never deleted

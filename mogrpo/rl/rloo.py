@@ -22,23 +22,29 @@ from typing import ClassVar
 import torch
 
 from mogrpo.config import field
+from mogrpo.rl import trl_names
 from mogrpo.rl.config import OnlineConfig, check_batch_splits
 from mogrpo.rl.engine import Run
+from mogrpo.rl.ppo import global_whiten
 from mogrpo.runtime import all_sum
 
 
 @dataclass
 class RLOOConfig(OnlineConfig):
     """Config of `mogrpo train rloo` (YAML keys = field names; shared keys in PolicyRunConfig
-    and OnlineConfig; TRL's num_generations / rloo_k are aliases of group_size)."""
+    and OnlineConfig; TRL's RLOO names with their meaning, docs/trl.md)."""
 
     ALIASES: ClassVar[dict] = {**OnlineConfig.ALIASES, "rloo_k": "group_size"}
+    REFUSED: ClassVar[dict] = {**OnlineConfig.REFUSED, **trl_names.REFUSED_RLOO}
 
     beta: float = field(0.04,
                         help="KL coefficient: beta * sum_t (log pi - log pi_ref) is taken off each "
                                    "sample's reward")
     micro_batch_size: int = field(4, help="sequences per forward/backward (gradient accumulation; "
                                           "exact)")
+    normalize_advantages: bool = field(False, help="whiten the leave-one-out advantages over the "
+                                                   "whole batch (every process's) to mean 0, std "
+                                                   "1, as TRL's RLOO does with this name")
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -62,8 +68,10 @@ def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
 
 
 def train_rloo(cfg: RLOOConfig, output: str | os.PathLike, *, resume: bool = False,
-               show_progress: bool = True) -> dict:
-    run = Run(cfg, output, name="rloo", resume=resume, show_progress=show_progress,
+               show_progress: bool = True, **objects) -> dict:
+    """`objects` (reward_sources, files, callbacks) go to the run (rl/engine.Run), as the
+    trainer API (mogrpo/trainers.py) passes them."""
+    run = Run(cfg, output, name="rloo", resume=resume, show_progress=show_progress, **objects,
               check_world=check_batch_splits(cfg.batch_size, cfg.group_size))
     run.setup_optimizer(total_updates=cfg.steps * cfg.num_iterations)
 
@@ -82,6 +90,9 @@ def train_rloo(cfg: RLOOConfig, output: str | os.PathLike, *, resume: bool = Fal
         score = run.objective.combine(rewards).to(run.device) - cfg.beta * kl.view_as(rewards[...,
                                                                                               0])
         adv = rloo_advantages(score).reshape(-1)  # [N]
+        if cfg.normalize_advantages:  # over the global batch, as TRL's normalize_advantages
+            adv = global_whiten(adv[:, None], torch.ones_like(adv[:, None]),
+                                all_sum(run.acc)).squeeze(1)
         # which forced openers train (ro.loss_mask), as in GRPO
         credit = run.credit_openers(ro, adv)
         rec = run.policy_update(ro, adv, old_logp=old_logp, beta=0.0, aggregation="grpo",

@@ -18,6 +18,7 @@ def rollout(run, step: int, *, model=None, prompts=None, first_index: int = 0):
     config says), from `model` or else the policy (its merged generation copy when there is
     one). `prompts` + `first_index` replace the step's own."""
     from mogrpo.data.prompts import step_prompt_indices
+    from mogrpo.reward.scoring import record_columns
     from mogrpo.rollout import REFUSAL_OPENERS, generate_rollout
 
     cfg = run.cfg
@@ -32,14 +33,16 @@ def rollout(run, step: int, *, model=None, prompts=None, first_index: int = 0):
     with run.timer("generation"), run.amp_ctx(), full_weights(model if model is not None
                                                               else run.policy, run.acc):
         gen = model if model is not None else (run.merged.sync() if run.merged else run.policy)
-        ro = generate_rollout(gen, run.tok, [p.text for p in prompts], [p.kind for p in prompts],
+        ro = generate_rollout(gen, run.tok, [p.chat for p in prompts], [p.kind for p in prompts],
                               group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                               step=step, first_index=first_index,
-                              chunk_prompts=cfg.generation_chunk or None, guided=cfg.guided_samples,
+                              chunk_prompts=cfg.generation_chunk or None, guided=run.guided_samples,
                               openers=tuple(cfg.guide_openers or REFUSAL_OPENERS),
-                              engine=run.rollout_engine)
+                              engine=run.rollout_engine, max_prompt_length=cfg.max_prompt_length)
     ro.requests = [p.judged_request for p in prompts]
+    ro.chats = [p.chat for p in prompts]  # [B] as asked: for chat-template rewards, functions
+    ro.columns = record_columns(prompts)  # {name: [B]}: the rows' columns, for functions
     return ro
 
 
@@ -59,6 +62,10 @@ def sampler_setup(cfg, sharding: str | None, model, amp):
         engine = "generate"
     elif engine == "auto":
         engine = "mogrpo" if unsupported(model) is None else "generate"
+    if sharding == "fsdp" and is_peft(model) and not cfg.merged_generation:
+        raise ValueError("merged_generation=false under FSDP2: generate cannot sample from the "
+                         "sharded LoRA policy (FSDP requires a single root module); keep "
+                         "merged_generation=true (the default)")
     merged = MergedGenerationCopy(model, amp) if (
         cfg.merged_generation and is_peft(model) and engine == "generate") else None
     return engine, merged
