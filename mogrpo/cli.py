@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from mogrpo import summaries
@@ -68,6 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mogrpo.rl.registry import algorithm, train
 
     cfg = _load(algorithm(args.train_command).config_class(), args)
+    args.output = args.output or cfg.output_dir  # else TRL's output_dir (train: one is needed)
     result = train(cfg, args.output, resume=args.resume, show_progress=not args.quiet,
                    overwrite=args.overwrite)
     if "cost" in result:  # main process
@@ -127,8 +130,18 @@ def _cmd_reward_data(args: argparse.Namespace) -> int:
                        for k, v in summary.items() if k != "rows")
     print(f"wrote {summary['rows']} labelled on-policy rows to {args.output}; refusal shares "
           f"(labeller): {shares}")
-    print(f"use it: mogrpo reward train ... 'data=[default, {args.output}]'")
+    print(f"use it: mogrpo reward train ... 'data=[default, onpolicy, {args.output}]'")
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from mogrpo.export import export_run
+    export_run(args.run, args.output, push_to_hub=args.push_to_hub, cache_dir=args.cache_dir)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from mogrpo.report import write_runs_report
+    write_runs_report(args.runs, args.output, log=print)
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -140,9 +153,38 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help at the terminal's width: $COLUMNS, else the terminal's, else 100 columns (argparse
+    keeps 2 of them free). Options are wrapped as argparse wraps them; a description keeps its
+    line breaks and each of its lines is wrapped on its own; an indented line (a config key a
+    command lists) continues further indented, under its text."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None, **kwargs):
+        if width is None:
+            width = max(shutil.get_terminal_size((100, 24)).columns - 2, 20)
+        super().__init__(prog, indent_increment, max_help_position, width, **kwargs)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            body = line.lstrip()
+            lead = indent + line[:len(line) - len(body)]
+            hang = lead + "    " if body != line else lead
+            lines += textwrap.wrap(body, width, initial_indent=lead, subsequent_indent=hang,
+                                   break_on_hyphens=False) if body else [""]
+        return "\n".join(lines)
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose description may be a function, called only when the help is
-    printed (see _keys)."""
+    printed (see _keys), and whose help is wrapped to the terminal (_Formatter)."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("formatter_class") in (None, argparse.HelpFormatter,
+                                             argparse.RawDescriptionHelpFormatter):
+            kwargs["formatter_class"] = _Formatter
+        super().__init__(*args, **kwargs)
 
     def format_help(self) -> str:
         if callable(self.description):
@@ -164,11 +206,11 @@ def _keys(text: str, config: str):
 
 def _shared_flags(parser: argparse.ArgumentParser, config: str, output: str, *,
                   resume: str | None = None, quiet: bool = True,
-                  overrides: str = "config overrides") -> None:
+                  overrides: str = "config overrides", output_required: bool = True) -> None:
     """The flags every config-driven command shares: --config, --output, [--resume],
     --cache-dir, [--quiet] and key=value overrides."""
     parser.add_argument("--config", help=config)
-    parser.add_argument("--output", required=True, help=output)
+    parser.add_argument("--output", required=output_required, help=output)
     if resume:
         parser.add_argument("--resume", action="store_true", help=resume)
         parser.add_argument("--overwrite", action="store_true",
@@ -184,7 +226,7 @@ def _shared_flags(parser: argparse.ArgumentParser, config: str, output: str, *,
 def build_parser() -> argparse.ArgumentParser:
     from mogrpo.rl.registry import ALGORITHMS
 
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = _Formatter  # descriptions keep their line breaks, wrapped to the terminal
     p = _Parser(prog="mogrpo", description="Multi-objective GRPO for safe and aligned language "
                 "generation.")
     p.add_argument("--version", action="version", version=f"mogrpo {__version__}")
@@ -228,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "hub id) on training prompts only, label each completion with the "
                          "refusal labeller (safety on harmful prompts, actionability on benign "
                          "ones) and write labelled JSONL for `mogrpo reward train ... "
-                         "data=[default, FILE]`.")
+                         "'data=[default, onpolicy, FILE]'` (the default data is [default, "
+                         "onpolicy]: leave out onpolicy and its rows are dropped).")
     src = rd.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-policy", metavar="RUN", help="policy to sample: a run folder, a "
                      "model or adapter folder, builtin: or a hub id")
@@ -258,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description=_keys(f"{algo.description}. Writes "
                                                f"{', '.join(algo.outputs)}.\n\nConfig keys:\n",
                                                f"{algo.module}:{algo.config}"))
-        _shared_flags(tg, f"YAML config (e.g. configs/{algo.name}/default.yaml)", "run folder",
-                      resume="continue from OUTPUT/checkpoints/latest")
+        _shared_flags(tg, f"YAML config (e.g. configs/{algo.name}/default.yaml)", "run folder "
+                      "(default: output_dir)", resume="continue from OUTPUT/checkpoints/latest",
+                      output_required=False)
         tg.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model with independent judges", formatter_class=raw,
@@ -309,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
                   overrides="GRPO config overrides")
     sw.set_defaults(func=_cmd_sweep)
 
+    ex = sub.add_parser("export", help="a policy run as a transformers folder (LoRA merged, "
+                        "safetensors, tokenizer, model card), optionally pushed to the hub")
+    ex.add_argument("run", metavar="RUN", help="policy run folder (mogrpo train; or runs/x/grpo)")
+    ex.add_argument("--output", required=True, metavar="DIR", help="a new or empty folder")
+    ex.add_argument("--push-to-hub", metavar="REPO", help="also upload DIR to this hub repo")
+    ex.add_argument("--cache-dir", help="asset cache folder (the run's base policy)")
+    ex.set_defaults(func=_cmd_export)
+    rp = sub.add_parser("report", help="report.md, report.json, plots of standalone runs")
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="policy run folders (mogrpo train); "
+                    "rows are named by folder, the base row is the first run's eval_before.json")
+    rp.add_argument("--output", required=True, metavar="DIR", help="folder for the report")
+    rp.set_defaults(func=_cmd_report)
+
     d = sub.add_parser("data", help="data sets and splits")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dp = dsub.add_parser("prepare", help="write the default reward data and prompt splits as JSONL",
@@ -354,7 +411,7 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
         return f"interrupted; nothing was written that a rerun needs: {again}"
     from mogrpo.checkpointing import latest_checkpoint  # one layout for every trainer
 
-    latest = latest_checkpoint(Path(args.output))
+    latest = latest_checkpoint(Path(args.output)) if args.output else None
     if latest is None:
         return f"interrupted before the first checkpoint; start again with: {again}"
     resume = again if "--resume" in argv else again + " --resume"

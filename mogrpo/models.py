@@ -285,7 +285,8 @@ def resolve_model(ref: str, cache=None, base_override: str | None = None):
         run_cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
         base_ref = base_override or run_cfg.get("policy")
         if not base_ref:
-            raise ValueError(f"{p}/config.yaml names no 'policy'; pass --base-policy")
+            raise ValueError(f"{p}/config.yaml names no 'policy': add `policy: MODEL` to it "
+                             "(`mogrpo eval` also takes the override base_policy=MODEL)")
         return _load_trained(p / "final", base_ref, cache)
     if (p / "adapter_config.json").is_file():
         import json
@@ -293,7 +294,9 @@ def resolve_model(ref: str, cache=None, base_override: str | None = None):
         base_ref = base_override or json.loads((p / "adapter_config.json").read_text()).get(
             "base_model_name_or_path")
         if not base_ref:
-            raise ValueError(f"{p}/adapter_config.json names no base model; pass --base-policy")
+            raise ValueError(f"{p}/adapter_config.json names no base model: set its "
+                             "base_model_name_or_path (`mogrpo eval` also takes the override "
+                             "base_policy=MODEL)")
         return _load_trained(p, base_ref, cache)
     if p.exists() and not (p / "config.json").is_file() and p.suffix != ".gguf":
         raise FileNotFoundError(f"{p}: not a run folder (config.yaml + final/), an adapter folder "

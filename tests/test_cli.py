@@ -102,7 +102,7 @@ def test_the_commands_are_all_there():
     groups = {(), ("reward",), ("train",), ("data",)}
     assert {" ".join(c) for c in COMMANDS if c not in groups} == {
         "assets", "reward train", "reward score", "reward data", "train grpo", "train ppo",
-        "train dpo", "train rloo", "eval", "run", "sweep", "data prepare"}
+        "train dpo", "train rloo", "eval", "run", "sweep", "data prepare", "export", "report"}
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda c: " ".join(c) or "mogrpo")
@@ -140,10 +140,10 @@ def test_interrupted_names_the_last_checkpoint(argv, tmp_path):
     full = [*argv, "--output", str(out), "--quiet"]
     args = _parse(build_parser(), full)
     assert "before the first checkpoint; start again with: mogrpo " in _interrupted(args, full)
-    (out / "checkpoints" / "step-000004").mkdir(parents=True)
-    (out / "checkpoints" / "latest").write_text("step-000004\n")
+    (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("checkpoint-4\n")
     line = _interrupted(args, full)
-    assert f"the last checkpoint is {out / 'checkpoints' / 'step-000004'}" in line
+    assert f"the last checkpoint is {out / 'checkpoints' / 'checkpoint-4'}" in line
     assert line.endswith("--quiet --resume")
     args = _parse(build_parser(), ["eval", "--model", "m", "--output", str(out)])
     assert "nothing was written that a rerun needs" in _interrupted(args, [])

@@ -242,9 +242,9 @@ def test_missing_local_file_and_unsupported_type(tmp_path):
 def test_hub_id_without_datasets_mentions_extra(monkeypatch):
     # A None entry in sys.modules makes `import datasets` fail even where it is installed.
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ImportError, match=r"mogrpo\[hf\]"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[hf\]'"):
         load_hf_labelled("helpsteer2", "nvidia/HelpSteer2")
-    with pytest.raises(ImportError, match=r"mogrpo\[hf\]"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[hf\]'"):
         load_hf_pairs("PKU-Alignment/PKU-SafeRLHF")
 
 

@@ -179,7 +179,7 @@ def test_fsdp_two_processes_equal_one_process(variant, tiny_qwen2_dir, tiny_rewa
     cost = json.loads((two / "cost.json").read_text())
     assert (cost["processes"], cost["sharding"], cost["rollout_engine"]) == (2, "fsdp", "generate")
     _assert_same(final_weights(one / "final"), final_weights(two / "final"), atol=1e-5)
-    assert (two / "checkpoints" / "step-000001" / "trainer_state.pt").is_file()
+    assert (two / "checkpoints" / "checkpoint-1" / "trainer_state.pt").is_file()
 
 
 @pytest.mark.slow
