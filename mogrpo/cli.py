@@ -5,15 +5,13 @@ the config keys a command's --help lists are read only when that help is printed
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
-import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 from mogrpo import summaries
 from mogrpo._version import __version__
+from mogrpo.helptext import Formatter, Parser, keys
 
 
 def _load(cls, args: argparse.Namespace):
@@ -153,57 +151,6 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Help at the terminal's width: $COLUMNS, else the terminal's, else 100 columns (argparse
-    keeps 2 of them free). Options are wrapped as argparse wraps them; a description keeps its
-    line breaks and each of its lines is wrapped on its own; an indented line (a config key a
-    command lists) continues further indented, under its text."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None, **kwargs):
-        if width is None:
-            width = max(shutil.get_terminal_size((100, 24)).columns - 2, 20)
-        super().__init__(prog, indent_increment, max_help_position, width, **kwargs)
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        lines = []
-        for line in text.splitlines():
-            body = line.lstrip()
-            lead = indent + line[:len(line) - len(body)]
-            hang = lead + "    " if body != line else lead
-            lines += textwrap.wrap(body, width, initial_indent=lead, subsequent_indent=hang,
-                                   break_on_hyphens=False) if body else [""]
-        return "\n".join(lines)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose description may be a function, called only when the help is
-    printed (see _keys), and whose help is wrapped to the terminal (_Formatter)."""
-
-    def __init__(self, *args, **kwargs):
-        if kwargs.get("formatter_class") in (None, argparse.HelpFormatter,
-                                             argparse.RawDescriptionHelpFormatter):
-            kwargs["formatter_class"] = _Formatter
-        super().__init__(*args, **kwargs)
-
-    def format_help(self) -> str:
-        if callable(self.description):
-            self.description = self.description()
-        return super().format_help()
-
-
-def _keys(text: str, config: str):
-    """A description read when the help is printed: `text`, then the keys of the config class
-    `config` ("module:name"; a function of that name returns the class)."""
-    def description() -> str:
-        from mogrpo.config import describe
-
-        module, name = config.split(":")
-        cls = getattr(importlib.import_module(module), name)
-        return text + describe(cls if isinstance(cls, type) else cls())
-    return description
-
-
 def _shared_flags(parser: argparse.ArgumentParser, config: str, output: str, *,
                   resume: str | None = None, quiet: bool = True,
                   overrides: str = "config overrides", output_required: bool = True) -> None:
@@ -226,8 +173,8 @@ def _shared_flags(parser: argparse.ArgumentParser, config: str, output: str, *,
 def build_parser() -> argparse.ArgumentParser:
     from mogrpo.rl.registry import ALGORITHMS
 
-    raw = _Formatter  # descriptions keep their line breaks, wrapped to the terminal
-    p = _Parser(prog="mogrpo", description="Multi-objective GRPO for safe and aligned language "
+    raw = Formatter  # descriptions keep their line breaks, wrapped to the terminal
+    p = Parser(prog="mogrpo", description="Multi-objective GRPO for safe and aligned language "
                 "generation.")
     p.add_argument("--version", action="version", version=f"mogrpo {__version__}")
     p.add_argument("--debug", action="store_true",
@@ -244,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reward", help="the multi-aspect reward model")
     rsub = r.add_subparsers(dest="reward_command", required=True)
     rt = rsub.add_parser("train", help="train a reward model", formatter_class=raw,
-                         description=_keys("Train a multi-aspect reward model by masked "
+                         description=keys("Train a multi-aspect reward model by masked "
                                            "regression.\n\nConfig keys (YAML, or key=value "
                                            "overrides):\n",
                                            "mogrpo.reward.train:RewardTrainConfig"))
@@ -298,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="train_command", required=True)
     for algo in ALGORITHMS.values():  # every registered algorithm
         tg = tsub.add_parser(algo.name, help=algo.description, formatter_class=raw,
-                             description=_keys(f"{algo.description}. Writes "
+                             description=keys(f"{algo.description}. Writes "
                                                f"{', '.join(algo.outputs)}.\n\nConfig keys:\n",
                                                f"{algo.module}:{algo.config}"))
         _shared_flags(tg, f"YAML config (e.g. configs/{algo.name}/default.yaml)", "run folder "
@@ -307,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         tg.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model with independent judges", formatter_class=raw,
-                       description=_keys("Generate on held-out prompts and judge every "
+                       description=keys("Generate on held-out prompts and judge every "
                                          "completion: training RM (marked as such), refusal and "
                                          "toxicity judges, evaluator RM, KL to base, length, "
                                          "distinct-2. Writes eval.json and generations.jsonl."
@@ -321,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rn = sub.add_parser("run", help="the whole job: reward models, base eval, GRPO/PPO/DPO, "
                         "evals, report", formatter_class=raw,
-                        description=_keys("assets -> reward model -> evaluator reward model -> "
+                        description=keys("assets -> reward model -> evaluator reward model -> "
                                           "base evaluation -> each of `algorithms` (default GRPO, "
                                           "PPO, DPO; train + evaluate each, once per seed of "
                                           "`seeds`) -> report.md/report.json + plots. Stages are "
@@ -338,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="GRPO over several weight vectors or thresholds: the "
                         "trade-off front", formatter_class=raw,
-                        description=_keys("Train GRPO once per --weights (or --thresholds, "
+                        description=keys("Train GRPO once per --weights (or --thresholds, "
                                           "lagrangian) point, evaluate each, and plot harmful "
                                           "safety against benign actionability with the Pareto "
                                           "front and its hypervolume.\n\nGRPO config keys:\n",

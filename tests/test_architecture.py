@@ -16,7 +16,7 @@ LAYERS = [["_version", "config", "assets", "gguf", "runfolder", "memory", "runti
            "checkpointing"], ["data"],
           ["models", "generation", "sampling", "packing", "rollout"], ["reward"], ["eval"], ["rl"],
           ["pipeline", "stages", "sweep", "report", "export", "trainers"],
-          ["__init__", "cli", "summaries"]]
+          ["__init__", "cli", "helptext", "summaries"]]
 
 
 def module_name(path: Path) -> str:

@@ -304,6 +304,7 @@ def test_the_own_task_example_trains_reports_and_exports(tmp_path, tiny_policy_d
     headline = report.split("## Headline", 1)[1].split("##", 1)[0]
     assert "train reward: on_topic" in headline and "harmful compliance" not in headline
     assert "| cli |" in headline and "| api |" in headline
+    assert "How far the judges can be trusted" not in report  # no prompt was judged for harm
     assert main(["export", str(cli_run), "--output", str(tmp_path / "model")]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert model.config.vocab_size > 0

@@ -241,3 +241,18 @@ def test_ppo_under_fsdp_is_refused_with_the_way_out(tiny_qwen2_dir, tiny_reward_
     proc = launch_fsdp(tmp_path / "ppo", ["train", "ppo", *_overrides(kw)])
     assert proc.returncode != 0
     assert "mogrpo: error: PPO trains two models" in proc.stderr and "ddp.yaml" in proc.stderr
+
+
+def test_merged_generation_off_under_fsdp_is_refused_at_the_start():
+    """generate cannot sample from a sharded LoRA policy (a two-process run failed at its
+    first rollout with "FSDP requires a single root module"): refused before any step."""
+    from types import SimpleNamespace
+
+    from mogrpo.rl.samples import sampler_setup
+
+    lora = SimpleNamespace(disable_adapter=None, peft_config={})  # what models.is_peft reads
+    cfg = SimpleNamespace(rollout_engine="auto", merged_generation=False)
+    with pytest.raises(ValueError, match="merged_generation=false under FSDP2.*keep "
+                                         "merged_generation=true"):
+        sampler_setup(cfg, "fsdp", lora, None)
+    assert sampler_setup(cfg, None, object(), None) == ("generate", None)  # not sharded: as before

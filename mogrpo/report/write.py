@@ -162,7 +162,9 @@ def _write(out: Path, base: dict, entries: dict[str, dict[int, dict]], seeds: li
                    for a in per_seed}
     md += _alarm_section(alarms, seed_alarms if multi else None)
     md += _reward_model_section(reward_models)
-    agree = judge_agreement()
+    # the safety judges' agreement with people: only where something was judged for harm
+    agree = judge_agreement() if any(r.get("compliance_rate") is not None
+                                     for r in rows.values()) else None
     md += _judges_section(agree)
     md += _tuning_section(folders)
     md.append("## All metrics")
