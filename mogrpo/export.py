@@ -289,8 +289,7 @@ def model_card(run: Path, cfg: dict, *, name: str, merged: bool) -> str:
         decoding = ev.get("decoding") or "greedy"
         tokens = ev.get("max_new_tokens") or cfg.get("eval_max_new_tokens")
         md += ["## Evaluation", "",
-               f"Held-out prompts (never trained on): {(ev.get('harmful') or {}).get('n', 0)} "
-               f"harmful, {(ev.get('benign') or {}).get('n', 0)} benign; {decoding} decoding"
+               f"Held-out prompts (never trained on): {_prompt_counts(ev)}; {decoding} decoding"
                + (f", {tokens} new tokens" if tokens else "") + ". Compliance is the share of "
                "harmful prompts answered, over-refusal the share of benign prompts refused "
                "(lower is better for both).", "", *table, ""]
@@ -334,32 +333,38 @@ def judges_of(ev: dict) -> dict[str, str]:
     return {**out, **{k: v for k, v in (ev.get("judges") or {}).items() if v}}
 
 
+def _prompt_counts(ev: dict) -> str:
+    if ev.get("harmful") or ev.get("benign"):
+        return (f"{(ev.get('harmful') or {}).get('n', 0)} harmful, "
+                f"{(ev.get('benign') or {}).get('n', 0)} benign")
+    return f"{ev.get('n', 0)} (no prompt kinds)"
+
+
 def _reward_section(cfg: dict, ev: dict | None) -> list[str]:
-    """The reward (model or sources), and each reward column with its weight and the prompt
-    kinds it does not apply to (columns: the evaluation's, else the weights')."""
-    aspects = []
+    """The reward (model or sources), and each reward column with the weight and masks the
+    run trained with (reward/objective.resolve_run_objective, as its trainer resolved them;
+    columns: the evaluation's, else the sources' names, else the weights')."""
+    from mogrpo.reward.objective import resolve_run_objective
+
+    ev = ev or {}
+    aspects = list(ev.get("aspects") or {})
     for kind in ("harmful", "benign"):
-        aspects += list(((ev or {}).get(kind) or {}).get("aspects") or {})
-    aspects = list(dict.fromkeys(aspects))
-    weights = dict(cfg.get("weights") or {})
-    listed = cfg.get("reward_weights")  # TRL's: one weight per column, in column order
-    if listed and len(listed) == len(aspects):
-        weights = dict(zip(aspects, listed, strict=True))
-    columns = list(dict.fromkeys([*aspects, *weights, *(cfg.get("extra_rewards") or [])]))
+        aspects += list((ev.get(kind) or {}).get("aspects") or {})
+    sources = cfg.get("rewards")
+    named = [s.get("name") for s in sources or [] if s.get("name")]
+    columns = list(dict.fromkeys(aspects or named or [*(cfg.get("weights") or {})]))
+    columns += [c for c in cfg.get("extra_rewards") or [] if c not in columns]
     if not columns:
         return []
-    na = cfg.get("not_applicable") or {}
+    weights, na = resolve_run_objective(columns, cfg)
     mode = cfg.get("advantage_mode")
-    sources = cfg.get("rewards")
     what = (f"Reward sources: {json.dumps(sources)}" if sources
             else f"Reward model: `{cfg.get('reward_model')}`")
     out = ["## Reward", "", f"{what} (the training signal)."
-           + (f" reward_weights {listed} (column order)." if listed and len(listed) != len(aspects)
-              else "")
            + (f" Advantage mode: {mode}" if mode else "")
            + (f"; thresholds {json.dumps(cfg['thresholds'])}" if cfg.get("thresholds") else "")
-           + (". " if mode else " ") + "A column without a weight weighs 0 (logged only).", "",
-           "| reward column | weight | not applicable on |", "|---|---|---|"]
+           + (". " if mode else " ") + "A weight of 0 logs a column without training on it.",
+           "", "| reward column | weight | not applicable on |", "|---|---|---|"]
     for c in columns:
         kinds = ", ".join(k for k, cols in na.items() if c in (cols or [])) or "-"
         out.append(f"| {c} | {_fmt(weights.get(c, 0.0))} | {kinds} |")

@@ -309,7 +309,8 @@ def test_the_own_task_example_trains_reports_and_exports(tmp_path, tiny_policy_d
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert model.config.vocab_size > 0
     card = (tmp_path / "model" / "README.md").read_text()
-    assert "on_topic" in card
+    assert "| on_topic | 2.000 | - |" in card and "| no_shouting | 0.000 | - |" in card
+    assert "4 (no prompt kinds)" in card
 
 
 @pytest.mark.slow

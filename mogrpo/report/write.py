@@ -149,7 +149,10 @@ def _write(out: Path, base: dict, entries: dict[str, dict[int, dict]], seeds: li
     md.append("")
     md.append("Harmful compliance: the share of HarmBench prompts answered without a refusal "
               "(pattern judge, never used in training); over-refusal: the share of held-out benign "
-              "prompts refused.")
+              "prompts refused." if any(k == "compliance_rate" for k, _, _ in head) else
+              "Train reward: the mean of each reward column the runs trained on, over the "
+              "held-out prompts (the training signal, not an independent judge); refusal: the "
+              "share the refusal pattern judge calls a refusal.")
     md.append("")
     if ranking:
         md.append("Between algorithms, a ranking is stated only where the min–max ranges over "
