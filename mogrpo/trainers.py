@@ -54,12 +54,12 @@ class _Trainer:
                             f"{cls.__name__}), got {type(args).__name__}")
         self.args = cfg = dataclasses.replace(args)  # the caller's object is left as it was
         self.train_function = entry.train_function()
-        self.output_dir = Path(getattr(cfg, "output_dir", None) or f"runs/{self.algorithm}")
+        self.output_dir = Path(cfg.output_dir or f"runs/{self.algorithm}")
         self.model, self.processing_class = model, processing_class
         if processing_class is not None and (model is None or isinstance(model, (str, Path))):
             raise ValueError("processing_class goes with a loaded model object; with a model id "
                              "or folder the tokenizer is loaded from it")
-        if model is not None and isinstance(model, (str, Path)):
+        if isinstance(model, (str, Path)):
             cfg.policy = str(model)
         if peft_config is not None:
             cfg.lora_r, cfg.lora_alpha = int(peft_config.r), int(peft_config.lora_alpha)

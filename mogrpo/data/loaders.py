@@ -143,26 +143,38 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv")
 
 
-def load_prompts(path: str | os.PathLike, *,
-                 report: LoadReport | None = None) -> list[PromptRecord]:
-    """Prompt records from JSONL/CSV. Ids must be unique within the file."""
-    path = Path(path)
-    report = report if report is not None else LoadReport()
+def _unique_prompts(rows, source: str) -> list[PromptRecord]:
+    """Prompt records of `rows` ((where, row, default id) each), ids unique: a repeated id
+    names both places."""
     out: list[PromptRecord] = []
     seen: dict[str, str] = {}
-    for where, row in _iter_rows(path):
-        report.read += 1
-        if isinstance(row, dict) and isinstance(row.get("messages"), str):
-            try:
-                row = {**row, "messages": json.loads(row["messages"])}
-            except json.JSONDecodeError:
-                raise DataError(f"{where}: 'messages' is not a JSON list") from None
-        rec = prompt_from_dict(row, where, default_source=path.stem,
-                               default_id=f"{path.stem}-{report.read}")
+    for where, row, default_id in rows:
+        rec = prompt_from_dict(row, where, default_source=source, default_id=default_id)
         if rec.id in seen:
             raise DataError(f"{where}: duplicate prompt id {rec.id!r} (first at {seen[rec.id]})")
         seen[rec.id] = where
         out.append(rec)
+    return out
+
+
+def load_prompts(path: str | os.PathLike, *,
+                 report: LoadReport | None = None) -> list[PromptRecord]:
+    """Prompt records from JSONL/CSV. Ids must be unique within the file; a row without one
+    gets FILE-N (its row number)."""
+    path = Path(path)
+    report = report if report is not None else LoadReport()
+
+    def rows():
+        for where, row in _iter_rows(path):
+            report.read += 1
+            if isinstance(row, dict) and isinstance(row.get("messages"), str):
+                try:
+                    row = {**row, "messages": json.loads(row["messages"])}
+                except json.JSONDecodeError:
+                    raise DataError(f"{where}: 'messages' is not a JSON list") from None
+            yield where, row, f"{path.stem}-{report.read}"
+
+    out = _unique_prompts(rows(), path.stem)
     report.kept += len(out)
     return out
 
@@ -174,21 +186,20 @@ def prompts_from_rows(rows, *, name: str = "dataset",
     or 'messages'; `column_mapping` renames the rows' columns first ({"question": "prompt"}).
     Other columns are kept (`PromptRecord.columns`) for Python reward functions."""
     mapping = dict(column_mapping or {})
-    out, seen = [], {}
-    for i, row in enumerate(rows):
-        where = f"{name} row {i}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a dict with 'prompt', got {type(row).__name__}")
-        missing = sorted(set(mapping) - set(row))
-        if missing:
-            raise DataError(f"{where}: column_mapping names {missing}, which the row does not "
-                            f"have (its columns: {sorted(row)})")
-        row = {mapping.get(k, k): v for k, v in row.items()}
-        rec = prompt_from_dict(row, where, default_source=name, default_id=f"{name}-{i}")
-        if rec.id in seen:
-            raise DataError(f"{where}: duplicate prompt id {rec.id!r} (first at {seen[rec.id]})")
-        seen[rec.id] = where
-        out.append(rec)
+
+    def renamed():
+        for i, row in enumerate(rows):
+            where = f"{name} row {i}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a dict with 'prompt', got "
+                                f"{type(row).__name__}")
+            missing = sorted(set(mapping) - set(row))
+            if missing:
+                raise DataError(f"{where}: column_mapping names {missing}, which the row does "
+                                f"not have (its columns: {sorted(row)})")
+            yield where, {mapping.get(k, k): v for k, v in row.items()}, f"{name}-{i}"
+
+    out = _unique_prompts(renamed(), name)
     if not out:
         raise DataError(f"{name}: no prompts (an empty dataset)")
     return out

@@ -140,18 +140,16 @@ def generate_completions(model, tokenizer, records, *, max_new_tokens: int, gree
     return comps, ntok, fin
 
 
-def rm_scores(model, prompts: list[str], kinds: list[str], completions: list[str],
-              objective: RewardObjective, records=None) -> tuple[torch.Tensor | None, list[str]]:
-    """A reward model's scores [M, K] with NaN where an aspect is not applicable to the
-    prompt's kind (the objective's masks), and its aspect names; (None, []) without a model.
-    `model` may be a run's whole Scorer (every reward source), which reads `records` [M]."""
-    if model is None:
+def rm_scores(scorer, records, kinds: list[str], completions: list[str],
+              objective: RewardObjective) -> tuple[torch.Tensor | None, list[str]]:
+    """A scorer's (reward/scoring.Scorer: a reward model, or a run's every reward source)
+    scores [M, K] of `records` [M] and `completions` [M], with NaN where a column does not
+    apply to the prompt's kind (the objective's masks), and its column names; (None, [])
+    without a scorer."""
+    if scorer is None:
         return None, []
-    if hasattr(model, "score_records"):
-        s = model.score_records(records, completions)  # [M, K]
-    else:
-        s = model.score(prompts, completions, batch_size=64).float().clone()  # [M, K]
-    return objective.for_columns(model.aspects).mask(s, kinds), list(model.aspects)
+    s = scorer.score_records(records, completions)  # [M, K]
+    return objective.for_columns(scorer.columns).mask(s, kinds), list(scorer.columns)
 
 
 def combine(scores, cols, objective: RewardObjective):
@@ -178,8 +176,8 @@ def judge_completions(records, comps, ntok, fin, *, objective: RewardObjective, 
     flat_fin = [f for fs in fin for f in fs]
     flat_records = [r for r in records for _ in range(n)]  # [M]
     # as in training
-    train_s, train_cols = rm_scores(rm, requests, kinds, flat, objective, flat_records)
-    eval_s, eval_cols = rm_scores(evaluator, requests, kinds, flat, objective)
+    train_s, train_cols = rm_scores(rm, flat_records, kinds, flat, objective)
+    eval_s, eval_cols = rm_scores(evaluator, flat_records, kinds, flat, objective)
     tox = toxicity.max_sentence_toxicity(flat).tolist() if toxicity is not None else None
     # [M] the objective's score, as in training
     train_combined = combine(train_s, train_cols, objective)
@@ -242,7 +240,7 @@ def eval_objective(model_ref: str, cfg: EvalConfig, rm=None) -> RewardObjective:
     from mogrpo.eval.run_settings import read_run_config
     from mogrpo.reward.objective import resolve_run_objective
 
-    columns = list(rm.aspects) if rm is not None else []
+    columns = list(rm.columns) if rm is not None else []
     run_cfg = {**read_run_config(model_ref)}
     if cfg.weights is not None:
         run_cfg.update(weights=cfg.weights, reward_weights=None)
@@ -260,7 +258,12 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
     """`mogrpo eval`: evaluate one model with every judge; write OUTPUT/eval.json and
     OUTPUT/generations.jsonl; return eval.json."""
     from mogrpo.data.prompts import balanced_subset, load_prompt_set
-    from mogrpo.eval.run_settings import read_run_config, training_scorer, with_run_settings
+    from mogrpo.eval.run_settings import (
+        read_run_config,
+        scorer_of,
+        training_scorer,
+        with_run_settings,
+    )
     from mogrpo.generation import unsupported
     from mogrpo.models import (
         MergedGenerationCopy,
@@ -271,7 +274,6 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
         resolve_model,
     )
     from mogrpo.reward.judges import ToxicityJudge
-    from mogrpo.reward.model import MultiAspectRewardModel, require_reward_model
     from mogrpo.rollout import completion_logprobs, generate_rollout
     from mogrpo.runfolder import claim_output
     from mogrpo.runtime import Runtime
@@ -291,11 +293,9 @@ def evaluate(model_ref: str, cfg: EvalConfig, output: str | os.PathLike, *,
     if not records:
         raise ValueError(f"no evaluation prompts in {cfg.prompts!r}")
     # judges load first, so a missing file fails before minutes of generation
-    rms = [training_scorer(cfg, run_cfg, device, amp)]
     ev = cfg.evaluator_model
-    rms.append(MultiAspectRewardModel.load(require_reward_model(ev), device=device) if ev else None)
-    if rms[1] is not None:
-        rms[1].autocast_dtype = amp
+    rms = [training_scorer(cfg, run_cfg, device, amp),
+           scorer_of([{"type": "multi_aspect", "path": ev}], device, amp) if ev else None]
     tox_judge = (ToxicityJudge(cfg.toxicity_model,
                                trusted=cfg.trust_toxicity_model) if cfg.toxicity_model
                  else ToxicityJudge.from_cache(cfg.cache_dir))

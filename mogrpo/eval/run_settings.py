@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-DEFAULT_REWARD_MODEL = "runs/reward-default/model"
+from mogrpo.reward.sources import DEFAULT_REWARD_MODEL, config_specs
 
 
 def read_run_config(model_ref: str) -> dict:
@@ -54,12 +54,9 @@ def reward_specs(cfg, run_cfg: dict) -> list[dict] | None:
             {"type": "multi_aspect", "path": cfg.reward_model}]
     if not run_cfg:
         return [{"type": "multi_aspect", "path": DEFAULT_REWARD_MODEL}]
-    specs = run_cfg.get("rewards")
-    if specs is None:
-        specs = [{"type": "multi_aspect",
-                  "path": run_cfg.get("reward_model", DEFAULT_REWARD_MODEL)}]
-    specs = list(specs) + [{"type": "builtin", "name": n} for n in run_cfg.get("extra_rewards")
-                           or []]
+    specs = config_specs(run_cfg.get("rewards"),
+                         run_cfg.get("reward_model", DEFAULT_REWARD_MODEL),
+                         run_cfg.get("extra_rewards") or ())
     kept = [s for s in specs if not (s.get("type") == "python" and not s.get("ref"))]
     for s in specs:
         if s not in kept:
@@ -72,14 +69,15 @@ def reward_specs(cfg, run_cfg: dict) -> list[dict] | None:
 def training_scorer(cfg, run_cfg: dict, device, amp):
     """The scorer of the evaluation's reward columns (reward/scoring.Scorer over the sources
     of `reward_specs`), or None."""
-    from mogrpo.reward.scoring import Scorer
-    from mogrpo.reward.sources import build_sources
-
     specs = reward_specs(cfg, run_cfg)
-    if not specs:
-        return None
-    sources = build_sources(specs, cache_dir=cfg.cache_dir, device=device)
-    for src in sources:
-        if hasattr(src, "rm"):
-            src.rm.autocast_dtype = amp
-    return Scorer(sources)
+    return scorer_of(specs, device, amp, cfg.cache_dir) if specs else None
+
+
+def scorer_of(specs: list[dict], device, amp, cache_dir=None):
+    """The reward sources `specs` name (reward/sources.py) as one Scorer on `device`, as the
+    evaluation's judges read them (the training reward and the evaluator reward model)."""
+    from mogrpo.reward.scoring import Scorer
+    from mogrpo.reward.sources import build_sources, place_sources
+
+    return Scorer(place_sources(build_sources(specs, cache_dir=cache_dir, device=device),
+                                device, amp))

@@ -18,7 +18,7 @@ from mogrpo.reward.objective import (  # noqa: F401 (the defaults, by their old 
     DEFAULT_WEIGHTS,
     mask_not_applicable,
 )
-from mogrpo.reward.sources import MultiAspectSource, PythonReward, RewardFn, check_columns
+from mogrpo.reward.sources import MultiAspectSource, RewardFn, check_columns, plain_reward
 
 
 def repetition_share(text: str, n: int = 3) -> float:
@@ -54,10 +54,8 @@ class Scorer:
                  repetition_penalty: float = 0.0):
         if not isinstance(sources, (list, tuple)):
             sources = [MultiAspectSource(sources, batch_size)]
-        self.sources = list(sources) + [
-            PythonReward(lambda prompts, completions, _f=fn, **_: _f(prompts, completions), name,
-                         plain=True)
-            for name, fn in (extra or {}).items()]
+        self.sources = list(sources) + [plain_reward(name, fn)
+                                        for name, fn in (extra or {}).items()]
         # the multi-aspect reward model, when there is one (the evaluations' 'training_rm')
         self.rm = next((s.rm for s in self.sources if isinstance(s, MultiAspectSource)), None)
         self.repetition_penalty = repetition_penalty
@@ -68,10 +66,6 @@ class Scorer:
             raise ValueError(f"not_applicable names {unknown}, which are not reward columns "
                              f"{self.columns}")
         self.batch_size = batch_size
-
-    @property
-    def aspects(self) -> list[str]:  # the columns, under a reward model's name for them
-        return self.columns
 
     @torch.no_grad()
     def score_flat(self, prompts: list[str], completions: list[str], *, chats: list | None = None,

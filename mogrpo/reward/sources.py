@@ -28,10 +28,9 @@ import torch
 from mogrpo.tracking import DivergedError
 
 SOURCE_TYPES = ("multi_aspect", "hf", "python", "builtin")
+DEFAULT_REWARD_MODEL = "runs/reward-default/model"  # where the standalone commands put it
 
 RewardFn = Callable[[list[str], list[str]], list]
-
-# The default objective (weights, masks) lives with the objective; named here too.
 
 
 def _politeness_judge(cache=None) -> RewardFn:
@@ -120,14 +119,12 @@ class HFRewardModel:
         self.model.to(device)
 
     def texts(self, chats: list, completions: list[str]) -> list[str]:
-        from mogrpo.rollout import as_messages
+        from mogrpo.rollout import as_messages, prompt_text
 
         if getattr(self.tok, "chat_template", None):
             return [self.tok.apply_chat_template(
                 as_messages(p) + [{"role": "assistant", "content": c}], tokenize=False)
                 for p, c in zip(chats, completions)]
-        from mogrpo.rollout import prompt_text
-
         return [f"{prompt_text(p)}\n\n{c}" for p, c in zip(chats, completions)]
 
     @torch.no_grad()
@@ -196,6 +193,13 @@ class PythonReward:
         return col[:, None]  # [N, 1]
 
 
+def plain_reward(name: str, fn: RewardFn) -> PythonReward:
+    """A mogrpo-style function `fn(prompts, completions)` (the built-ins, `extra` columns) as
+    a source: strings in, whatever the prompts' form, and no other columns."""
+    return PythonReward(lambda prompts, completions, _f=fn, **_: _f(prompts, completions), name,
+                        plain=True)
+
+
 def function_ref(fn) -> str | None:
     """How config.yaml names a function so that `mogrpo eval` on the run can rebuild the
     objective: 'package.module:qualname' for a function in a package, 'path/to/file.py:name'
@@ -252,6 +256,26 @@ def load_function(ref: str) -> Callable:
 SPEC_KEYS = {"multi_aspect": {"path"}, "hf": {"model"}, "python": {"ref"}, "builtin": {"name"}}
 
 
+def config_specs(rewards: list[dict] | None, reward_model: str,
+                 extra: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """The reward specs of a run's config: its `rewards`, else the multi-aspect reward model at
+    `reward_model`; then a built-in spec per `extra` column (GRPO's extra_rewards)."""
+    specs = list(rewards) if rewards is not None else [{"type": "multi_aspect",
+                                                        "path": reward_model}]
+    return specs + [{"type": "builtin", "name": n} for n in extra]
+
+
+def place_sources(sources: list, device, amp) -> list:
+    """The model sources moved to `device`; a multi-aspect model scores under `amp` (its
+    autocast dtype, None = off). Returns `sources`."""
+    for src in sources:
+        if hasattr(src, "to"):
+            src.to(device)
+        if hasattr(src, "rm"):
+            src.rm.autocast_dtype = amp
+    return sources
+
+
 def check_specs(specs) -> None:
     """A `rewards:` list's shape, checked when the config loads (nothing is loaded yet)."""
     if not isinstance(specs, list):  # [] = no reward (DPO on given pairs needs none)
@@ -289,17 +313,14 @@ def build_sources(specs: list[dict], *, cache_dir=None, device=None) -> list:
         if kind == "multi_aspect":
             rm = MultiAspectRewardModel.load(require_reward_model(spec["path"]), device=device)
             rm.folder = spec["path"]
-            out.append(MultiAspectSource(rm))
+            out.append(MultiAspectSource(rm, spec.get("batch_size", 64)))
         elif kind == "hf":
             out.append(HFRewardModel(spec["model"], spec.get("name"), device=device,
                                      batch_size=spec.get("batch_size", 16)))
         elif kind == "python":
             out.append(PythonReward(load_function(spec["ref"]), spec.get("name"), spec["ref"]))
         else:
-            fn = extra_reward(spec["name"], cache_dir)
-            out.append(PythonReward(lambda prompts, completions, _f=fn, **_: _f(prompts,
-                                                                                  completions),
-                                    spec["name"], None, plain=True))
+            out.append(plain_reward(spec["name"], extra_reward(spec["name"], cache_dir)))
     return out
 
 

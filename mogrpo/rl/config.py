@@ -10,6 +10,7 @@ from typing import Callable, ClassVar
 
 from mogrpo.config import ConfigMeta, field
 from mogrpo.reward.scoring import DEFAULT_NOT_APPLICABLE, DEFAULT_WEIGHTS
+from mogrpo.reward.sources import DEFAULT_REWARD_MODEL, config_specs
 from mogrpo.rl import trl_names
 from mogrpo.tracking import check_report_to
 
@@ -38,7 +39,7 @@ class PolicyRunConfig(metaclass=ConfigMeta):
     # models
     policy: str = field("builtin:smollm2-135m-instruct",
                         help="causal LM: hub id, folder, .gguf file or builtin:")
-    reward_model: str = field("runs/reward-default/model",
+    reward_model: str = field(DEFAULT_REWARD_MODEL,
                               help="a reward model folder (mogrpo reward train); the reward "
                                    "when `rewards` is not given")
     rewards: list[dict] | None = field(None, help="reward sources, mixed in one objective: "
@@ -187,9 +188,7 @@ class PolicyRunConfig(metaclass=ConfigMeta):
     def reward_specs(self) -> list[dict]:
         """The reward sources to build (reward/sources.py): `rewards`, else the multi-aspect
         reward model at `reward_model`."""
-        if self.rewards is not None:
-            return list(self.rewards)
-        return [{"type": "multi_aspect", "path": self.reward_model}]
+        return config_specs(self.rewards, self.reward_model)
 
     def one_of(self, name: str, choices, note: str = "") -> None:
         """Refuse a value of key `name` outside `choices`, naming them (`note` adds a hint)."""

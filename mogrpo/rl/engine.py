@@ -77,19 +77,14 @@ def run_objective(cfg: PolicyRunConfig, sources: list | None, extra: dict | None
     weights and masks resolved over the columns (reward/objective.resolve_run_objective)."""
     from mogrpo.reward.objective import RewardObjective, resolve_run_objective
     from mogrpo.reward.scoring import Scorer
-    from mogrpo.reward.sources import build_sources
+    from mogrpo.reward.sources import build_sources, place_sources
 
     if sources is None:
         sources = build_sources(cfg.reward_specs(), cache_dir=cfg.cache_dir, device=device)
-    else:
+    else:  # given in Python: config.yaml says what scored
         cfg.rewards = [src.spec() for src in sources]
-        for src in sources:
-            if hasattr(src, "to"):
-                src.to(device)
-    for src in sources:
-        if hasattr(src, "rm"):
-            src.rm.autocast_dtype = amp
-    scorer = Scorer(sources, extra or {}, repetition_penalty=cfg.repetition_penalty)
+    scorer = Scorer(place_sources(sources, device, amp), extra or {},
+                    repetition_penalty=cfg.repetition_penalty)
     weights, scorer.not_applicable = resolve_run_objective(scorer.columns, cfg)
     # no source at all (DPO on given pairs): nothing to train on, the evaluations score nothing
     return scorer, RewardObjective.build(scorer.columns, weights, scorer.not_applicable,
